@@ -1,0 +1,27 @@
+"""Shared test helpers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# fp32 exactness target: max |split - unsplit| <= REL_TOL * max |unsplit|. Tiled convolutions sum the
+# same products in a different blocking order, so results differ by float rounding only: ~1e-7
+# relative per layer, a few 1e-6 after dozens of layers. 1e-5 leaves headroom without hiding a
+# wrong halo (a missing pixel row changes outputs at the 1e-2 level, see the seed-mode tests).
+REL_TOL = 1e-5
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics (timm zero-inits some gammas, which hides errors)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.1
+            m.running_mean.data = torch.randn(m.running_mean.shape, generator=g) * 0.1
+            m.running_var.data = torch.rand(m.running_var.shape, generator=g) + 0.5
+    return model.eval()
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
