@@ -11,14 +11,30 @@ import sys
 
 COMMANDS = {
     "bench": "splitpack.bench",
+    "archive": "splitpack.torchserve",
+    "demo": "splitpack.demo",
+    "triton-repo": "splitpack.triton",
+    "serve": "splitpack.serve_cli",
+    "client": "splitpack.client_cli",
+    "devices": "splitpack.devices",
+    "profile": "splitpack.profile",
+    "capacity": "splitpack.capacity",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _load(name: str):
+    return importlib.import_module(COMMANDS[name])
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (a broken command cannot break the others)."""
     parser = argparse.ArgumentParser(prog="splitpack", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name in COMMANDS:
+        if command is not None and name != command:
+            sub.add_parser(name)
+            continue
+        module = _load(name)
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -26,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     return args._run(args) or 0
 
 

@@ -1,0 +1,31 @@
+# splitpack: `make demo` serves a model with split-pack and answers a request; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+# torch==2.14.1 / torchvision==0.29.1 come from the machine's local wheel store through pip
+# (uv/poetry would download GBs); numpy<2 is required by the Triton python-backend stub.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(PY) -m splitpack.cli demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) scripts/bench_suite.py | tee benchmarks/table.md
+
+clean:
+	rm -rf .run logs model_store/*.mar

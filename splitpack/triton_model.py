@@ -1,0 +1,194 @@
+"""The Triton python-backend model behind every generated ``1/model.py``.
+
+Runs inside Triton's python-backend stub (``triton_python_backend_utils`` is only
+importable there, so it is imported lazily or passed in). Settings come from the
+``parameters`` of config.pbtxt; decoding, split-pack inference and top-k come from
+:mod:`splitpack.serving`, shared with the TorchServe handler.
+
+Each request carries a batch of encoded images (``IMAGE``, shape ``[n, 1]``). A request
+whose image is bad gets its own ``TritonError``; the other requests of the same
+dynamic batch are served.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from splitpack.serving import BadRequest, Predictor, ServingConfig
+from splitpack.triton import INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, config_parameters
+
+
+def resolve_weights(value: str, version_dir: Path) -> str | None:
+    """The ``weights`` parameter -> a file path (relative to the version dir), or None (random)."""
+    if not value:
+        return None
+    path = Path(value) if Path(value).is_absolute() else Path(version_dir) / value
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file {path} (parameter weights={value!r}) does not exist; "
+            "regenerate the model with `splitpack triton-repo` (see the command at the top of config.pbtxt)")
+    return str(path)
+
+
+def instance_device(args: dict) -> str:
+    """The torch device of this model instance (instance_group kind)."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args.get('model_instance_device_id', '0')}"
+    return "cpu"
+
+
+def format_top_k(entries: list[dict]) -> list[bytes]:
+    """Triton's classification format ``probability:index:label``."""
+    return [f"{e['probability']:.6f}:{e['index']}:{e['label']}".encode() for e in entries]
+
+
+def _output_dims(model_config: dict, name: str) -> list[int]:
+    for output in model_config.get("output", []):
+        if output["name"] == name:
+            return [int(d) for d in output["dims"]]
+    raise ValueError(f"config.pbtxt declares no output {name!r}")
+
+
+class SplitPackTritonModel:
+    """initialize/execute/finalize of a TritonPythonModel, for one model instance."""
+
+    def __init__(self, args: dict, pb_utils: Any = None):
+        if pb_utils is None:
+            import triton_python_backend_utils as pb_utils
+        self.pb = pb_utils
+        self.model_config = json.loads(args["model_config"])
+        self.name = args["model_name"]
+        self.instance = args.get("model_instance_name", self.name)
+        params = config_parameters(self.model_config)
+        version_dir = Path(args["model_repository"]) / str(args["model_version"])
+        weights = resolve_weights(params.pop("weights", ""), version_dir)
+        config = ServingConfig.from_mapping(params)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            # An unknown merge layer raises ValueError naming the valid layers: Triton logs it
+            # and marks the model as failed to load.
+            self.predictor = Predictor(config, weights=weights, device=instance_device(args))
+        for w in caught:
+            self.log_warn(str(w.message))
+        self._check_outputs()
+        self.metrics = self._memory_metrics()
+        self.log_info(f"{self.instance} ready: {json.dumps(self.predictor.describe())}")
+
+    def _check_outputs(self) -> None:
+        """config.pbtxt dims must match the model; a mismatch is a generation mistake."""
+        num_classes, topk = self.predictor.num_classes, self.predictor.config.topk
+        if _output_dims(self.model_config, OUTPUT_PROBABILITIES) != [num_classes]:
+            raise ValueError(f"{OUTPUT_PROBABILITIES} dims must be [{num_classes}] for {self.predictor.config.model_name}")
+        if _output_dims(self.model_config, OUTPUT_TOP_K) != [min(topk, num_classes)]:
+            raise ValueError(f"{OUTPUT_TOP_K} dims must be [{min(topk, num_classes)}] (parameter topk={topk})")
+
+    def _memory_metrics(self):
+        """Device-memory gauges (splitpack.devices) for capacity planning; None if metrics are off."""
+        try:
+            from splitpack.devices import TritonMemoryMetrics
+
+            return TritonMemoryMetrics(self.pb, {"model": self.name, "instance": self.instance})
+        except Exception as err:  # metrics disabled on the server, or an older backend
+            self.log_info(f"memory metrics not reported: {err}")
+            return None
+
+    # -- requests -------------------------------------------------------------------
+
+    def execute(self, requests: list) -> list:
+        responses: list[Any] = [None] * len(requests)
+        decoded: list[tuple[int, list]] = []  # (request index, CHW tensors)
+        for r, request in enumerate(requests):
+            try:
+                decoded.append((r, self._decode(request)))
+            except BadRequest as err:
+                responses[r] = self._error(str(err), "INVALID_ARG")
+        if not decoded:
+            return responses
+        tensors = [t for _, images in decoded for t in images]
+        try:
+            probs = self._predict(tensors)
+        except Exception as err:  # noqa: BLE001 -- a server-side failure must not kill the instance
+            self.log_error(f"inference failed for a batch of {len(tensors)} images: {err!r}")
+            if len(decoded) == 1:
+                responses[decoded[0][0]] = self._error(f"inference failed: {err}", "INTERNAL")
+                return responses
+            # Retry request by request so one request cannot sink the others of its batch.
+            for r, images in decoded:
+                responses[r] = self.execute_one(images)
+            return responses
+        start = 0
+        for r, images in decoded:
+            responses[r] = self._response(probs[start:start + len(images)])
+            start += len(images)
+        return responses
+
+    def execute_one(self, images: list):
+        try:
+            return self._response(self._predict(images))
+        except Exception as err:  # noqa: BLE001
+            self.log_error(f"inference failed for one request: {err!r}")
+            return self._error(f"inference failed: {err}", "INTERNAL")
+
+    def _decode(self, request) -> list:
+        tensor = self.pb.get_input_tensor_by_name(request, INPUT_IMAGE)
+        if tensor is None:
+            raise BadRequest(f"missing input {INPUT_IMAGE}")
+        items = tensor.as_numpy().reshape(-1)
+        images = []
+        for i, item in enumerate(items):
+            try:
+                images.append(self.predictor.decode(item))
+            except BadRequest as err:
+                raise BadRequest(f"image {i}: {err}" if len(items) > 1 else str(err)) from None
+        return images
+
+    def _predict(self, tensors: list):
+        device = self.predictor.device
+        if self.metrics is None:
+            return self.predictor.predict(tensors)
+        from splitpack.devices import device_memory_metrics, measured_call
+
+        peak = None
+        if device.type == "cuda":  # the allocator's peak is free; the CPU tracker is not
+            tensors = [t.to(device) for t in tensors]
+            probs, peak = measured_call(self.predictor.predict, tensors)
+        else:
+            probs = self.predictor.predict(tensors)
+        try:
+            self.metrics.update(device_memory_metrics(device, peak_activation_bytes=peak))
+        except Exception as err:  # reporting must never fail a request
+            self.log_warn(f"memory metrics update failed: {err!r}")
+        return probs
+
+    def _response(self, probs):
+        pb = self.pb
+        top = np.array([format_top_k(self.predictor.top_k(row)) for row in probs], dtype=object)
+        return pb.InferenceResponse(output_tensors=[
+            pb.Tensor(OUTPUT_PROBABILITIES, probs.numpy().astype(np.float32)),
+            pb.Tensor(OUTPUT_TOP_K, top),
+        ])
+
+    def _error(self, message: str, code: str):
+        error_type = self.pb.TritonError
+        code_value = getattr(error_type, code, None)
+        error = error_type(message, code_value) if code_value is not None else error_type(message)
+        return self.pb.InferenceResponse(output_tensors=[], error=error)
+
+    def finalize(self) -> None:
+        self.log_info(f"{self.instance} unloading")
+        self.predictor = None
+
+    # -- logging into the server log --------------------------------------------------
+
+    def log_info(self, message: str) -> None:
+        self.pb.Logger.log_info(f"[splitpack] {message}")
+
+    def log_warn(self, message: str) -> None:
+        self.pb.Logger.log_warn(f"[splitpack] {message}")
+
+    def log_error(self, message: str) -> None:
+        self.pb.Logger.log_error(f"[splitpack] {message}")

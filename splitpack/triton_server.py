@@ -1,0 +1,323 @@
+"""Run the Triton Inference Server bundled in the ``nvidia-pytriton`` wheel on loopback.
+
+PyPI has no other tritonserver build, so this module finds the binary, the
+python backend and the python-backend stubs inside the installed wheel, copies
+the backend plus the stub for the running Python next to each other in a
+project folder (the wheel keeps them apart and we never edit the venv), and
+starts the server with the environment the stub needs to embed this Python.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
+DEFAULT_GRPC_PORT = 8001
+DEFAULT_RUN_DIR = Path(".run")
+
+
+class TritonServerError(RuntimeError):
+    """The server could not be found, started, or stopped."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the pieces of the bundled server live inside the installed wheel."""
+
+    server: Path          # bin/tritonserver
+    python_backend: Path  # backends/python (libtriton_python.so, triton_python_backend_utils.py)
+    stub: Path            # python_backend_stubs/<X.Y>/triton_python_backend_stub
+    libs: Path            # the wheel's vendored shared libraries (the stub's RPATH is relative)
+
+
+def locate_triton() -> TritonInstall:
+    """Find tritonserver, the python backend and this Python's stub in the pytriton wheel."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonServerError(f"tritonserver not found: install {PYTRITON_REQUIREMENT}")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    root = package_dir / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stubs = root / "python_backend_stubs"
+    install = TritonInstall(
+        server=root / "bin" / "tritonserver",
+        python_backend=root / "backends" / "python",
+        stub=stubs / version / "triton_python_backend_stub",
+        libs=package_dir.parent / "nvidia_pytriton.libs",
+    )
+    if not install.server.is_file() or not (install.python_backend / "libtriton_python.so").is_file():
+        raise TritonServerError(f"{root} has no tritonserver/python backend: reinstall {PYTRITON_REQUIREMENT}")
+    if not install.stub.is_file():
+        available = sorted(p.name for p in stubs.iterdir()) if stubs.is_dir() else []
+        raise TritonServerError(f"no python-backend stub for Python {version} in {stubs} (has: {available})")
+    return install
+
+
+def prepare_backends(dest: Path, install: TritonInstall | None = None) -> Path:
+    """Copy the python backend and the stub into ``dest/python``; return ``dest``.
+
+    The backend looks for ``triton_python_backend_stub`` next to ``libtriton_python.so``,
+    so the two must share a folder. Files are copied only when missing or changed.
+    """
+    install = install or locate_triton()
+    target = Path(dest) / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    sources = [p for p in install.python_backend.iterdir() if p.is_file()] + [install.stub]
+    for source in sources:
+        copy = target / source.name
+        if not copy.exists() or copy.stat().st_size != source.stat().st_size or \
+                copy.stat().st_mtime < source.stat().st_mtime:
+            shutil.copy2(source, copy)
+    return Path(dest)
+
+
+def server_env(install: TritonInstall | None = None, base: dict | None = None) -> dict[str, str]:
+    """Environment in which the stub embeds this very Python with this venv's packages.
+
+    - PATH: the stub picks its environment from the first ``python3`` on PATH.
+    - LD_LIBRARY_PATH: this Python's libpython (same version as the stub links), and the
+      wheel's vendored libraries, which the copied stub no longer finds through its RPATH.
+    - PYTHONPATH: the folder holding ``splitpack`` so model.py can import it uninstalled.
+    """
+    install = install or locate_triton()
+    env = dict(os.environ if base is None else base)
+
+    def prepend(key: str, *paths: str) -> None:
+        old = [p for p in env.get(key, "").split(os.pathsep) if p]
+        env[key] = os.pathsep.join(list(paths) + [p for p in old if p not in paths])
+
+    prepend("PATH", str(Path(sys.executable).parent))
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    prepend("LD_LIBRARY_PATH", *[p for p in (libdir, str(install.libs)) if p])
+    prepend("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process bound to 127.0.0.1.
+
+    ``http_port``/``metrics_port`` of ``None`` turn those endpoints off. With ``models``
+    given, the server runs in explicit model-control mode and loads only those at start
+    (others can be loaded later through the client's ``load_model``).
+    """
+
+    repository: Path
+    grpc_port: int = DEFAULT_GRPC_PORT
+    http_port: int | None = None
+    metrics_port: int | None = None
+    run_dir: Path = DEFAULT_RUN_DIR
+    models: list[str] | None = None
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.run_dir) / "triton"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "tritonserver.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "tritonserver.log"
+
+    def command(self, install: TritonInstall, backends: Path) -> list[str]:
+        cmd = [
+            str(install.server),
+            f"--model-repository={Path(self.repository).resolve()}",
+            f"--backend-directory={backends.resolve()}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        cmd += (["--http-address=127.0.0.1", f"--http-port={self.http_port}"]
+                if self.http_port else ["--allow-http=false"])
+        cmd += (["--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}"]
+                if self.metrics_port else ["--allow-metrics=false"])
+        if self.models is not None:
+            cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
+        return cmd + list(self.extra_args)
+
+    def start(self, timeout: float = 180.0) -> "TritonServer":
+        """Start the server in its own session and wait until it (and its models) are ready."""
+        if not Path(self.repository).is_dir():
+            raise TritonServerError(f"model repository {self.repository} does not exist")
+        running = read_pid(self.pid_file)
+        if running is not None:
+            raise TritonServerError(f"tritonserver already running (pid {running}, {self.pid_file})")
+        install = locate_triton()
+        backends = prepare_backends(Path(self.run_dir) / "triton_backends", install)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(install, backends), env=server_env(install), stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.pid_file.write_text(f"{self.process.pid}\n")
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout
+        client = grpcclient.InferenceServerClient(self.url)
+        try:
+            while True:
+                if self.process is not None and self.process.poll() is not None:
+                    raise TritonServerError(
+                        f"tritonserver exited with code {self.process.returncode} during start; "
+                        f"log {self.log_file}:\n{self.log_tail()}")
+                with contextlib.suppress(Exception):
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in self.models or []):
+                        return
+                if time.monotonic() > deadline:
+                    raise TritonServerError(f"tritonserver not ready after {timeout:.0f} s; "
+                                            f"log {self.log_file}:\n{self.log_tail()}")
+                time.sleep(0.5)
+        finally:
+            client.close()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM the server (it drains in-flight requests), SIGKILL its session if it hangs."""
+        pid = self.process.pid if self.process is not None else read_pid(self.pid_file)
+        if pid is not None:
+            stop_pid(pid, timeout, child=self.process)
+        self.process = None
+        self.pid_file.unlink(missing_ok=True)
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def read_pid(pid_file: Path) -> int | None:
+    """The pid in ``pid_file`` if that process is alive and is a tritonserver, else None."""
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    # A stale pid file may name a recycled pid: only trust it if it is still our server.
+    return pid if b"tritonserver" in cmdline.split(b"\0")[0] else None
+
+
+def stop_pid(pid: int, timeout: float, child: subprocess.Popen | None = None) -> None:
+    """Stop the server with ``pid`` (a session leader we started) and any stub left behind."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not _wait_gone(pid, timeout, child):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        _wait_gone(pid, 10, child)
+    # Stubs are in the server's session; normally they exit with it.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _wait_gone(pid: int, timeout: float, child: subprocess.Popen | None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None:
+            if child.poll() is not None:
+                return True
+        elif not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# --- `splitpack serve triton start|stop|status` -------------------------------------------
+
+def add_serve_arguments(parser) -> None:
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("--repo", type=Path, default=Path("triton_repo"), help="model repository (default: triton_repo)")
+    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port on 127.0.0.1 (default: 8001)")
+    parser.add_argument("--http-port", type=int, default=0, help="HTTP port on 127.0.0.1 (default: 0 = HTTP off)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port on 127.0.0.1 (default: 0 = off)")
+    parser.add_argument("--model", action="append", dest="models", metavar="NAME",
+                        help="load only this model (repeatable; explicit model-control mode). Default: every model")
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
+                        help="folder for the backends copy, pid file and log (default: .run)")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness / exit")
+    parser.add_argument("--log-verbose", type=int, default=0)
+
+
+def serve(args) -> int:
+    server = TritonServer(args.repo, grpc_port=args.grpc_port, http_port=args.http_port or None,
+                          metrics_port=args.metrics_port or None, run_dir=args.run_dir, models=args.models,
+                          log_verbose=args.log_verbose)
+    pid = read_pid(server.pid_file)
+    if args.action == "status":
+        print(f"tritonserver running, pid {pid}" if pid else "tritonserver not running")
+        return 0 if pid else 3
+    if args.action == "stop":
+        if pid is None:
+            print("tritonserver not running")
+            server.pid_file.unlink(missing_ok=True)
+            return 0
+        server.stop(args.timeout)
+        print(f"tritonserver stopped (pid {pid})")
+        return 0
+    try:
+        server.start(args.timeout)
+    except TritonServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"tritonserver ready: gRPC {server.url}, pid {server.process.pid}, log {server.log_file}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m splitpack.triton_server start|stop|status`` == ``splitpack serve triton ...``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="splitpack serve triton", description=__doc__.splitlines()[0])
+    add_serve_arguments(parser)
+    return serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
