@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -13,19 +12,25 @@ from splitpack.memory import peak_activation_bytes
 from splitpack.models import create_model
 
 
-def _latency_ms(fn, x, repeats: int) -> float:
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def latencies_ms(fns, x, repeats: int) -> list[float]:
+    """Best-of-``repeats`` latency of each fn, runs interleaved so load changes hit all alike."""
+    best = [float("inf")] * len(fns)
     with torch.inference_mode():
-        fn(x)  # warm-up: plans, allocator, oneDNN kernels
-        times = []
+        for fn in fns:
+            fn(x)  # warm-up: plans, allocator, oneDNN kernels
         for _ in range(repeats):
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            start = time.perf_counter()
-            fn(x)
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+            for i, fn in enumerate(fns):
+                _sync(x)
+                start = time.perf_counter()
+                fn(x)
+                _sync(x)
+                best[i] = min(best[i], (time.perf_counter() - start) * 1e3)
+    return best
 
 
 def bench(model_name: str, size: int, merge_layer: str, grid, mode: str = "exact", batch: int = 1,
@@ -41,8 +46,7 @@ def bench(model_name: str, size: int, merge_layer: str, grid, mode: str = "exact
         out = split(x)
     baseline_peak = peak_activation_bytes(model, x)
     split_peak = peak_activation_bytes(split, x)
-    baseline_ms = _latency_ms(model, x, repeats)
-    split_ms = _latency_ms(split, x, repeats)
+    baseline_ms, split_ms = latencies_ms([model, split], x, repeats)
     rows, cols = parse_grid(grid)
     return {
         "model": model_name,
@@ -71,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-layer", required=True)
     p.add_argument("--grid", default="2x2", help="N or RxC")
     p.add_argument("--mode", choices=("exact", "seed"), default="exact")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs, interleaved (best reported)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
