@@ -12,6 +12,7 @@ from splitpack.graph import TracedModel, describe_op, module_path, node_shapes, 
 from splitpack.rules import NCHW, NoRule, OpContext, Region, Rule, make_rule
 
 MODES = ("exact", "seed")
+PLAN_CACHE_SIZE = 8  # image sizes whose plans are kept (native-resolution serving sees many)
 
 
 def parse_grid(grid) -> tuple[int, int]:
@@ -231,6 +232,7 @@ class SplitPack(nn.Module):
         self._tail_merge_names = {n: self._layer_names.get(self._orig(n), []) for n in tail.graph.nodes}
         self._plans: dict[tuple, ExactPlan] = {}
         self._packs: dict[tuple, list[tuple[Region, _Pack]]] = {}
+        self._seed_layouts: dict[tuple, tuple[list[int], list[int]]] = {}
         if mode == "exact":
             self._check_exact(traced.reference_shapes)
 
@@ -272,17 +274,25 @@ class SplitPack(nn.Module):
         placeholder = next(n for n in self._tail.graph.nodes if n.op == "placeholder")
         return _TailInterpreter(self._tail, on_node).run(initial_env={placeholder: box.pop()})
 
+    @staticmethod
+    def _size_key(x: torch.Tensor) -> tuple:
+        """Plans depend on the image size, dtype and device, not on the batch size."""
+        return (tuple(x.shape[1:]), x.dtype, x.device)
+
     def _plan(self, x: torch.Tensor) -> ExactPlan:
-        key = (tuple(x.shape), x.dtype, x.device)
-        plan = self._plans.get(key)
+        key = self._size_key(x)
+        plan = self._plans.pop(key, None)
         if plan is None:
-            shapes = node_shapes(self._traced.gm, tuple(x.shape), x.dtype, x.device)
+            shapes = node_shapes(self._traced.gm, (1, *x.shape[1:]), x.dtype, x.device)
             try:
                 plan = build_plan(self._traced, self._merge_node, shapes)
             except NoRule as err:
                 raise _unsplittable(self._traced, err.node, str(err), self.merge_layer) from None
-            self._plans = {key: plan}  # one input size at a time: plans hold per-size index tables
-            self._packs = {}
+            while len(self._plans) >= PLAN_CACHE_SIZE:  # drop the least recently used size
+                dropped = next(iter(self._plans))
+                del self._plans[dropped]
+                self._packs.pop(dropped, None)
+        self._plans[key] = plan  # (re)insert as most recently used
         return plan
 
     def _packs_for(self, plan: ExactPlan, key) -> list[tuple[Region, _Pack]]:
@@ -311,7 +321,7 @@ class SplitPack(nn.Module):
 
     def _run_exact(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._plan(x)
-        key = (tuple(x.shape), x.dtype, x.device)
+        key = self._size_key(x)
         consts = self._consts(plan)
         layout = plan.layouts[self._merge_node]
         merged = None
@@ -353,18 +363,23 @@ class SplitPack(nn.Module):
 
     def _seed_canvas(self, x, first_out):
         """Each pack's output size (packs differ by a pixel when the grid does not divide the image)."""
-        rows, cols = self.grid
-        hb, wb = bounds(x.shape[-2], rows), bounds(x.shape[-1], cols)
-        out_node = next(n for n in self._head.graph.nodes if n.op == "output").args[0]
+        key = self._size_key(x)
+        if key not in self._seed_layouts:
+            rows, cols = self.grid
+            hb, wb = bounds(x.shape[-2], rows), bounds(x.shape[-1], cols)
+            out_node = next(n for n in self._head.graph.nodes if n.op == "output").args[0]
 
-        def out_hw(h, w):
-            shape = node_shapes(self._head, (x.shape[0], x.shape[1], h, w), x.dtype, x.device)[out_node]
-            return shape[-2], shape[-1]
+            def out_hw(h, w):
+                shape = node_shapes(self._head, (1, x.shape[1], h, w), x.dtype, x.device)[out_node]
+                return shape[-2], shape[-1]
 
-        heights = [out_hw(hb[r + 1] - hb[r], wb[1] - wb[0])[0] for r in range(rows)]
-        widths = [out_hw(hb[1] - hb[0], wb[c + 1] - wb[c])[1] for c in range(cols)]
-        row_starts = [sum(heights[:r]) for r in range(rows + 1)]
-        col_starts = [sum(widths[:c]) for c in range(cols + 1)]
+            heights = [out_hw(hb[r + 1] - hb[r], wb[1] - wb[0])[0] for r in range(rows)]
+            widths = [out_hw(hb[1] - hb[0], wb[c + 1] - wb[c])[1] for c in range(cols)]
+            if len(self._seed_layouts) >= PLAN_CACHE_SIZE:
+                self._seed_layouts.clear()
+            self._seed_layouts[key] = ([sum(heights[:r]) for r in range(rows + 1)],
+                                       [sum(widths[:c]) for c in range(cols + 1)])
+        row_starts, col_starts = self._seed_layouts[key]
         shape = (*first_out.shape[:-2], row_starts[-1], col_starts[-1])
         return row_starts, col_starts, _empty_like_layout(first_out, shape, first_out.shape[0])
 

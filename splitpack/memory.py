@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -57,8 +58,8 @@ class ActivationTracker(TorchDispatchMode):
             del self.live[key]
 
     def _track(self, t: torch.Tensor, input_keys: set[int]) -> None:
-        if t.device.type == "meta" or not t.untyped_storage().nbytes():
-            return
+        if t.device.type == "meta" or isinstance(t, FakeTensor) or not t.untyped_storage().nbytes():
+            return  # shape inference (fake tensors) allocates nothing
         key = _storage_key(t)
         if key in self.preexisting:
             return
@@ -76,7 +77,8 @@ class ActivationTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs, _ = tree_flatten((args, kwargs))
-        input_keys = {_storage_key(a) for a in inputs if isinstance(a, torch.Tensor) and a.device.type != "meta"}
+        input_keys = {_storage_key(a) for a in inputs
+                      if isinstance(a, torch.Tensor) and a.device.type != "meta" and not isinstance(a, FakeTensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t, input_keys)
