@@ -19,6 +19,8 @@ COMMANDS = {
     "devices": "splitpack.devices",
     "profile": "splitpack.profile",
     "capacity": "splitpack.capacity",
+    "evaluate": "splitpack.evaluate",
+    "seams": "splitpack.seams",
 }
 
 

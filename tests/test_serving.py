@@ -1,0 +1,245 @@
+"""splitpack.serving without a server: config parsing, decoding, batching, top-k."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import warnings
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from splitpack.serving import SAMPLE_IMAGE, BadRequest, Predictor, ServingConfig, parse_grid
+
+MODEL = "tf_efficientnet_lite0"
+
+
+def _encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A small PNG that declares width x height pixels (a decompression bomb's header)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(bytes(1000)))
+
+
+def _predictor(**overrides) -> Predictor:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # random weights on purpose
+        return Predictor(ServingConfig(MODEL, **overrides))
+
+
+@pytest.fixture(scope="module")
+def cat_bytes() -> bytes:
+    return SAMPLE_IMAGE.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return _predictor()
+
+
+# -- ServingConfig ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("2x2", (2, 2)), ("3", (3, 3)), ("2x3", (2, 3)), (" 2 X 3 ", (2, 3)), ("2,3", (2, 3)),
+     (2, (2, 2)), ((1, 4), (1, 4)), ([3, 2], (3, 2))],
+)
+def test_parse_grid(value, expected):
+    assert parse_grid(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0x2", "2x", "x", "axb", "2x2x2", -1, 1.5, True, None, ""])
+def test_parse_grid_rejects(value):
+    with pytest.raises(ValueError, match="grid"):
+        parse_grid(value)
+
+
+def test_from_mapping_reads_strings():
+    cfg = ServingConfig.from_mapping(
+        {"model": MODEL, "merge-layer": "blocks.2", "grid": "2x3", "mode": "SEED", "topk": "3",
+         "native_resolution": "true", "max_side": "512", "max_pixels": "1000000"}
+    )
+    assert cfg == ServingConfig(MODEL, "blocks.2", (2, 3), "seed", 3, True, 512, 1_000_000)
+    assert ServingConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+@pytest.mark.parametrize("merge_layer", [None, "", "  ", "none"])
+def test_empty_merge_layer_means_unsplit(merge_layer):
+    cfg = ServingConfig.from_mapping({"model_name": MODEL, "merge_layer": merge_layer})
+    assert cfg.merge_layer is None and not cfg.split
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({"merge_layer": "blocks.2"}, "model_name"),
+        ({"model_name": ""}, "model_name"),
+        ({"model_name": MODEL, "mode": "fast"}, "mode: expected one of exact, seed"),
+        ({"model_name": MODEL, "grid": "two"}, "grid"),
+        ({"model_name": MODEL, "topk": "0"}, "topk: must be >= 1"),
+        ({"model_name": MODEL, "topk": "five"}, "topk: expected an integer"),
+        ({"model_name": MODEL, "native_resolution": "maybe"}, "native_resolution"),
+        ({"model_name": MODEL, "max_pixels": "-5"}, "max_pixels"),
+        ({"model_name": MODEL, "merge_layr": "blocks.2"}, "unknown key.*merge_layr.*known keys"),
+    ],
+)
+def test_from_mapping_errors_are_clear(mapping, message):
+    with pytest.raises(ValueError, match=message):
+        ServingConfig.from_mapping(mapping)
+
+
+def test_from_mapping_can_ignore_foreign_keys():
+    cfg = ServingConfig.from_mapping({"model_name": MODEL, "EXECUTION_ENV_PATH": "x"}, ignore_unknown=True)
+    assert cfg.model_name == MODEL
+
+
+# -- decode ---------------------------------------------------------------------------
+
+
+def test_decode_uses_timm_eval_transform(predictor, cat_bytes):
+    x = predictor.decode(cat_bytes)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    # tf_efficientnet_lite0 normalizes with mean=std=0.5 -> values in [-1, 1]
+    assert -1.0 <= float(x.min()) < 0 < float(x.max()) <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_decode_converts_any_color_mode(predictor, mode):
+    image = Image.new(mode, (40, 30))
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+    assert predictor.decode(_encode(image, fmt)).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda cat: b"", "empty request body"),
+        (lambda cat: b"this is not an image at all", "not an image"),
+        (lambda cat: cat[: len(cat) // 2], "truncated"),
+        (lambda cat: _png_bomb(8000, 8000), "too large: 8000x8000 = 64000000 pixels, limit is 50000000"),
+        (lambda cat: _png_bomb(12_000, 12_000), "too large: 12000x12000"),  # past PIL's warning limit
+        (lambda cat: _png_bomb(100_000, 100_000), "too large: limit is 50000000 pixels"),  # past PIL's hard limit
+    ],
+    ids=["empty", "garbage", "truncated", "bomb", "bomb-pil-warn", "bomb-pil-error"],
+)
+def test_decode_rejects_bad_input(predictor, cat_bytes, make, message):
+    with pytest.raises(BadRequest, match=message):
+        predictor.decode(make(cat_bytes))
+
+
+def test_pixel_limit_is_per_model(cat_bytes):
+    small_limit = _predictor(max_pixels=451 * 300 - 1)
+    with pytest.raises(BadRequest, match="limit is 135299 pixels"):
+        small_limit.decode(cat_bytes)
+
+
+def test_native_resolution_keeps_size_up_to_max_side(cat_bytes):
+    native = _predictor(native_resolution=True, max_side=256)
+    assert native.decode(cat_bytes).shape == (3, 170, 256)  # 451x300 scaled to fit 256
+    assert native.decode(_encode(Image.new("RGB", (200, 120)))).shape == (3, 120, 200)
+    with pytest.raises(BadRequest, match="too small"):
+        native.decode(_encode(Image.new("RGB", (200, 8))))
+
+
+# -- predict / top_k / infer ------------------------------------------------------------
+
+
+def test_predict_batches_mixed_sizes_in_order(cat_bytes):
+    native = _predictor(native_resolution=True, max_side=128)
+    images = [native.decode(cat_bytes), native.decode(_encode(Image.new("RGB", (64, 48), "red"))),
+              native.decode(cat_bytes)]
+    probs = native.predict(images)
+    assert probs.shape == (3, 1000)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(3))
+    for image, row in zip(images, probs):
+        torch.testing.assert_close(native.predict([image])[0], row, atol=1e-5, rtol=0)
+
+
+def test_top_k_labels_come_from_timm(predictor, cat_bytes):
+    from timm.data import ImageNetInfo
+
+    probs = predictor.predict([predictor.decode(cat_bytes)])[0]
+    top = predictor.top_k(probs)
+    assert [p["index"] for p in top] == probs.topk(5).indices.tolist()
+    assert all(p["label"] == ImageNetInfo().index_to_description(p["index"]) for p in top)
+    assert [p["probability"] for p in top] == sorted((p["probability"] for p in top), reverse=True)
+    assert predictor.label(281) == "tabby, tabby cat"
+
+
+def test_infer_isolates_bad_requests(predictor, cat_bytes):
+    results = predictor.infer([cat_bytes, b"garbage", cat_bytes, b""])
+    assert isinstance(results[1], BadRequest) and isinstance(results[3], BadRequest)
+    assert results[0] == results[2] and len(results[0]) == 5
+
+
+def test_describe_reports_effective_settings(predictor):
+    d = predictor.describe()
+    assert d["model_name"] == MODEL and d["split"] is False and d["input_size"] == [3, 224, 224]
+
+
+# -- split-pack inside the predictor ---------------------------------------------------------
+
+MERGE_LAYER = "blocks.2"  # an exact-mode merge layer of tf_efficientnet_lite0
+
+
+@pytest.fixture(scope="module")
+def split_native() -> Predictor:
+    """Exact split-pack 2x3 serving at native resolution (longest side 300)."""
+    return _predictor(native_resolution=True, max_side=300, merge_layer=MERGE_LAYER, grid=(2, 3))
+
+
+def test_exact_split_matches_unsplit(predictor, split_native, cat_bytes):
+    assert split_native.describe()["split"] is True
+    x = predictor.decode(cat_bytes)  # 224x224, batched twice
+    torch.testing.assert_close(split_native.predict([x, x]), predictor.predict([x, x]), atol=1e-5, rtol=0)
+
+
+def test_exact_split_matches_unsplit_at_native_resolution(predictor, split_native, cat_bytes):
+    x = split_native.decode(cat_bytes)
+    assert x.shape == (3, 200, 300)
+    torch.testing.assert_close(split_native.predict([x]), predictor.predict([x]), atol=1e-5, rtol=0)
+
+
+def test_seed_mode_serves(predictor, cat_bytes):
+    seed = _predictor(merge_layer=MERGE_LAYER, mode="seed")
+    x = seed.decode(cat_bytes)
+    probs = seed.predict([x])[0]
+    assert len(seed.top_k(probs)) == 5 and abs(float(probs.sum()) - 1) < 1e-4
+    assert not torch.allclose(probs, predictor.predict([x])[0], atol=1e-7, rtol=0)  # no halo: not exact
+
+
+def test_unknown_merge_layer_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown merge layer 'blocks\.99'.*valid merge layers.*blocks\.1"):
+        _predictor(merge_layer="blocks.99")
+
+
+def test_pretrained_weights_label_the_cat(cat_bytes):
+    """Real weights + the transform they were trained with (kept through data_config)."""
+    pretrained = Predictor(ServingConfig(MODEL), weights="pretrained")
+    top = pretrained.infer([cat_bytes])[0]
+    assert top[0]["index"] in range(281, 286), top  # the ImageNet cat classes
+    pinned = {k: pretrained.data_config[k] for k in ("mean", "std", "crop_pct", "interpolation")}
+    cfg = ServingConfig.from_mapping({"model_name": MODEL, "data_config": json.dumps(pinned)})
+    assert cfg.data_config["mean"] == pretrained.data_config["mean"]
+    assert ServingConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+def test_image_split_pack_cannot_run_is_a_bad_request(split_native, cat_bytes):
+    """16x16 merges to 2x2 at blocks.2: too few pixels for a 2x3 grid; the rest are served."""
+    tiny = _encode(Image.new("RGB", (16, 16), "blue"), "PNG")
+    results = split_native.infer([cat_bytes, tiny, cat_bytes])
+    assert isinstance(results[1], BadRequest) and "cannot be served with split-pack 2x3" in str(results[1])
+    assert results[0] == results[2] and len(results[0]) == 5
