@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from splitpack.errors import SplitError
@@ -125,18 +126,6 @@ def _cut(t: torch.Tensor, have: Region, want: Region, layout) -> torch.Tensor:
     return t
 
 
-def _pad(t: torch.Tensor, window: Region, clamped: Region, value: float) -> torch.Tensor:
-    """Pad the part of ``window`` that lies past the image border (NCHW)."""
-    (h0, h1), (w0, w1) = window
-    (c_h0, c_h1), (c_w0, c_w1) = clamped
-    pads = (c_w0 - w0, w1 - c_w1, c_h0 - h0, h1 - c_h1)
-    if any(pads):
-        if any(p < 0 for p in pads):
-            raise AssertionError("negative border padding")
-        t = torch.nn.functional.pad(t, pads, value=value)
-    return t
-
-
 class _Overlay(dict):
     """The cut-out inputs of one op, falling back to the environment for everything else."""
 
@@ -146,6 +135,17 @@ class _Overlay(dict):
 
     def __missing__(self, key):
         return self.env[key]
+
+
+@dataclass
+class _Step:
+    """One op of one pack, with its input cuts worked out in advance."""
+
+    node: fx.Node
+    rule: Rule
+    region: Region
+    inputs: list[tuple[fx.Node, list[tuple[int, int, int]], tuple[int, int, int, int] | None]]  # src, narrows, pads
+    frees: list[fx.Node]  # values no later op of the pack reads
 
 
 class _Pack:
@@ -159,34 +159,61 @@ class _Pack:
             for i, x in enumerate(rule.spatial_inputs):
                 window = _clamp(rule.input_window(need[node], i), _hw(plan.shapes[x], plan.layouts[x]))
                 need[x] = _union(need.get(x), window)
-        self.need = need
-
-    def run(self, x: torch.Tensor, consts: dict[fx.Node, object], on_node: Callable | None) -> torch.Tensor:
-        plan, need = self.plan, self.need
         input_node = plan.nodes[0]
-        env: dict[fx.Node, object] = dict(consts)
-        have: dict[fx.Node, Region] = {input_node: ((0, x.shape[-2]), (0, x.shape[-1]))}
-        env[input_node] = x
+        have = dict(need)
+        have[input_node] = tuple((0, size) for size in _hw(plan.shapes[input_node], NCHW))
+        self.need = need
+        self.steps = []
         remaining = dict(plan.users)
         for node in plan.nodes[1:]:
             rule = plan.rules[node]
-            values = _Overlay(env)
+            inputs = []
             for i, src in enumerate(rule.spatial_inputs):
                 window = rule.input_window(need[node], i)
                 clamped = _clamp(window, _hw(plan.shapes[src], plan.layouts[src]))
-                t = _cut(env[src], have[src], clamped, plan.layouts[src])
-                values[src] = _pad(t, window, clamped, rule.pad_value) if clamped != window else t
-            env[node] = rule.compute(values, need[node])
-            have[node] = need[node]
-            del values
-            if on_node is not None:
-                on_node(node)
+                inputs.append((src, _narrows(have[src], clamped, plan.layouts[src]), _border_pads(window, clamped)))
+            frees = []
             for p in node.all_input_nodes:
                 if p in remaining:
                     remaining[p] -= 1
-                    if remaining[p] == 0 and p in env and p not in consts:
-                        del env[p]
-        return env[plan.nodes[-1]]
+                    if remaining[p] == 0 and p not in plan.consts:
+                        frees.append(p)
+            self.steps.append(_Step(node, rule, need[node], inputs, frees))
+
+    def run(self, x: torch.Tensor, consts: dict[fx.Node, object], on_node: Callable | None) -> torch.Tensor:
+        env: dict[fx.Node, object] = dict(consts)
+        env[self.plan.nodes[0]] = x
+        for step in self.steps:
+            values = _Overlay(env)
+            for src, narrows, pads in step.inputs:
+                t = env[src]
+                for axis, start, length in narrows:
+                    t = t.narrow(axis, start, length)
+                values[src] = t if pads is None else F.pad(t, pads, value=step.rule.pad_value)
+            env[step.node] = step.rule.compute(values, step.region)
+            del values
+            if on_node is not None:
+                on_node(step.node)
+            for p in step.frees:
+                del env[p]
+        return env[self.plan.nodes[-1]]
+
+
+def _narrows(have: Region, want: Region, layout) -> list[tuple[int, int, int]]:
+    """``narrow`` calls that cut ``want`` (full-size coordinates) out of a tensor holding ``have``."""
+    cuts = []
+    for d, axis in enumerate(layout):
+        if want[d] != have[d]:
+            cuts.append((axis, want[d][0] - have[d][0], want[d][1] - want[d][0]))
+    return cuts
+
+
+def _border_pads(window: Region, clamped: Region) -> tuple[int, int, int, int] | None:
+    """F.pad amounts for the part of ``window`` past the image border (NCHW), or None."""
+    (h0, h1), (w0, w1) = window
+    (c_h0, c_h1), (c_w0, c_w1) = clamped
+    pads = (c_w0 - w0, w1 - c_w1, c_h0 - h0, h1 - c_h1)
+    return pads if any(pads) else None
 
 
 # --------------------------------------------------------------------------- the wrapper
