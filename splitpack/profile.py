@@ -1,0 +1,363 @@
+"""Profile activation memory layer by layer, unsplit and split (the poster's Fig. 3).
+
+For every layer, in execution order, two numbers: the activation bytes alive
+right after the layer's output exists (``after_bytes``) and the most alive at
+any moment since the previous layer finished (``peak_bytes``: the layer's own
+peak, inputs and output alive together). The peak layer is the one whose
+``peak_bytes`` is the maximum, which by construction is where the tracker
+measures the run's peak.
+
+Unsplit: forward hooks on the model's modules. Split (a warm call, after the
+first one built split-pack's per-size plan): the engine's ``on_layer`` callback (called after each merge-layer candidate's output, per
+pack in the head and once in the tail); without it, forward hooks on the
+original modules. CPU: :class:`splitpack.memory.ActivationTracker`; CUDA: the
+caching allocator's counters (written for GPUs, not yet run on one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from splitpack.memory import ActivationTracker, peak_activation_bytes
+
+MiB = 1024**2
+
+
+def parse_grid(text: str | Sequence[int]) -> tuple[int, int]:
+    """"2x2", "3x2", "2" (square) or a pair -> (rows, cols)."""
+    if not isinstance(text, str):
+        rows, cols = text
+        return int(rows), int(cols)
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"grid must look like 2x2 or 2, got {text!r}") from None
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or min(dims) < 1:
+        raise ValueError(f"grid must look like 2x2 or 2, got {text!r}")
+    return dims[0], dims[1]
+
+
+def grid_text(grid: Sequence[int]) -> str:
+    return f"{grid[0]}x{grid[1]}"
+
+
+@dataclass
+class LayerTracker(ActivationTracker):
+    """ActivationTracker that also keeps the peak of each window between two marks."""
+
+    windows: list[tuple[str, int, int]] = field(default_factory=list)  # (label, after, window peak)
+    _window_peak: int = -1  # -1: no op since the last mark yet
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._window_peak < 0:
+            # the window starts at the layer's first op, after the caller dropped
+            # what the previous layer no longer needs
+            self._window_peak = self.current
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self._window_peak = max(self._window_peak, self.current)
+        return out
+
+    def mark(self, label: str) -> None:
+        super().mark(label)
+        self.windows.append((label, self.current, max(self._window_peak, self.current)))
+        self._window_peak = -1
+
+
+class CudaLayerTracker:
+    """Same interface as :class:`LayerTracker` from the CUDA caching allocator.
+
+    Bytes are relative to what was allocated when the tracker was entered
+    (weights and input excluded, like the CPU tracker). Untested on a GPU.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.windows: list[tuple[str, int, int]] = []
+        self.marks: list[tuple[str, int]] = []
+        self.peak = 0
+        self._base = 0
+
+    @property
+    def current(self) -> int:
+        return torch.cuda.memory_allocated(self.device) - self._base
+
+    def __enter__(self):
+        torch.cuda.synchronize(self.device)
+        self._base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize(self.device)
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - self._base)
+        return False
+
+    def mark(self, label: str) -> None:
+        torch.cuda.synchronize(self.device)
+        current = self.current
+        window = torch.cuda.max_memory_allocated(self.device) - self._base
+        self.peak = max(self.peak, window)
+        self.marks.append((label, current))
+        self.windows.append((label, current, window))
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def _make_tracker(device: torch.device):
+    return CudaLayerTracker(device) if device.type == "cuda" else LayerTracker()
+
+
+@dataclass
+class LayerPoint:
+    label: str
+    after_bytes: int
+    peak_bytes: int
+    pack: int | None = None  # 0.. in the split head (one point per pack), None elsewhere
+
+
+@dataclass
+class Profile:
+    name: str
+    merge_layer: str | None
+    grid: str | None
+    mode: str | None
+    peak_bytes: int
+    peak_layer: str
+    layers: list[LayerPoint]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def hooked_modules(model: nn.Module, names: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """Modules to mark: ``names`` if given, else every leaf that computes something.
+
+    nn.Identity placeholders (timm's drop_block, aa, ...) are left out: they add
+    labels without changing memory.
+    """
+    modules = dict(model.named_modules())
+    if names is not None:
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"no module named {missing} in the model")
+        return [(n, modules[n]) for n in names]
+    return [(n, m) for n, m in model.named_modules()
+            if n and not list(m.children()) and not isinstance(m, nn.Identity)]
+
+
+def _points(windows: list[tuple[str, int, int]], head: set[str]) -> list[LayerPoint]:
+    seen: dict[str, int] = {}
+    points = []
+    for label, after, peak in windows:
+        pack = None
+        if label in head:
+            pack = seen.get(label, 0)
+            seen[label] = pack + 1
+        points.append(LayerPoint(label, after, peak, pack))
+    return points
+
+
+def _finish(name, merge_layer, grid, mode, tracker, head: set[str]) -> Profile:
+    points = _points(tracker.windows, head)
+    top = max(points, key=lambda p: p.peak_bytes)
+    # the window peaks cover the whole call (a final mark closes it), so their
+    # maximum is the tracker's own peak
+    assert top.peak_bytes == tracker.peak, (top.peak_bytes, tracker.peak)
+    return Profile(name, merge_layer, grid, mode, int(tracker.peak), top.label, points)
+
+
+def profile_unsplit(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | None = None) -> Profile:
+    """Per-layer memory of ``model(x)``; ``layers`` = module names to mark (default: all leaves)."""
+    tracker = _make_tracker(x.device)
+    handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: tracker.mark(n))
+               for n, m in hooked_modules(model, layers)]
+    try:
+        with torch.inference_mode(), tracker:
+            out = model(x)
+            tracker.mark("output")
+            del out
+    finally:
+        for h in handles:
+            h.remove()
+    return _finish("unsplit", None, None, None, tracker, head=set())
+
+
+def _head_names(model: nn.Module, merge_layer: str) -> set[str]:
+    """Candidate names up to and including the merge layer (the per-pack part)."""
+    import splitpack
+
+    names = list(splitpack.merge_layers(model))
+    return set(names[: names.index(merge_layer) + 1]) if merge_layer in names else set()
+
+
+def profile_split(model: nn.Module, x: torch.Tensor, merge_layer: str, grid=(2, 2), mode: str = "exact",
+                  layers: Sequence[str] | None = None) -> Profile:
+    """Per-layer memory of the split-pack model merged at ``merge_layer``."""
+    import splitpack
+
+    grid = parse_grid(grid)
+    wrapped = splitpack.wrap(model, merge_layer=merge_layer, grid=grid, mode=mode)
+    # the first call builds the per-size plan (kept between requests, like weights):
+    # profile a warm call, as a serving replica runs
+    with torch.inference_mode():
+        wrapped(x)
+    tracker = _make_tracker(x.device)
+    handles = []
+    uses_callback = hasattr(wrapped, "on_layer")
+    if uses_callback:
+        previous = wrapped.on_layer
+        wrapped.on_layer = tracker.mark
+    else:  # older engine: hooks on the original modules still fire inside the graph
+        handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: tracker.mark(n))
+                   for n, m in hooked_modules(model, layers or splitpack.merge_layers(model))]
+    try:
+        with torch.inference_mode(), tracker:
+            out = wrapped(x)
+            tracker.mark("output")
+            del out
+    finally:
+        for h in handles:
+            h.remove()
+        if uses_callback:
+            wrapped.on_layer = previous
+    name = f"split@{merge_layer} {grid_text(grid)} {mode}"
+    return _finish(name, merge_layer, grid_text(grid), mode, tracker, head=_head_names(model, merge_layer))
+
+
+def profile_model(model: nn.Module, x: torch.Tensor, merge_layers: Sequence[str] = (), grid=(2, 2),
+                  mode: str = "exact", layers: Sequence[str] | None = None) -> list[Profile]:
+    """The unsplit profile followed by one split profile per merge layer."""
+    profiles = [profile_unsplit(model, x, layers)]
+    for layer in merge_layers:
+        profiles.append(profile_split(model, x, layer, grid, mode, layers))
+    return profiles
+
+
+# --- plot ------------------------------------------------------------------------
+
+def _runs(prof: Profile, position: dict[str, int]) -> list[tuple[list[int], list[float]]]:
+    """(x, MiB) line segments: one per pack of the split head, one for the rest."""
+    groups: dict[int | None, list[LayerPoint]] = {}
+    for p in prof.layers:
+        if p.label in position:
+            groups.setdefault(p.pack, []).append(p)
+    runs = []
+    for _, points in sorted(groups.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+        points = sorted(points, key=lambda p: position[p.label])
+        runs.append(([position[p.label] for p in points], [p.peak_bytes / MiB for p in points]))
+    return runs
+
+
+def plot_profiles(profiles: list[Profile], path: str, title: str) -> None:
+    """Activation memory while each layer runs (its window peak), one colour per run.
+
+    The x axis is the unsplit run's layers in execution order; split runs are
+    marked at merge-layer candidates only (a point covers the layers since the
+    previous candidate), their head once per pack. Triangles mark each run's
+    peak, dotted lines the merge layers.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reference = [p.label for p in profiles[0].layers]
+    position: dict[str, int] = {}
+    for i, label in enumerate(reference):
+        position.setdefault(label, i)
+    fig, ax = plt.subplots(figsize=(min(16.0, max(9.0, len(reference) * 0.12)), 5.5))
+    for k, prof in enumerate(profiles):
+        colour = "black" if k == 0 else f"C{(k - 1) % 10}"
+        label = f"{prof.name}: peak {prof.peak_bytes / MiB:.2f} MiB at {prof.peak_layer}"
+        if k == 0:
+            ax.plot(range(len(reference)), [p.peak_bytes / MiB for p in prof.layers], lw=2, color=colour, label=label)
+        else:
+            for j, (xs, ys) in enumerate(_runs(prof, position)):
+                ax.plot(xs, ys, marker=".", ms=3, color=colour, alpha=0.85, label=label if j == 0 else None)
+            if prof.merge_layer in position:
+                ax.axvline(position[prof.merge_layer], color=colour, ls=":", lw=1)
+        top = max(prof.layers, key=lambda p: p.peak_bytes)
+        if top.label in position:
+            ax.plot([position[top.label]], [top.peak_bytes / MiB], marker="v", ms=9, color=colour)
+    step = max(1, len(reference) // 70)
+    ax.set_xticks(range(0, len(reference), step))
+    ax.set_xticklabels(reference[::step], rotation=90, fontsize=6)
+    ax.set_ylabel("activation memory while the layer runs (MiB)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- CLI -------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="timm name, or tv:NAME for torchvision")
+    parser.add_argument("--size", type=int, required=True, help="input height = width")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--merge-layer", nargs="*", default=[], dest="merge_layers",
+                        help="merge layers to profile split (several go on one plot)")
+    parser.add_argument("--grid", default="2x2")
+    parser.add_argument("--mode", default="exact", choices=["exact", "seed"])
+    parser.add_argument("--layers", choices=["leaf", "candidates"], default="leaf",
+                        help="unsplit markers: every leaf module (default) or the merge-layer candidates only")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: allocator counters)")
+    parser.add_argument("--json", action="store_true", help="print the full profile as JSON")
+    parser.add_argument("--png", help="write the plot here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import splitpack
+
+    try:
+        grid = parse_grid(args.grid)
+        model = splitpack.create_model(args.model).to(args.device)
+        every = list(splitpack.merge_layers(model))
+        # leaves plus the candidates, so split runs (marked at candidates) line up with the unsplit one
+        layers = every if args.layers == "candidates" else list(dict.fromkeys(
+            [n for n, _ in hooked_modules(model)] + every))
+        x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
+        profiles = profile_model(model, x, args.merge_layers, grid, args.mode, layers)
+    except (ValueError, splitpack.SplitError) as e:
+        print(f"splitpack profile: {e}", file=sys.stderr)
+        return 2
+    baseline = profiles[0].peak_bytes
+    result = {
+        "model": args.model, "size": args.size, "batch": args.batch, "device": str(x.device),
+        "measured_by": "cuda-allocator" if x.device.type == "cuda" else "cpu-activation-tracker",
+        "unsplit_peak_bytes": baseline, "unsplit_peak_layer": profiles[0].peak_layer,
+        "split": [{"merge_layer": p.merge_layer, "grid": p.grid, "mode": p.mode, "peak_bytes": p.peak_bytes,
+                   "peak_layer": p.peak_layer, "peak_reduction": 1 - p.peak_bytes / baseline if baseline else 0.0}
+                  for p in profiles[1:]],
+        "profiles": [p.to_dict() for p in profiles],
+    }
+    if args.png:
+        plot_profiles(profiles, args.png, f"{args.model} @{args.size} batch {args.batch}")
+        result["png"] = args.png
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.model} @{args.size} batch {args.batch}: unsplit peak {baseline / MiB:.2f} MiB "
+              f"at {profiles[0].peak_layer}")
+        for s in result["split"]:
+            print(f"  merge at {s['merge_layer']} ({s['grid']}, {s['mode']}): peak {s['peak_bytes'] / MiB:.2f} MiB "
+                  f"at {s['peak_layer']} ({-100 * s['peak_reduction']:+.1f}%)")
+        if args.png:
+            print(f"plot: {args.png}")
+    return 0
+
+
+def peak_matches_tracker(model: nn.Module, x: torch.Tensor, profile: Profile) -> bool:
+    """True when an independent, hook-free tracker run peaks at the profile's peak bytes."""
+    return peak_activation_bytes(model, x) == profile.peak_bytes
+

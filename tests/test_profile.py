@@ -1,0 +1,95 @@
+"""Per-layer memory profile (the poster's Fig. 3) on the CPU activation tracker."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import splitpack
+from splitpack import profile
+from splitpack.memory import peak_activation_bytes
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return splitpack.create_model("resnet18"), torch.randn(1, 3, 224, 224)
+
+
+def test_resnet18_peaks_at_bn1_where_the_tracker_measures_its_maximum(resnet18):
+    """The poster: "ResNet18 peaks at bn1". Agreed: conv1's output and bn1's output
+    (64 x 112 x 112 fp32 each) are alive together while bn1 runs."""
+    model, x = resnet18
+    prof = profile.profile_unsplit(model, x)
+    assert prof.peak_layer == "bn1"
+    # an independent run without hooks peaks at the same bytes: hooks do not change memory
+    assert prof.peak_bytes == peak_activation_bytes(model, x)
+    stem = 64 * 112 * 112 * 4
+    bn1 = next(p for p in prof.layers if p.label == "bn1")
+    assert bn1.peak_bytes == bn1.after_bytes == 2 * stem == prof.peak_bytes
+    # every other layer stays below: the maximum is unique to bn1
+    assert all(p.peak_bytes < prof.peak_bytes for p in prof.layers if p.label != "bn1")
+    labels = [p.label for p in prof.layers]
+    assert labels[:4] == ["conv1", "bn1", "act1", "maxpool"] and labels[-1] == "output"
+    assert not any("drop_block" in label or label.endswith(".aa") for label in labels)  # Identity placeholders
+
+
+def test_torchvision_resnet18_agrees(resnet18):
+    _, x = resnet18
+    prof = profile.profile_unsplit(splitpack.create_model("tv:resnet18"), x)
+    assert prof.peak_layer == "bn1"
+
+
+def test_split_profile_marks_each_pack_in_the_head_and_lowers_the_peak(resnet18):
+    model, x = resnet18
+    unsplit = profile.profile_unsplit(model, x)
+    split = profile.profile_split(model, x, "maxpool", grid=(2, 2), mode="exact")
+    assert split.peak_bytes < unsplit.peak_bytes
+    head = [p for p in split.layers if p.pack is not None]
+    assert sorted({p.pack for p in head}) == [0, 1, 2, 3]
+    assert [p.label for p in head if p.pack == 0] == ["conv1", "bn1", "act1", "maxpool"]
+    assert all(p.pack is None for p in split.layers[len(head):])
+    # the profile's peak is the one a hook-free tracker measures on the warm wrapped model
+    wrapped = splitpack.wrap(model, merge_layer="maxpool", grid=(2, 2), mode="exact")
+    with torch.inference_mode():
+        wrapped(x)
+    assert split.peak_bytes == peak_activation_bytes(wrapped, x)
+
+
+def test_cli_json_and_png(tmp_path):
+    png = tmp_path / "profile.png"
+    args = argparse.Namespace(model="resnet18", size=96, batch=2, merge_layers=["maxpool", "layer1"], grid="2x2",
+                              mode="exact", layers="leaf", device="cpu", json=True, png=str(png))
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert profile.run(args) == 0
+    result = json.loads(out.getvalue())
+    assert result["unsplit_peak_layer"] == "bn1" and result["batch"] == 2
+    assert [s["merge_layer"] for s in result["split"]] == ["maxpool", "layer1"]
+    for s, prof in zip(result["split"], result["profiles"][1:]):
+        assert s["peak_bytes"] == max(p["peak_bytes"] for p in prof["layers"])
+        assert s["peak_reduction"] == pytest.approx(1 - s["peak_bytes"] / result["unsplit_peak_bytes"])
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_merge_layer_is_a_clear_error(capsys):
+    args = argparse.Namespace(model="resnet18", size=64, batch=1, merge_layers=["nope"], grid="2x2", mode="exact",
+                              layers="leaf", device="cpu", json=True, png=None)
+    assert profile.run(args) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "layer1" in err  # names the valid layers
+
+
+@pytest.mark.parametrize("text, grid", [("2x2", (2, 2)), ("3X2", (3, 2)), ("4", (4, 4)), ((1, 2), (1, 2))])
+def test_parse_grid(text, grid):
+    assert profile.parse_grid(text) == grid
+
+
+@pytest.mark.parametrize("text", ["", "x2", "0x2", "2x2x2", "a"])
+def test_parse_grid_rejects(text):
+    with pytest.raises(ValueError):
+        profile.parse_grid(text)
