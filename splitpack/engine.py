@@ -286,8 +286,9 @@ class SplitPack(nn.Module):
             raise SplitError(f"image of {x.shape[-2]}x{x.shape[-1]} pixels is smaller than the "
                              f"{self.grid[0]}x{self.grid[1]} grid")
         with torch.no_grad():
-            merged = self._run_exact(x) if self.mode == "exact" else self._run_seed(x)
-            return self._run_tail([merged]) if merged is not None else None
+            # the list is the merged activation's only owner, so the tail can free it after its last use
+            box = [self._run_exact(x) if self.mode == "exact" else self._run_seed(x)]
+            return self._run_tail(box)
 
     def _notify(self, node: fx.Node) -> None:
         if self.on_layer is not None:
