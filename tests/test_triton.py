@@ -37,9 +37,7 @@ CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian ca
 def cat_image() -> bytes:
     from splitpack.serving import SAMPLE_IMAGE
 
-    if SAMPLE_IMAGE.exists():
-        return SAMPLE_IMAGE.read_bytes()
-    return Path("/work/shared/imagenet-sample/n02123159_tiger_cat.JPEG").read_bytes()
+    return SAMPLE_IMAGE.read_bytes()  # scikit-image's "Chelsea the cat", shipped in splitpack/assets
 
 
 def png_bomb(width: int, height: int) -> bytes:
