@@ -24,6 +24,20 @@ COMMANDS = {
 }
 
 
+def add_server_subcommands(parser, registry: dict[str, str], add_name: str, run_name: str, help_fmt: str) -> None:
+    """One sub-command per server in ``registry`` (name -> module with ``add_name``/``run_name`` functions)."""
+    sub = parser.add_subparsers(dest="server", required=True)
+    for name, module_name in registry.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_fmt.format(name=name))
+        getattr(module, add_name)(p)
+        p.set_defaults(_server_run=getattr(module, run_name))
+
+
+def run_server_subcommand(args) -> int:
+    return args._server_run(args)
+
+
 def _load(name: str):
     return importlib.import_module(COMMANDS[name])
 

@@ -5,7 +5,7 @@ Each entry of CLIENTS names a module defining ``add_client_arguments(parser)`` a
 """
 from __future__ import annotations
 
-import importlib
+from splitpack.cli import add_server_subcommands, run_server_subcommand
 
 CLIENTS = {
     "triton": "splitpack.triton_client",
@@ -13,13 +13,7 @@ CLIENTS = {
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="server", required=True)
-    for name, module_name in CLIENTS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=f"call {name} over its client API")
-        module.add_client_arguments(p)
-        p.set_defaults(_client=module.client)
+    add_server_subcommands(parser, CLIENTS, "add_client_arguments", "client", "call {name} over its client API")
 
 
-def run(args) -> int:
-    return args._client(args)
+run = run_server_subcommand

@@ -8,13 +8,13 @@ split-pack, stop the server.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import time
 from pathlib import Path
 
 import requests
 
+from splitpack.net import free_ports
 from splitpack.serving import SAMPLE_IMAGE
 from splitpack.torchserve import DEFAULT_MODEL_STORE, Ports, TorchServe, TorchServeError, build_archive
 
@@ -25,17 +25,6 @@ DEMO_NAME = "lite0_splitpack"
 DEMO_MERGE_LAYER = "blocks.2"
 DEMO_GRID = "2x2"
 DEMO_RUN_DIR = Path(".run") / "torchserve-demo"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def memory_saving(model_name: str, merge_layer: str, grid: tuple[int, int], sizes: list[int]) -> list[tuple]:
@@ -76,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"packaged {mar}: {DEMO_MODEL} (pretrained ImageNet weights), exact split-pack "
           f"{grid[0]}x{grid[1]} merged at {args.merge_layer} ({time.monotonic() - t0:.1f} s)")
 
-    server = TorchServe(run_dir=args.run_dir, model_store=args.model_store, ports=Ports(*_free_ports(5)))
+    server = TorchServe(run_dir=args.run_dir, model_store=args.model_store, ports=Ports(*free_ports(5)))
     server.stop()  # a demo server left over from an interrupted run
     t0 = time.monotonic()
     try:

@@ -5,7 +5,7 @@ Each entry of SERVERS names a module defining ``add_serve_arguments(parser)`` an
 """
 from __future__ import annotations
 
-import importlib
+from splitpack.cli import add_server_subcommands, run_server_subcommand
 
 SERVERS = {
     "triton": "splitpack.triton_server",
@@ -14,13 +14,7 @@ SERVERS = {
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="server", required=True)
-    for name, module_name in SERVERS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=f"{name} server")
-        module.add_serve_arguments(p)
-        p.set_defaults(_serve=module.serve)
+    add_server_subcommands(parser, SERVERS, "add_serve_arguments", "serve", "{name} server")
 
 
-def run(args) -> int:
-    return args._serve(args)
+run = run_server_subcommand

@@ -13,13 +13,14 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from splitpack.net import free_port  # noqa: F401  (part of this module's API)
 
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
 DEFAULT_GRPC_PORT = 8001
@@ -101,13 +102,6 @@ def server_env(install: TritonInstall | None = None, base: dict | None = None) -
     prepend("LD_LIBRARY_PATH", *[p for p in (libdir, str(install.libs)) if p])
     prepend("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     return env
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

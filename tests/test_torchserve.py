@@ -7,7 +7,6 @@ batch of 4 with a long batch delay so concurrent requests land in one batch).
 from __future__ import annotations
 
 import io
-import socket
 import struct
 import threading
 import time
@@ -18,6 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
+from splitpack.net import free_ports
 from splitpack import cli
 from splitpack.serving import SAMPLE_IMAGE
 from splitpack.torchserve import Ports, TorchServe, config_properties, read_archive_config
@@ -27,17 +27,6 @@ MERGE_LAYER = "blocks.2"  # exact mode supports it (checked by `splitpack archiv
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 OCTET = {"Content-Type": "application/octet-stream"}
 EXACT, UNSPLIT, SEED = "lite0_exact", "lite0_unsplit", "lite0_seed"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def archive(store, name: str, *extra: str) -> None:
