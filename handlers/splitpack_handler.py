@@ -16,6 +16,7 @@ import os
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from splitpack.devices import PeakActivation, device_memory_metrics, report_to_torchserve
 from splitpack.serving import BadRequest, Predictor, ServingConfig
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,20 @@ class SplitPackHandler(BaseHandler):
         model cannot run becomes its BadRequest, the others are still served."""
         good = [i for i, item in enumerate(data) if not isinstance(item, BadRequest)]
         out = list(data)
-        for i, row in zip(good, self.predictor.predict_isolated([data[i] for i in good])):
+        # CUDA: the allocator's per-batch peak is free to read; the CPU tracker would slow every batch
+        with PeakActivation(self.device, enabled=self.device.type == "cuda") as peak:
+            rows = self.predictor.predict_isolated([data[i] for i in good])
+        for i, row in zip(good, rows):
             out[i] = row
+        self._report_memory(peak.bytes)
         return out
+
+    def _report_memory(self, peak_bytes) -> None:
+        try:
+            report_to_torchserve(self.context.metrics, device_memory_metrics(self.device, peak_bytes),
+                                 self.context.model_name)
+        except Exception:  # metrics must never fail a prediction
+            logger.warning("splitpack memory metrics not reported", exc_info=True)
 
     def postprocess(self, data):
         responses = []

@@ -99,9 +99,12 @@ def trace(model: nn.Module) -> TracedModel:
     for n in nodes:
         if any(p in dependent for p in n.all_input_nodes):
             dependent.add(n)
-    shapes = node_shapes(gm, (1, *reference_input_size(model)))
+    c, h, w = reference_input_size(model)
+    shapes = node_shapes(gm, (1, c, h, w))
+    # a second size tells spatial activations from ones whose size is fixed (after global/adaptive pooling)
+    shapes_larger = node_shapes(gm, (1, c, h + 32, w + 32))
     traced = TracedModel(gm, nodes, index, input_node, {}, dependent, shapes)
-    traced.merge_nodes = _cut_points(traced, tracer.module_calls, shapes)
+    traced.merge_nodes = _cut_points(traced, tracer.module_calls, shapes, shapes_larger)
     return traced
 
 
@@ -127,8 +130,8 @@ def node_shapes(gm: fx.GraphModule, input_shape, dtype=torch.float32, device=Non
     return shapes
 
 
-def _cut_points(traced: TracedModel, module_calls, shapes) -> dict[str, fx.Node]:
-    """Modules (called once) whose 4-D output is the only value crossing into the rest."""
+def _cut_points(traced: TracedModel, module_calls, shapes, shapes_larger) -> dict[str, fx.Node]:
+    """Modules (called once) whose 4-D, image-sized output is the only value crossing into the rest."""
     nodes, index = traced.nodes, traced.index
     # reach[i]: the furthest node that uses any input-dependent node at index <= i
     reach, furthest = [], -1
@@ -143,6 +146,8 @@ def _cut_points(traced: TracedModel, module_calls, shapes) -> dict[str, fx.Node]
         out = calls[0]
         shape = shapes.get(out)
         if out not in traced.input_dependent or shape is None or len(shape) != 4:
+            continue
+        if shapes_larger.get(out, shape)[-2:] == shape[-2:]:  # pooled to a fixed size: nothing to tile
             continue
         pos = index[out]
         if pos > 0 and reach[pos - 1] > pos:  # an earlier value is still needed after the cut

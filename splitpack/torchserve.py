@@ -223,8 +223,13 @@ def config_properties(
     token_auth: bool = False,
     enable_model_api: bool = False,
     max_request_mb: int = 32,
+    metrics_config: Path | None = None,
 ) -> str:
-    """config.properties for a local TorchServe: loopback only, offline, prometheus metrics."""
+    """config.properties for a local TorchServe: loopback only, offline, prometheus metrics.
+
+    ``metrics_config``: a metrics.yaml declaring splitpack's gauges (prometheus mode drops
+    undeclared model metrics).
+    """
     lines = {
         "inference_address": f"http://127.0.0.1:{ports.inference}",
         "management_address": f"http://127.0.0.1:{ports.management}",
@@ -242,6 +247,8 @@ def config_properties(
         "max_request_size": max_request_mb * 1024 * 1024,
         "max_response_size": max_request_mb * 1024 * 1024,
     }
+    if metrics_config is not None:
+        lines["metrics_config"] = str(metrics_config)
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
@@ -342,9 +349,13 @@ class TorchServe:
             d.mkdir(parents=True, exist_ok=True)
         for old in self.log_dir.glob("*.log"):  # failure detection reads this run's logs only
             old.unlink()
+        from splitpack.devices import torchserve_metrics_yaml
+
+        metrics_file = self.run_dir / "metrics.yaml"
+        metrics_file.write_text(torchserve_metrics_yaml())
         self.config_file.write_text(config_properties(self.model_store, self.ports, token_auth=token_auth,
                                                       enable_model_api=enable_model_api,
-                                                      max_request_mb=max_request_mb))
+                                                      max_request_mb=max_request_mb, metrics_config=metrics_file))
         model_args = [n if n.endswith(".mar") or "=" in n else f"{n}={n}.mar" for n in names]
         cmd = [_tool("torchserve"), "--start", "--ncs", "--ts-config", str(self.config_file),
                "--model-store", str(self.model_store), "--models", *model_args]

@@ -262,8 +262,7 @@ def test_written_triton_model_loads_with_its_instances(two_replica_split_plan, t
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:resnet18.*RANDOM weights")
 def test_written_torchserve_archive_starts_its_workers(two_replica_split_plan, tmp_path):
-    import socket
-
+    from splitpack.net import free_ports
     from splitpack.torchserve import Ports, TorchServe, read_archive_config
 
     store = tmp_path / "store"
@@ -271,12 +270,7 @@ def test_written_torchserve_archive_starts_its_workers(two_replica_split_plan, t
     name, config = read_archive_config(mar)
     assert config["minWorkers"] == config["maxWorkers"] == 2 and config["batchSize"] == 2
     assert config["handler"]["merge_layer"] == "layer1"
-    sockets = [socket.socket() for _ in range(5)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = Ports(*[s.getsockname()[1] for s in sockets])
-    for s in sockets:
-        s.close()
+    ports = Ports(*free_ports(5))
     server = TorchServe(run_dir=tmp_path / "ts", model_store=store, ports=ports)
     try:
         status = server.start([name], timeout_s=300)

@@ -152,3 +152,8 @@ def test_bad_mode_and_grid():
         splitpack.wrap(model, "layer1", mode="fast")
     with pytest.raises(ValueError, match="grid"):
         splitpack.wrap(model, "layer1", grid=0)
+
+
+def test_pooled_outputs_are_not_merge_layers(models):
+    assert not any("global_pool" in n for n in splitpack.merge_layers(models("resnet18")))
+    assert "avgpool" not in splitpack.merge_layers(models("tv:vgg11"))  # AdaptiveAvgPool2d(7): fixed size

@@ -255,3 +255,11 @@ def test_archive_from_an_edited_model_config(tmp_path):
     handler = archived["handler"]
     assert (handler["merge_layer"], handler["grid"], handler["mode"], handler["topk"]) == ("blocks.3", "3x3", "seed", 3)
     assert handler["weights_source"] == "random" and handler["data_config"]["input_size"] == [3, 224, 224]
+
+
+def test_memory_gauges_on_the_metrics_endpoint(server, cat):
+    assert predict(server, EXACT, cat).status_code == 200
+    text = requests.get(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=30).text
+    # (splitpack_peak_activation_bytes is reported on CUDA only: the CPU tracker would slow every batch)
+    for name in ("splitpack_device_memory_used_bytes", "splitpack_process_device_memory_bytes"):
+        assert name in text, text[-2000:]
