@@ -206,6 +206,15 @@ class ServingConfig:
         return d
 
 
+def weights_data_config(model) -> dict:
+    """The eval transform ``model``'s weights expect (timm data config from its pretrained_cfg),
+    to pin into a deployment's config (e.g. TF-Lite mean/std for the pretrained lite models)."""
+    from timm.data import resolve_data_config
+
+    data_config = resolve_data_config(model=model)
+    return {k: data_config[k] for k in DATA_CONFIG_KEYS if k in data_config}
+
+
 class Predictor:
     """Image bytes -> probabilities -> labelled top-k, for one ServingConfig."""
 

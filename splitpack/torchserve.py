@@ -111,10 +111,8 @@ def build_archive(
     merge layer fails here, with the list of valid ones, not at serve time.
     """
     import torch
-    from timm.data import resolve_data_config
-
     import splitpack
-    from splitpack.serving import DATA_CONFIG_KEYS, SAMPLE_IMAGE, Predictor, ServingConfig
+    from splitpack.serving import SAMPLE_IMAGE, Predictor, ServingConfig, weights_data_config
 
     if model_config is not None:
         section = {k: v for k, v in (model_config.get(HANDLER_SECTION) or {}).items() if k != "weights_source"}
@@ -148,8 +146,7 @@ def build_archive(
         model, source = splitpack.create_model(model_name), "random"
     # Pin the transform the weights expect (e.g. TF-Lite mean/std for the pretrained lite models).
     if config.data_config is None:
-        data_config = resolve_data_config(model=model)
-        config.data_config = {k: data_config[k] for k in DATA_CONFIG_KEYS if k in data_config}
+        config.data_config = weights_data_config(model)
 
     with tempfile.TemporaryDirectory(prefix="splitpack-archive-") as tmp:
         stage = Path(tmp)

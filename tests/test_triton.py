@@ -7,6 +7,8 @@ stub process) and time low on 2 cores.
 """
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import struct
@@ -153,6 +155,8 @@ def test_ready_and_config_parameters_visible(client):
     assert params == committed
     assert params["model_name"] == MODEL and params["merge_layer"] == "blocks.2"
     assert params["grid"] == "2x2" and params["mode"] == "exact" and params["weights"] == "model.pt"
+    # the transform the pretrained TF-Lite weights expect, pinned like the TorchServe archive pins it
+    assert json.loads(params["data_config"])["interpolation"] == "bicubic"
     assert config["instance_group"][0]["count"] == 1
     assert "dynamic_batching" in config and config["max_batch_size"] == 8
     assert [i["name"] for i in config["input"]] == [INPUT_IMAGE]
@@ -172,7 +176,8 @@ def test_exact_split_equals_unsplit_and_cat_is_a_cat(client, repo):
 
     image = cat_image()
     served = classify(client, MODEL, [image], probabilities=True)[0]
-    unsplit = Predictor(ServingConfig(MODEL), weights=str(repo / MODEL / "1" / "model.pt"))
+    served_transform = config_parameters(read_model_config(COMMITTED / "config.pbtxt"))["data_config"]
+    unsplit = Predictor(ServingConfig(MODEL, data_config=served_transform), weights=str(repo / MODEL / "1" / "model.pt"))
     expected = unsplit.predict([unsplit.decode(image)])[0]
     assert served.probabilities.shape == tuple(expected.shape) == (1000,)
     np.testing.assert_allclose(served.probabilities, expected.numpy(), rtol=0, atol=1e-5)
