@@ -27,7 +27,8 @@ from splitpack.triton import (INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, T
                               render_config)
 from splitpack.triton_client import classify, classify_each, image_input, parse_top_k
 from splitpack.triton_model import format_top_k
-from splitpack.triton_server import TritonServer, free_port, locate_triton, prepare_backends, read_pid
+from splitpack.net import free_port
+from splitpack.triton_server import TritonServer, locate_triton, prepare_backends, read_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tf_efficientnet_lite0"
@@ -192,7 +193,12 @@ def test_concurrent_requests_are_batched(client):
     image = cat_image()
     results = classify_each(client, MODEL, [image] * 8)
     assert all(r.error is None and r.top_k[0]["index"] in CAT_CLASSES for r in results)
+    # Triton updates its statistics after the responses are sent: wait (bounded) for all 8 to be counted
+    deadline = time.monotonic() + 10
     after = _stats(client)
+    while after["inference_count"] - before["inference_count"] < 8 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = _stats(client)
     inferences = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert inferences == 8 and executions < 8, (before, after)
