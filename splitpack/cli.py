@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Callable
 
 COMMANDS = {
     "bench": "splitpack.bench",
@@ -32,6 +33,13 @@ def add_server_subcommands(parser, registry: dict[str, str], add_name: str, run_
         p = sub.add_parser(name, help=help_fmt.format(name=name))
         getattr(module, add_name)(p)
         p.set_defaults(_server_run=getattr(module, run_name))
+
+
+def standalone(prog: str, doc: str | None, add: Callable, run: Callable, argv: list[str] | None = None) -> int:
+    """``python -m MODULE ...`` for one command module, without importing the other commands."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").splitlines()[0])
+    add(parser)
+    return run(parser.parse_args(argv))
 
 
 def run_server_subcommand(args) -> int:

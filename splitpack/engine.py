@@ -90,16 +90,18 @@ def build_plan(traced: TracedModel, merge_node: fx.Node, shapes: dict[fx.Node, t
     return ExactPlan(nodes, rules, shapes, ctx.layouts, consts, users)
 
 
+def splits_exactly(traced: TracedModel, name: str) -> bool:
+    """Whether exact mode can split the head of merge layer ``name`` (at the model's default size)."""
+    try:
+        build_plan(traced, traced.merge_nodes[name], traced.reference_shapes)
+        return True
+    except NoRule:
+        return False
+
+
 def exact_capable_before(traced: TracedModel, names: list[str]) -> str | None:
     """The last of ``names`` (execution order) whose head exact mode can split."""
-    shapes = traced.reference_shapes
-    for name in reversed(names):
-        try:
-            build_plan(traced, traced.merge_nodes[name], shapes)
-            return name
-        except NoRule:
-            continue
-    return None
+    return next((name for name in reversed(names) if splits_exactly(traced, name)), None)
 
 
 def _union(a: Region | None, b: Region) -> Region:
@@ -218,7 +220,7 @@ def _border_pads(window: Region, clamped: Region) -> tuple[int, int, int, int] |
 
 # --------------------------------------------------------------------------- the wrapper
 
-class _TailInterpreter(fx.Interpreter):
+class _NotifyingInterpreter(fx.Interpreter):
     def __init__(self, gm, on_node):
         super().__init__(gm, garbage_collect_values=True)
         self.on_node = on_node
@@ -250,21 +252,18 @@ class SplitPack(nn.Module):
             )
         self._traced = traced
         self._merge_node = traced.merge_nodes[merge_layer]
-        self._layer_names: dict[fx.Node, list[str]] = {}
+        # by node name: the head and tail graphs are copies whose nodes keep the original names
+        self._layer_names: dict[str, list[str]] = {}
         for name, node in traced.merge_nodes.items():
-            self._layer_names.setdefault(node, []).append(name)
+            self._layer_names.setdefault(node.name, []).append(name)
         head, tail = split_graph(traced, self._merge_node)
         # kept out of the module tree: they share the model's parameters
         self.__dict__["_head"], self.__dict__["_tail"] = head, tail
-        self._tail_merge_names = {n: self._layer_names.get(self._orig(n), []) for n in tail.graph.nodes}
         self._plans: dict[tuple, ExactPlan] = {}
         self._packs: dict[tuple, list[tuple[Region, _Pack]]] = {}
         self._seed_layouts: dict[tuple, tuple[list[int], list[int]]] = {}
         if mode == "exact":
             self._check_exact(traced.reference_shapes)
-
-    def _orig(self, tail_node: fx.Node) -> fx.Node | None:
-        return next((n for n in self._traced.nodes if n.name == tail_node.name), None)
 
     def extra_repr(self) -> str:
         return f"merge_layer={self.merge_layer!r}, grid={self.grid[0]}x{self.grid[1]}, mode={self.mode!r}"
@@ -291,16 +290,15 @@ class SplitPack(nn.Module):
             return self._run_tail(box)
 
     def _notify(self, node: fx.Node) -> None:
-        if self.on_layer is not None:
-            for name in self._layer_names.get(node, ()):
+        """Tell ``on_layer`` about every merge-layer candidate whose output ``node`` is."""
+        if self.on_layer is not None and node.op != "placeholder":
+            for name in self._layer_names.get(node.name, ()):
                 self.on_layer(name)
 
     def _run_tail(self, box: list) -> object:
-        on_node = None
-        if self.on_layer is not None:
-            on_node = lambda n: [self.on_layer(name) for name in self._tail_merge_names.get(n, ())]  # noqa: E731
+        on_node = self._notify if self.on_layer is not None else None
         placeholder = next(n for n in self._tail.graph.nodes if n.op == "placeholder")
-        return _TailInterpreter(self._tail, on_node).run(initial_env={placeholder: box.pop()})
+        return _NotifyingInterpreter(self._tail, on_node).run(initial_env={placeholder: box.pop()})
 
     @staticmethod
     def _size_key(x: torch.Tensor) -> tuple:
@@ -385,9 +383,7 @@ class SplitPack(nn.Module):
     def _run_head(self, pack: torch.Tensor) -> torch.Tensor:
         if self.on_layer is None:
             return self._head(pack)
-        interp = _TailInterpreter(self._head, lambda n: [self.on_layer(name) for name in
-                                                         self._layer_names.get(self._orig(n), ())])
-        return interp.run(pack)
+        return _NotifyingInterpreter(self._head, self._notify).run(pack)
 
     def _seed_canvas(self, x, first_out):
         """Each pack's output size (packs differ by a pixel when the grid does not divide the image)."""
@@ -443,12 +439,4 @@ def merge_layers(model: nn.Module, mode: str | None = None) -> list[str]:
         return names
     if mode != "exact":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    shapes = traced.reference_shapes
-    capable = []
-    for name in names:
-        try:
-            build_plan(traced, traced.merge_nodes[name], shapes)
-            capable.append(name)
-        except NoRule:
-            pass
-    return capable
+    return [name for name in names if splits_exactly(traced, name)]

@@ -198,8 +198,7 @@ def _head_names(model: nn.Module, merge_layer: str) -> set[str]:
     return set(names[: names.index(merge_layer) + 1]) if merge_layer in names else set()
 
 
-def profile_split(model: nn.Module, x: torch.Tensor, merge_layer: str, grid=(2, 2), mode: str = "exact",
-                  layers: Sequence[str] | None = None) -> Profile:
+def profile_split(model: nn.Module, x: torch.Tensor, merge_layer: str, grid=(2, 2), mode: str = "exact") -> Profile:
     """Per-layer memory of the split-pack model merged at ``merge_layer``."""
     import splitpack
 
@@ -210,24 +209,14 @@ def profile_split(model: nn.Module, x: torch.Tensor, merge_layer: str, grid=(2, 
     with torch.inference_mode():
         wrapped(x)
     tracker = _make_tracker(x.device)
-    handles = []
-    uses_callback = hasattr(wrapped, "on_layer")
-    if uses_callback:
-        previous = wrapped.on_layer
-        wrapped.on_layer = tracker.mark
-    else:  # older engine: hooks on the original modules still fire inside the graph
-        handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: tracker.mark(n))
-                   for n, m in hooked_modules(model, layers or splitpack.merge_layers(model))]
+    wrapped.on_layer = tracker.mark  # the engine names each merge-layer candidate as its output is made
     try:
         with torch.inference_mode(), tracker:
             out = wrapped(x)
             tracker.mark("output")
             del out
     finally:
-        for h in handles:
-            h.remove()
-        if uses_callback:
-            wrapped.on_layer = previous
+        wrapped.on_layer = None
     name = f"split@{merge_layer} {grid_text(grid)} {mode}"
     return _finish(name, merge_layer, grid_text(grid), mode, tracker, head=_head_names(model, merge_layer))
 
@@ -237,7 +226,7 @@ def profile_model(model: nn.Module, x: torch.Tensor, merge_layers: Sequence[str]
     """The unsplit profile followed by one split profile per merge layer."""
     profiles = [profile_unsplit(model, x, layers)]
     for layer in merge_layers:
-        profiles.append(profile_split(model, x, layer, grid, mode, layers))
+        profiles.append(profile_split(model, x, layer, grid, mode))
     return profiles
 
 

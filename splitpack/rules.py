@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from splitpack.graph import describe_op
+
 Interval = tuple[int, int]  # [start, stop)
 Region = tuple[Interval, Interval]  # (rows, cols)
 Layout = tuple[int, int]  # negative axes of (height, width)
@@ -154,13 +156,18 @@ def _training_check(node: fx.Node, training: bool) -> None:
 
 # --------------------------------------------------------------------------- window ops
 
+def _same_total(size: int, k: int, s: int, d: int = 1) -> int:
+    """TF 'SAME' total padding along one dim (timm's get_same_padding), from the input size."""
+    return max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+
+
 def _conv_padding(conv: nn.Conv2d, in_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """(before, after) padding per spatial dim, the way the unsplit conv applies it."""
     pads = []
     for i in range(2):
         k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
         if type(conv).__name__ == "Conv2dSame":  # timm: TF 'SAME', from the input size
-            total = max((math.ceil(in_hw[i] / s) - 1) * s + (k - 1) * d + 1 - in_hw[i], 0)
+            total = _same_total(in_hw[i], k, s, d)
             pads.append((total // 2, total - total // 2))
         elif conv.padding == "same":
             total = d * (k - 1)
@@ -203,11 +210,7 @@ def _max_pool_rule(node, x, kernel, stride, padding, dilation, ceil_mode, return
 
 def _same_before(kernel, stride, dilation, in_hw) -> tuple[int, int]:
     k, s, d = _pair(kernel), _pair(stride), _pair(dilation)
-    before = []
-    for i in range(2):
-        total = max((math.ceil(in_hw[i] / s[i]) - 1) * s[i] + (k[i] - 1) * d[i] + 1 - in_hw[i], 0)
-        before.append(total // 2)
-    return tuple(before)
+    return tuple(_same_total(in_hw[i], k[i], s[i], d[i]) // 2 for i in range(2))
 
 
 def _avg_counts(n_out: int, size: int, k: int, s: int, pad: int, include_pad: bool) -> np.ndarray:
@@ -247,7 +250,7 @@ def _avg_pool_rule(node, x, kernel, stride, padding, ceil_mode, count_include_pa
     return Window(node, x, _window_dims(k, s, 1, before), 0.0, op)
 
 
-def _pad_rule(node, x, pad, value, mode, ndim):
+def _pad_rule(node, x, pad, value, mode):
     if mode != "constant":
         raise NoRule(f"padding mode {mode!r} (only constant padding is split)")
     pad = list(pad)
@@ -340,9 +343,7 @@ def _spatial_args(node: fx.Node, ctx: OpContext) -> list[fx.Node]:
 
 
 def _op_name(node: fx.Node, ctx: OpContext) -> str:
-    if node.op == "call_module":
-        return type(ctx.gm.get_submodule(node.target)).__name__
-    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    return describe_op(node, ctx.gm).removeprefix("Tensor.")
 
 
 def make_rule(node: fx.Node, ctx: OpContext) -> Rule:
@@ -403,13 +404,13 @@ def _module_rule(node, ctx, xs, layout, m: nn.Module) -> Rule:
         extra_before, extra_total = (0, 0), (0, 0)
         if kind.__name__ == "AvgPool2dSame":
             k, s = _pair(m.kernel_size), _pair(m.stride)
-            extra_total = tuple(max((math.ceil(in_hw[i] / s[i]) - 1) * s[i] + k[i] - in_hw[i], 0) for i in range(2))
+            extra_total = tuple(_same_total(in_hw[i], k[i], s[i]) for i in range(2))
             extra_before = tuple(t // 2 for t in extra_total)
         return _avg_pool_rule(node, xs[0], m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                               m.divisor_override, in_hw, out_hw, extra_before, extra_total)
     if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
         _require_nchw(layout, "padding")
-        return _pad_rule(node, xs[0], m.padding, getattr(m, "value", 0.0), "constant", 4)
+        return _pad_rule(node, xs[0], m.padding, getattr(m, "value", 0.0), "constant")
     if kind is nn.Upsample:
         _require_nchw(layout, "upsampling")
         in_hw, out_hw = _in_out_hw(node, xs[0], ctx)
@@ -451,8 +452,8 @@ def _function_rule(node, ctx, xs, layout) -> Rule:
         return _permute_rule(node, ctx, xs, layout, _arg(node, 1, "dims"))
     if fn is F.pad:
         _require_nchw(layout, "padding")
-        return _pad_rule(node, xs[0], _arg(node, 1, "pad"), _arg(node, 3, "value", 0.0), _arg(node, 2, "mode", "constant"),
-                         len(ctx.shapes[node]))
+        return _pad_rule(node, xs[0], _arg(node, 1, "pad"), _arg(node, 3, "value", 0.0),
+                         _arg(node, 2, "mode", "constant"))
     if fn is F.interpolate:
         _require_nchw(layout, "interpolation")
         in_hw, out_hw = _in_out_hw(node, xs[0], ctx)

@@ -276,11 +276,9 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m splitpack.triton ...`` == ``splitpack triton-repo ...`` (no other CLI modules imported)."""
-    import argparse
+    from splitpack.cli import standalone
 
-    parser = argparse.ArgumentParser(prog="splitpack triton-repo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return standalone("splitpack triton-repo", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

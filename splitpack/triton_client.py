@@ -139,11 +139,9 @@ def client(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m splitpack.triton_client IMAGE...`` == ``splitpack client triton IMAGE...``."""
-    import argparse
+    from splitpack.cli import standalone
 
-    parser = argparse.ArgumentParser(prog="splitpack client triton", description=__doc__.splitlines()[0])
-    add_client_arguments(parser)
-    return client(parser.parse_args(argv))
+    return standalone("splitpack client triton", __doc__, add_client_arguments, client, argv)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitpack.net import free_port  # noqa: F401  (part of this module's API)
-
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_RUN_DIR = Path(".run")
@@ -306,11 +304,9 @@ def serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m splitpack.triton_server start|stop|status`` == ``splitpack serve triton ...``."""
-    import argparse
+    from splitpack.cli import standalone
 
-    parser = argparse.ArgumentParser(prog="splitpack serve triton", description=__doc__.splitlines()[0])
-    add_serve_arguments(parser)
-    return serve(parser.parse_args(argv))
+    return standalone("splitpack serve triton", __doc__, add_serve_arguments, serve, argv)
 
 
 if __name__ == "__main__":

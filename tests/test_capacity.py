@@ -245,7 +245,8 @@ def two_replica_split_plan(small_plan):
 
 @pytest.mark.slow
 def test_written_triton_model_loads_with_its_instances(two_replica_split_plan, tmp_path):
-    from splitpack.triton_server import TritonServer, free_port
+    from splitpack.net import free_port
+    from splitpack.triton_server import TritonServer
 
     repo = tmp_path / "repo"
     capacity.write_triton(two_replica_split_plan, repo, kind="cpu", name="resnet18_plan")
