@@ -10,7 +10,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from splitpack.bench import bench
+from splitpack.experiments.bench import bench
 from splitpack.models import create_model
 
 # (model, size, batch, merge layer, grid, mode)

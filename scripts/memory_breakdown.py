@@ -10,7 +10,7 @@ import sys
 import torch
 
 import splitpack
-from splitpack.memory import peak_activation_bytes, tracked_call
+from splitpack.measure.meter import peak_activation_bytes, tracked_call
 
 MiB = 2**20
 

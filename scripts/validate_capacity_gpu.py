@@ -2,7 +2,7 @@
 """Check a capacity plan on a real GPU: do N replicas of the planned configuration fit?
 
 For each configuration to check (default: the plan's recommendation and the
-unsplit model), start N replica processes (``python -m splitpack.capacity probe
+unsplit model), start N replica processes (``python -m splitpack.capacity.planner probe
 --hold``: each loads the model on the GPU and keeps running inference at the
 planned batch size), sample NVML while all N run, then stop them and check:
 
@@ -46,8 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from splitpack import devices  # noqa: E402
-from splitpack.capacity import probe_command, read_probe_line  # noqa: E402
+from splitpack.measure import devices  # noqa: E402
+from splitpack.capacity.planner import probe_command, read_probe_line  # noqa: E402
 
 GiB = 1024**3
 REQUIRED_KEYS = ("model", "size", "batch", "gpu_memory_bytes", "headroom_bytes", "recommended", "unsplit")
@@ -106,7 +106,7 @@ def load_plan(args: argparse.Namespace) -> dict[str, Any]:
     if args.plan:
         plan = json.loads(Path(args.plan).read_text())
     else:
-        from splitpack.capacity import PlanInputs, parse_bytes, parse_headroom, plan_capacity
+        from splitpack.capacity.planner import PlanInputs, parse_bytes, parse_headroom, plan_capacity
 
         if not (args.model and args.size and args.batch and args.gpu_memory):
             raise ValueError("give --plan FILE, or --model, --size, --batch and --gpu-memory to plan here")

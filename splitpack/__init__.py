@@ -7,7 +7,7 @@ field needs, so outputs equal the unsplit model's; ``mode="seed"`` is the
 poster's no-halo split.
 """
 from splitpack.errors import SplitError
-from splitpack.engine import SplitPack, merge_layers, wrap
+from splitpack.core.engine import SplitPack, merge_layers, wrap
 from splitpack.models import create_model
 
 __all__ = ["SplitError", "SplitPack", "create_model", "merge_layers", "wrap"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitpack import capacity
+from splitpack.capacity import planner as capacity
 
 ROOT = Path(__file__).resolve().parent.parent
 VALIDATE = ROOT / "scripts" / "validate_capacity_gpu.py"
@@ -95,7 +95,7 @@ def test_seed_candidates_need_explicit_merge_layers():
 
 
 def test_no_gpu_and_no_gpu_memory_is_a_clear_error():
-    from splitpack.devices import nvml_status
+    from splitpack.measure.devices import nvml_status
 
     if nvml_status()[0]:
         pytest.skip("this machine has an NVIDIA driver: the planner detects the GPU")
@@ -157,7 +157,7 @@ def test_headroom_and_latency_limit_are_applied(small_plan):
 
 
 def test_written_torchserve_config_sets_workers_and_split_settings(small_plan, tmp_path):
-    from splitpack.serving import ServingConfig
+    from splitpack.serving.predictor import ServingConfig
 
     path = capacity.write_torchserve(small_plan, tmp_path / "model-config.yaml", kind="cpu")
     config = yaml.safe_load(path.read_text())
@@ -172,7 +172,7 @@ def test_written_torchserve_config_sets_workers_and_split_settings(small_plan, t
 
 
 def test_written_triton_config_sets_instance_count(small_plan, tmp_path):
-    from splitpack.triton import config_parameters, read_model_config
+    from splitpack.serving.triton.repo import config_parameters, read_model_config
 
     model_dir = capacity.write_triton(small_plan, tmp_path / "repo", kind="cpu", name="resnet18_plan")
     config = read_model_config(model_dir / "config.pbtxt")
@@ -219,7 +219,7 @@ def test_validate_refuses_without_gpu_or_with_a_bad_plan(tmp_path):
     bad.write_text(json.dumps({"model": "resnet18"}))
     done = run_validate("--plan", str(bad), "--dry-run")
     assert done.returncode == 2 and "missing" in done.stderr and "Traceback" not in done.stderr
-    from splitpack.devices import nvml_status
+    from splitpack.measure.devices import nvml_status
 
     if not nvml_status()[0]:
         good = tmp_path / "plan.json"
@@ -245,8 +245,8 @@ def two_replica_split_plan(small_plan):
 
 @pytest.mark.slow
 def test_written_triton_model_loads_with_its_instances(two_replica_split_plan, tmp_path):
-    from splitpack.net import free_port
-    from splitpack.triton_server import TritonServer
+    from splitpack.serving.net import free_port
+    from splitpack.serving.triton.server import TritonServer
 
     repo = tmp_path / "repo"
     capacity.write_triton(two_replica_split_plan, repo, kind="cpu", name="resnet18_plan")
@@ -263,8 +263,8 @@ def test_written_triton_model_loads_with_its_instances(two_replica_split_plan, t
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:resnet18.*RANDOM weights")
 def test_written_torchserve_archive_starts_its_workers(two_replica_split_plan, tmp_path):
-    from splitpack.net import free_ports
-    from splitpack.torchserve import Ports, TorchServe, read_archive_config
+    from splitpack.serving.net import free_ports
+    from splitpack.serving.torchserve.archive import Ports, TorchServe, read_archive_config
 
     store = tmp_path / "store"
     mar = capacity.write_torchserve(two_replica_split_plan, store / "resnet18_plan.mar", kind="cpu")

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from splitpack import devices
-from splitpack.memory import peak_activation_bytes
+from splitpack.measure import devices
+from splitpack.measure.meter import peak_activation_bytes
 
 NVML_OK, NVML_REASON = devices.nvml_status()
 cli = [sys.executable, "-m", "splitpack.cli", "devices"]
@@ -128,7 +128,7 @@ def test_cuda_visible_devices_maps_torch_indices_to_nvml(monkeypatch):
 
 HANDLER = '''
 from ts.torch_handler.base_handler import BaseHandler
-from splitpack.devices import device_memory_metrics, report_to_torchserve
+from splitpack.measure.devices import device_memory_metrics, report_to_torchserve
 
 
 class MemoryOnly(BaseHandler):

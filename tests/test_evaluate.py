@@ -10,8 +10,8 @@ import torch
 
 import splitpack
 from splitpack import cli
-from splitpack.evaluate import Strategy, data_transform, evaluate, labelled_images, load_images, parse_strategy
-from splitpack.memory import peak_activation_bytes
+from splitpack.experiments.evaluate import Strategy, data_transform, evaluate, labelled_images, load_images, parse_strategy
+from splitpack.measure.meter import peak_activation_bytes
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "imagenet-sample"
 MODEL = "tf_efficientnet_lite0"
@@ -130,7 +130,7 @@ def test_seams_command(folder, tmp_path):
 
 def test_seam_report_when_seed_changes_the_map_size():
     # seed packs whose side is not a multiple of the stride so far merge into a larger map
-    from splitpack.seams import seam_report
+    from splitpack.experiments.seams import seam_report
 
     ref = {"logits": torch.zeros(1, 5), "maps": {"a": torch.ones(1, 2, 33, 33)}}
     seed = {"logits": torch.ones(1, 5), "maps": {"a": torch.ones(1, 2, 34, 34)}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import splitpack
-from splitpack.memory import ActivationTracker, peak_activation_bytes
+from splitpack.measure.meter import ActivationTracker, peak_activation_bytes
 
 
 def test_tracker_counts_new_storage_once_and_frees_it():

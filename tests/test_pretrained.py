@@ -17,7 +17,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 import splitpack
-from splitpack.pretrained import (
+from splitpack.models.pretrained import (
     SUPPORTED,
     TF_LITE_MEAN,
     TF_LITE_STD,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import splitpack
-from splitpack import profile
-from splitpack.memory import peak_activation_bytes
+from splitpack.measure import profile
+from splitpack.measure.meter import peak_activation_bytes
 
 
 @pytest.fixture(scope="module")

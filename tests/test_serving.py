@@ -1,4 +1,4 @@
-"""splitpack.serving without a server: config parsing, decoding, batching, top-k."""
+"""splitpack.serving.predictor without a server: config parsing, decoding, batching, top-k."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from splitpack.serving import SAMPLE_IMAGE, BadRequest, Predictor, ServingConfig, parse_grid
+from splitpack.serving.predictor import SAMPLE_IMAGE, BadRequest, Predictor, ServingConfig, parse_grid
 
 MODEL = "tf_efficientnet_lite0"
 

@@ -17,10 +17,10 @@ import pytest
 import requests
 from PIL import Image
 
-from splitpack.net import free_ports
+from splitpack.serving.net import free_ports
 from splitpack import cli
-from splitpack.serving import SAMPLE_IMAGE
-from splitpack.torchserve import Ports, TorchServe, config_properties, read_archive_config
+from splitpack.serving.predictor import SAMPLE_IMAGE
+from splitpack.serving.torchserve.archive import Ports, TorchServe, config_properties, read_archive_config
 
 MODEL = "tf_efficientnet_lite0"
 MERGE_LAYER = "blocks.2"  # exact mode supports it (checked by `splitpack archive` itself)

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitpack.triton import (INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, TritonModelSpec,
+from splitpack.serving.triton.repo import (INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, TritonModelSpec,
                               config_parameters, generate_model_dir, parse_model_config, read_model_config,
                               render_config)
-from splitpack.triton_client import classify, classify_each, image_input, parse_top_k
-from splitpack.triton_model import format_top_k
-from splitpack.net import free_port
-from splitpack.triton_server import TritonServer, locate_triton, prepare_backends, read_pid
+from splitpack.serving.triton.client import classify, classify_each, image_input, parse_top_k
+from splitpack.serving.triton.model import format_top_k
+from splitpack.serving.net import free_port
+from splitpack.serving.triton.server import TritonServer, locate_triton, prepare_backends, read_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tf_efficientnet_lite0"
@@ -38,7 +38,7 @@ CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian ca
 
 
 def cat_image() -> bytes:
-    from splitpack.serving import SAMPLE_IMAGE
+    from splitpack.serving.predictor import SAMPLE_IMAGE
 
     return SAMPLE_IMAGE.read_bytes()  # scikit-image's "Chelsea the cat", shipped in splitpack/assets
 
@@ -173,7 +173,7 @@ def test_server_runs_split_pack_as_configured(server):
 
 @pytest.mark.slow
 def test_exact_split_equals_unsplit_and_cat_is_a_cat(client, repo):
-    from splitpack.serving import Predictor, ServingConfig
+    from splitpack.serving.predictor import Predictor, ServingConfig
 
     image = cat_image()
     served = classify(client, MODEL, [image], probabilities=True)[0]

@@ -24,12 +24,12 @@ log = logging.getLogger(__name__)
 
 MODES = ("exact", "seed")
 # A real cat photo shipped with the package (CC0, see assets/SOURCES.md).
-SAMPLE_IMAGE = Path(__file__).parent / "assets" / "chelsea.jpg"
+SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 # timm data-config keys a deployment may pin (they describe how the weights were trained).
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-# Predictor(weights=PRETRAINED) loads splitpack's offline ImageNet weights (splitpack.pretrained).
+# Predictor(weights=PRETRAINED) loads splitpack's offline ImageNet weights (splitpack.models.pretrained).
 PRETRAINED = "pretrained"
 
 

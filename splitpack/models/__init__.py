@@ -13,7 +13,7 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
     """Build ``name`` in eval mode.
 
     ``pretrained=True`` loads real ImageNet weights offline where splitpack ships a
-    source for them (see :mod:`splitpack.pretrained`); ``weights`` loads a state
+    source for them (see :mod:`splitpack.models.pretrained`); ``weights`` loads a state
     dict file with ``torch.load(..., weights_only=True)``. Otherwise the weights are
     random (memory and exactness do not depend on them).
     """
@@ -28,7 +28,7 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
 
         model = timm.create_model(name, pretrained=False, **kwargs)
     if pretrained:
-        from splitpack.pretrained import load_pretrained
+        from splitpack.models.pretrained import load_pretrained
 
         load_pretrained(model, name)
     elif weights:

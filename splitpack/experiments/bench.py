@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from splitpack.engine import parse_grid, wrap
-from splitpack.memory import peak_activation_bytes
+from splitpack.core.engine import parse_grid, wrap
+from splitpack.measure.meter import peak_activation_bytes
 from splitpack.models import create_model
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from splitpack.graph import describe_op
+from splitpack.core.graph import describe_op
 
 Interval = tuple[int, int]  # [start, stop)
 Region = tuple[Interval, Interval]  # (rows, cols)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from splitpack.cli import add_server_subcommands, run_server_subcommand
 
 CLIENTS = {
-    "triton": "splitpack.triton_client",
+    "triton": "splitpack.serving.triton.client",
 }
 
 

@@ -11,17 +11,17 @@ import sys
 from typing import Callable
 
 COMMANDS = {
-    "bench": "splitpack.bench",
-    "archive": "splitpack.torchserve",
-    "demo": "splitpack.demo",
-    "triton-repo": "splitpack.triton",
-    "serve": "splitpack.serve_cli",
-    "client": "splitpack.client_cli",
-    "devices": "splitpack.devices",
-    "profile": "splitpack.profile",
-    "capacity": "splitpack.capacity",
-    "evaluate": "splitpack.evaluate",
-    "seams": "splitpack.seams",
+    "bench": "splitpack.experiments.bench",
+    "archive": "splitpack.serving.torchserve.archive",
+    "demo": "splitpack.cli.demo",
+    "triton-repo": "splitpack.serving.triton.repo",
+    "serve": "splitpack.cli.serve",
+    "client": "splitpack.cli.client",
+    "devices": "splitpack.measure.devices",
+    "profile": "splitpack.measure.profile",
+    "capacity": "splitpack.capacity.planner",
+    "evaluate": "splitpack.experiments.evaluate",
+    "seams": "splitpack.experiments.seams",
 }
 
 

@@ -98,7 +98,7 @@ def server_env(install: TritonInstall | None = None, base: dict | None = None) -
     prepend("PATH", str(Path(sys.executable).parent))
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     prepend("LD_LIBRARY_PATH", *[p for p in (libdir, str(install.libs)) if p])
-    prepend("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    prepend("PYTHONPATH", str(Path(__file__).resolve().parents[3]))
     return env
 
 
@@ -303,7 +303,7 @@ def serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m splitpack.triton_server start|stop|status`` == ``splitpack serve triton ...``."""
+    """``python -m splitpack.serving.triton.server start|stop|status`` == ``splitpack serve triton ...``."""
     from splitpack.cli import standalone
 
     return standalone("splitpack serve triton", __doc__, add_serve_arguments, serve, argv)

@@ -25,7 +25,7 @@ MODES = ("unsplit", "seed", "exact")
 def tap_modules(model: nn.Module, layers: list[str], strict: bool = True) -> dict[str, str]:
     """layer -> name of the first module that takes the layer's output as input
     (``strict=False``: leave out layers whose output no module reads directly)."""
-    from splitpack.graph import trace
+    from splitpack.core.graph import trace
 
     traced = trace(model)
     taps = {}
@@ -198,7 +198,7 @@ def plot_seams(result: dict, shown: list[str], curve: list[str], png: str | Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="timm name, or tv:NAME for torchvision")
-    parser.add_argument("--pretrained", action="store_true", help="real ImageNet weights (splitpack.pretrained)")
+    parser.add_argument("--pretrained", action="store_true", help="real ImageNet weights (splitpack.models.pretrained)")
     parser.add_argument("--weights", help="state dict file instead of --pretrained")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--merge-layer", help="merge layer (default: a quarter into the block-level layers)")
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
 
     import splitpack
     from splitpack.errors import SplitError
-    from splitpack.evaluate import block_layers, data_transform, spread
+    from splitpack.experiments.evaluate import block_layers, data_transform, spread
 
     try:
         model = splitpack.create_model(args.model, pretrained=args.pretrained, weights=args.weights)

@@ -315,7 +315,7 @@ def measured_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[An
 
     device = _first_cuda_device(args, kwargs)
     if device is None:
-        from splitpack.memory import tracked_call
+        from splitpack.measure.meter import tracked_call
 
         return tracked_call(fn, *args, **kwargs)
     with torch.inference_mode():
@@ -358,7 +358,7 @@ class PeakActivation:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._before = torch.cuda.memory_allocated(self.device)
         else:
-            from splitpack.memory import ActivationTracker
+            from splitpack.measure.meter import ActivationTracker
 
             self._tracker = ActivationTracker()
             self._tracker.__enter__()

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from splitpack.memory import ActivationTracker, peak_activation_bytes
+from splitpack.measure.meter import ActivationTracker, peak_activation_bytes
 
 MiB = 1024**2
 

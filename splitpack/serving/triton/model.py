@@ -3,7 +3,7 @@
 Runs inside Triton's python-backend stub (``triton_python_backend_utils`` is only
 importable there, so it is imported lazily or passed in). Settings come from the
 ``parameters`` of config.pbtxt; decoding, split-pack inference and top-k come from
-:mod:`splitpack.serving`, shared with the TorchServe handler.
+:mod:`splitpack.serving.predictor`, shared with the TorchServe handler.
 
 Each request carries a batch of encoded images (``IMAGE``, shape ``[n, 1]``). A request
 whose image is bad gets its own ``TritonError``; the other requests of the same
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from splitpack.serving import BadRequest, Predictor, ServingConfig
-from splitpack.triton import INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, config_parameters
+from splitpack.serving.predictor import BadRequest, Predictor, ServingConfig
+from splitpack.serving.triton.repo import INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, config_parameters
 
 
 def resolve_weights(value: str, version_dir: Path) -> str | None:
@@ -87,9 +87,9 @@ class SplitPackTritonModel:
             raise ValueError(f"{OUTPUT_TOP_K} dims must be [{min(topk, num_classes)}] (parameter topk={topk})")
 
     def _memory_metrics(self):
-        """Device-memory gauges (splitpack.devices) for capacity planning; None if metrics are off."""
+        """Device-memory gauges (splitpack.measure.devices) for capacity planning; None if metrics are off."""
         try:
-            from splitpack.devices import TritonMemoryMetrics
+            from splitpack.measure.devices import TritonMemoryMetrics
 
             return TritonMemoryMetrics(self.pb, {"model": self.name, "instance": self.instance})
         except Exception as err:  # metrics disabled on the server, or an older backend
@@ -150,7 +150,7 @@ class SplitPackTritonModel:
         device = self.predictor.device
         if self.metrics is None:
             return self.predictor.predict(tensors)
-        from splitpack.devices import device_memory_metrics, measured_call
+        from splitpack.measure.devices import device_memory_metrics, measured_call
 
         peak = None
         if device.type == "cuda":  # the allocator's peak is free; the CPU tracker is not

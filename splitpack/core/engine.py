@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from splitpack.errors import SplitError
-from splitpack.graph import TracedModel, describe_op, module_path, node_shapes, split_graph, trace
-from splitpack.rules import NCHW, NoRule, OpContext, Region, Rule, make_rule
+from splitpack.core.graph import TracedModel, describe_op, module_path, node_shapes, split_graph, trace
+from splitpack.core.rules import NCHW, NoRule, OpContext, Region, Rule, make_rule
 
 MODES = ("exact", "seed")
 PLAN_CACHE_SIZE = 8  # image sizes whose plans are kept (native-resolution serving sees many)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import requests
 
-from splitpack.net import free_ports
-from splitpack.serving import SAMPLE_IMAGE
-from splitpack.torchserve import DEFAULT_MODEL_STORE, Ports, TorchServe, TorchServeError, build_archive
+from splitpack.serving.net import free_ports
+from splitpack.serving.predictor import SAMPLE_IMAGE
+from splitpack.serving.torchserve.archive import DEFAULT_MODEL_STORE, Ports, TorchServe, TorchServeError, build_archive
 
 DEMO_MODEL = "tf_efficientnet_lite0"
 DEMO_NAME = "lite0_splitpack"
@@ -32,7 +32,7 @@ def memory_saving(model_name: str, merge_layer: str, grid: tuple[int, int], size
     import torch
 
     import splitpack
-    from splitpack.memory import peak_activation_bytes
+    from splitpack.measure.meter import peak_activation_bytes
 
     model = splitpack.create_model(model_name)
     wrapped = splitpack.wrap(model, merge_layer=merge_layer, grid=grid, mode="exact")
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitpack.serving import parse_grid
+    from splitpack.serving.predictor import parse_grid
 
     grid = parse_grid(args.grid)
     t0 = time.monotonic()

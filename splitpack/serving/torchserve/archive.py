@@ -2,7 +2,7 @@
 
 ``splitpack archive`` builds ``<export-path>/<name>.mar`` with the real
 ``torch-model-archiver``: the weights as a state dict, the handler in
-``handlers/splitpack_handler.py``, a copy of the ``splitpack`` package (so the
+``splitpack/serving/torchserve/handler.py``, a copy of the ``splitpack`` package (so the
 archive is self-contained) and a model-config.yaml whose ``handler:`` section
 holds the split-pack settings. Changing the merge layer is a YAML edit.
 
@@ -35,8 +35,9 @@ import yaml
 
 from splitpack.errors import SplitError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-HANDLER_FILE = PACKAGE_DIR.parent / "handlers" / "splitpack_handler.py"
+PACKAGE_DIR = Path(__file__).resolve().parents[2]  # the splitpack package
+HANDLER_FILE = Path(__file__).resolve().parent / "handler.py"
+ARCHIVED_HANDLER = "splitpack_handler.py"  # the handler module's name inside a .mar
 DEFAULT_MODEL_STORE = Path("model_store")
 DEFAULT_RUN_DIR = Path(".run") / "torchserve"
 HANDLER_SECTION = "handler"
@@ -112,7 +113,7 @@ def build_archive(
     """
     import torch
     import splitpack
-    from splitpack.serving import SAMPLE_IMAGE, Predictor, ServingConfig, weights_data_config
+    from splitpack.serving.predictor import SAMPLE_IMAGE, Predictor, ServingConfig, weights_data_config
 
     if model_config is not None:
         section = {k: v for k, v in (model_config.get(HANDLER_SECTION) or {}).items() if k != "weights_source"}
@@ -162,7 +163,7 @@ def build_archive(
                                               sort_keys=False))
         extra = stage / "extra"
         _stage_package(extra)
-        handler = stage / HANDLER_FILE.name
+        handler = stage / ARCHIVED_HANDLER
         shutil.copy2(_handler_source(), handler)
         export_path.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -179,7 +180,7 @@ def build_archive(
 
 def _handler_source() -> Path:
     if not HANDLER_FILE.is_file():
-        raise TorchServeError(f"handler not found at {HANDLER_FILE} (run from a splitpack checkout)")
+        raise TorchServeError(f"handler not found at {HANDLER_FILE} (a broken splitpack install)")
     return HANDLER_FILE
 
 
@@ -346,7 +347,7 @@ class TorchServe:
             d.mkdir(parents=True, exist_ok=True)
         for old in self.log_dir.glob("*.log"):  # failure detection reads this run's logs only
             old.unlink()
-        from splitpack.devices import torchserve_metrics_yaml
+        from splitpack.measure.devices import torchserve_metrics_yaml
 
         metrics_file = self.run_dir / "metrics.yaml"
         metrics_file.write_text(torchserve_metrics_yaml())

@@ -27,7 +27,7 @@ deeper the merge) is only measured at layers given explicitly. The
 recommendation is the split candidate with the most replicas (then the lowest
 measured latency ratio, exact before seed), or unsplit when none fits more.
 
-``python -m splitpack.capacity probe ...`` runs one real replica and prints its
+``python -m splitpack.capacity.planner probe ...`` runs one real replica and prints its
 measurements as JSON (used with ``--device cuda`` and by
 scripts/validate_capacity_gpu.py).
 """
@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from splitpack.profile import grid_text, parse_grid
+from splitpack.measure.profile import grid_text, parse_grid
 
 GiB = 1024**3
 MiB = 1024**2
@@ -142,7 +142,7 @@ def _sync(device: torch.device) -> None:
 
 def _warm_up(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """First call (split-pack builds its per-size plan here); returns (output, bytes it leaves alive)."""
-    from splitpack.memory import ActivationTracker
+    from splitpack.measure.meter import ActivationTracker
 
     if x.device.type == "cuda":
         _sync(x.device)
@@ -183,7 +183,7 @@ def measure(module: nn.Module, x: torch.Tensor, repeats: int = 3) -> Measurement
     plan, whose tables it keeps (``persistent``). A plain model keeps nothing.
     """
     import splitpack
-    from splitpack.devices import measured_call
+    from splitpack.measure.devices import measured_call
 
     persistent = 0
     if isinstance(module, splitpack.SplitPack):
@@ -409,8 +409,8 @@ class PlanInputs:
 
 def probe_command(model: str, size: int, batch: int, merge_layer: str | None, grid: str | None, mode: str | None,
                   device: str, repeats: int = 1, hold: bool = False) -> list[str]:
-    """Command line of one replica probe (``python -m splitpack.capacity probe``)."""
-    cmd = [sys.executable, "-m", "splitpack.capacity", "probe", "--model", model, "--size", str(size),
+    """Command line of one replica probe (``python -m splitpack.capacity.planner probe``)."""
+    cmd = [sys.executable, "-m", "splitpack.capacity.planner", "probe", "--model", model, "--size", str(size),
            "--batch", str(batch), "--device", device, "--repeats", str(repeats)]
     if merge_layer:
         cmd += ["--merge-layer", merge_layer, "--grid", grid or "2x2", "--mode", mode or "exact"]
@@ -491,7 +491,7 @@ def plan_capacity(p: PlanInputs, quiet: bool = False) -> dict[str, Any]:
                 estimates = {}
             else:
                 if profile is None:
-                    from splitpack.profile import profile_unsplit
+                    from splitpack.measure.profile import profile_unsplit
 
                     profile = profile_unsplit(model, x, layers=every)
                     radii, aliases, shapes = layer_geometry(model, x, every)
@@ -568,7 +568,7 @@ def plan_capacity(p: PlanInputs, quiet: bool = False) -> dict[str, Any]:
 # --- configs for the servers ------------------------------------------------------------
 
 def _serving_mapping(plan: dict) -> dict:
-    from splitpack.serving import ServingConfig
+    from splitpack.serving.predictor import ServingConfig
 
     rec = plan["recommended"]
     return ServingConfig(plan["model"], merge_layer=rec["merge_layer"], grid=rec["grid"] or "2x2",
@@ -578,7 +578,7 @@ def _serving_mapping(plan: dict) -> dict:
 def write_triton(plan: dict, repo: str | Path, kind: str = "gpu", name: str | None = None,
                  pretrained: bool = False, weights: str | None = None) -> Path:
     """A Triton model directory for the recommendation: instance_group count = replicas."""
-    from splitpack.triton import TritonModelSpec, generate_model_dir
+    from splitpack.serving.triton.repo import TritonModelSpec, generate_model_dir
 
     rec = plan["recommended"]
     spec = TritonModelSpec(model=plan["model"], merge_layer=rec["merge_layer"], grid=rec["grid"] or "2x2",
@@ -590,7 +590,7 @@ def write_triton(plan: dict, repo: str | Path, kind: str = "gpu", name: str | No
 
 def torchserve_model_config(plan: dict, kind: str = "gpu") -> dict:
     """model-config.yaml content: min/maxWorkers = replicas, batchSize = the planned batch."""
-    from splitpack.torchserve import model_config_yaml
+    from splitpack.serving.torchserve.archive import model_config_yaml
 
     config = model_config_yaml(_serving_mapping(plan), batch_size=plan["batch"],
                                workers=max(1, plan["recommended"]["replicas"]))
@@ -608,7 +608,7 @@ def write_torchserve(plan: dict, path: str | Path, kind: str = "gpu", pretrained
     path = Path(path)
     rec = plan["recommended"]
     if path.suffix == ".mar":
-        from splitpack.torchserve import build_archive
+        from splitpack.serving.torchserve.archive import build_archive
 
         return build_archive(plan["model"], pretrained=pretrained, weights=weights, merge_layer=rec["merge_layer"],
                              grid=rec["grid"] or "2x2", mode=rec["mode"] or "exact", batch_size=plan["batch"],
@@ -665,7 +665,7 @@ def plot_plan(plan: dict, path: str) -> None:
 
 def detect_gpu_memory(index: int = 0) -> tuple[int, str]:
     """(total bytes, description) of GPU ``index`` via NVML; raises NvmlUnavailable without a driver."""
-    from splitpack.devices import gpu_memory
+    from splitpack.measure.devices import gpu_memory
 
     gpu = gpu_memory(index)
     return gpu.total_bytes, f"nvml: GPU {index} {gpu.name} ({gpu.total_bytes / GiB:.1f} GiB total)"
@@ -713,7 +713,7 @@ def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     if args.gpu_memory:
         gpu_bytes, source = parse_bytes(args.gpu_memory), f"--gpu-memory {args.gpu_memory}"
     else:
-        from splitpack.devices import NvmlUnavailable
+        from splitpack.measure.devices import NvmlUnavailable
 
         try:
             gpu_bytes, source = detect_gpu_memory(args.gpu_index)
@@ -786,7 +786,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- one real replica (python -m splitpack.capacity probe ...) -----------------------------
+# --- one real replica (python -m splitpack.capacity.planner probe ...) -----------------------------
 
 def replica_probe(model_name: str, size: int, batch: int, merge_layer: str | None, grid: str, mode: str,
                   device: str, repeats: int = 3) -> tuple[dict[str, Any], nn.Module, torch.Tensor]:
@@ -797,7 +797,7 @@ def replica_probe(model_name: str, size: int, batch: int, merge_layer: str | Non
     Returns (measurements, module, input) so a caller can keep serving.
     """
     import splitpack
-    from splitpack import devices
+    from splitpack.measure import devices
 
     dev = torch.device(device)
     gpu_before = None
@@ -831,7 +831,7 @@ def replica_probe(model_name: str, size: int, batch: int, merge_layer: str | Non
 
 
 def _probe_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m splitpack.capacity probe",
+    parser = argparse.ArgumentParser(prog="python -m splitpack.capacity.planner probe",
                                      description="run one replica and print its memory as JSON")
     parser.add_argument("--model", required=True)
     parser.add_argument("--size", type=int, required=True)
@@ -879,5 +879,5 @@ def _probe_main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "probe":
         sys.exit(_probe_main(sys.argv[2:]))
-    print("usage: python -m splitpack.capacity probe --model M --size S --batch N [...]", file=sys.stderr)
+    print("usage: python -m splitpack.capacity.planner probe --model M --size S --batch N [...]", file=sys.stderr)
     sys.exit(2)

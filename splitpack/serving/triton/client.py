@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitpack.triton import INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K
+from splitpack.serving.triton.repo import INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -138,7 +138,7 @@ def client(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m splitpack.triton_client IMAGE...`` == ``splitpack client triton IMAGE...``."""
+    """``python -m splitpack.serving.triton.client IMAGE...`` == ``splitpack client triton IMAGE...``."""
     from splitpack.cli import standalone
 
     return standalone("splitpack client triton", __doc__, add_client_arguments, client, argv)

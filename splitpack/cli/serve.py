@@ -8,8 +8,8 @@ from __future__ import annotations
 from splitpack.cli import add_server_subcommands, run_server_subcommand
 
 SERVERS = {
-    "triton": "splitpack.triton_server",
-    "torchserve": "splitpack.torchserve",
+    "triton": "splitpack.serving.triton.server",
+    "torchserve": "splitpack.serving.torchserve.archive",
 }
 
 

@@ -273,7 +273,7 @@ def evaluate(
     """Run every strategy on every readable image; one result dict (see module doc)."""
     from tqdm import tqdm
 
-    from splitpack.memory import peak_activation_bytes
+    from splitpack.measure.meter import peak_activation_bytes
 
     transform, cfg = data_transform(model, size)
     size = cfg["input_size"][-1]
@@ -437,7 +437,7 @@ def _count_or_names(text: str) -> int | list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="timm name, or tv:NAME for torchvision (required unless --from-json)")
-    parser.add_argument("--pretrained", action="store_true", help="real ImageNet weights (splitpack.pretrained)")
+    parser.add_argument("--pretrained", action="store_true", help="real ImageNet weights (splitpack.models.pretrained)")
     parser.add_argument("--weights", help="state dict file instead of --pretrained")
     parser.add_argument("--data", help="ImageNet-style folder: labels.tsv, or synset sub-folders (required unless --from-json)")
     parser.add_argument("--size", action="append",

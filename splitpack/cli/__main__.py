@@ -1,0 +1,5 @@
+import sys
+
+from splitpack.cli import main
+
+sys.exit(main())
