@@ -9,7 +9,6 @@ what a request means lives here and is unit-tested without a server.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import warnings
@@ -18,7 +17,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+from splitpack.serving.decode import BadRequest, TooLarge, decode_image  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,6 @@ _FALSE = {"0", "false", "no", "off", ""}
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 # Predictor(weights=PRETRAINED) loads splitpack's offline ImageNet weights (splitpack.models.pretrained).
 PRETRAINED = "pretrained"
-
-
-class BadRequest(ValueError):
-    """The request itself is wrong (not an image, truncated, too large...).
-
-    Its message is safe and meant to be shown to the caller; servers map it to
-    a 4xx response for that request only.
-    """
 
 
 def _parse_bool(name: str, value: Any) -> bool:
@@ -263,43 +256,12 @@ class Predictor:
     # -- requests -----------------------------------------------------------------
 
     def decode(self, data: bytes) -> torch.Tensor:
-        """Encoded image bytes -> normalized CHW float tensor. Raises BadRequest."""
-        if isinstance(data, (bytearray, memoryview)):
-            data = bytes(data)
-        if not isinstance(data, bytes):
-            raise BadRequest(f"expected the encoded image as raw bytes, got {type(data).__name__} "
-                             "(send it with Content-Type: application/octet-stream or image/*)")
-        if not data:
-            raise BadRequest("empty request body: send the encoded image (JPEG, PNG, ...) as the body")
-        image = self._open(data)
+        """Encoded image bytes -> normalized CHW float tensor. Raises BadRequest
+        (splitpack.serving.decode: limits first, then 16-bit, palette, CMYK, alpha, EXIF, first frame)."""
+        image = decode_image(data, max_pixels=self.config.max_pixels)
         if self.config.native_resolution:
             return self._native_transform(image)
         return self._eval_transform(image)
-
-    def _open(self, data: bytes) -> Image.Image:
-        limit = self.config.max_pixels
-        try:
-            with warnings.catch_warnings():
-                # PIL warns (and later raises) on its own global limit; ours is per model.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                width, height = image.size
-                if width * height > limit:
-                    raise BadRequest(
-                        f"image too large: {width}x{height} = {width * height} pixels, limit is {limit} pixels"
-                    )
-                image.load()  # decode now so truncated data fails here, per request
-                image = ImageOps.exif_transpose(image)
-                return image.convert("RGB")
-        except BadRequest:
-            raise
-        except UnidentifiedImageError:
-            raise BadRequest("not an image: the body could not be identified as an image format PIL reads") from None
-        except Image.DecompressionBombError as e:  # PIL's own hard limit, hit inside Image.open
-            raise BadRequest(f"image too large: limit is {limit} pixels ({e})") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            # PIL reports truncated/corrupt data as OSError ("image file is truncated ...").
-            raise BadRequest(f"corrupt or truncated image: {e}") from None
 
     def _native_transform(self, image: Image.Image) -> torch.Tensor:
         from torchvision.transforms import InterpolationMode

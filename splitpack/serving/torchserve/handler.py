@@ -103,8 +103,8 @@ class SplitPackHandler(BaseHandler):
         responses = []
         for idx, item in enumerate(data):
             if isinstance(item, BadRequest):
-                self.context.set_response_status(400, str(item), idx)
-                responses.append({"code": 400, "type": "BadRequest", "message": str(item)})
+                self.context.set_response_status(item.status, str(item), idx)
+                responses.append({"code": item.status, "type": type(item).__name__, "message": str(item)})
             else:
                 responses.append({"predictions": self.predictor.top_k(item)})
         for idx in range(len(data)):
