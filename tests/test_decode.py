@@ -160,6 +160,7 @@ def test_real_imagenet_jpegs_decode_like_pil():
     "data, error, message",
     [
         (b"", BadRequest, "empty request body"),
+        (bytearray(), BadRequest, "empty request body"),  # how TorchServe hands over an empty body
         (b"GIF89a garbage", BadRequest, "not an image|corrupt"),
         ("text", BadRequest, "raw bytes"),
     ],

@@ -90,7 +90,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None,
 
 def _as_bytes(data) -> bytes:
     if isinstance(data, (bytearray, memoryview)):
-        return bytes(data)
+        data = bytes(data)
     if not isinstance(data, bytes):
         raise BadRequest(f"expected the encoded image as raw bytes, got {type(data).__name__} "
                          "(send it with Content-Type: application/octet-stream or image/*)")
