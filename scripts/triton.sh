@@ -8,8 +8,8 @@
 #
 # Environment: PYTHON (default .venv/bin/python), TRITON_REPO (triton_repo), GRPC_PORT (8001),
 # METRICS_PORT (8002, 0 = off), HTTP_PORT (0 = off), RUN_DIR (.run: backends copy, pid file, log).
-# The python -m entry points are `splitpack triton-repo`, `splitpack serve triton` and
-# `splitpack client triton`; calling them directly keeps this script independent of other commands.
+# Same as `splitpack triton-repo`, `splitpack serve triton` and `splitpack client triton`
+# (python -m splitpack.cli imports only the command it runs).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,12 +26,12 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # (peak activation memory 13.3 MB -> 4.3 MB at 224x224, outputs equal to the unsplit model).
 # The weights (19 MB) are not in git; this command writes them.
 generate_repo() {
-  "$PYTHON" -m splitpack.serving.triton.repo --model tf_efficientnet_lite0 --pretrained \
+  "$PYTHON" -m splitpack.cli triton-repo --model tf_efficientnet_lite0 --pretrained \
     --merge-layer blocks.2 --grid 2x2 --mode exact --instances 1 --out "$TRITON_REPO"
 }
 
 serve() {
-  "$PYTHON" -m splitpack.serving.triton.server "$1" --repo "$TRITON_REPO" --grpc-port "$GRPC_PORT" \
+  "$PYTHON" -m splitpack.cli serve triton "$1" --repo "$TRITON_REPO" --grpc-port "$GRPC_PORT" \
     --metrics-port "$METRICS_PORT" --http-port "$HTTP_PORT" --run-dir "$RUN_DIR"
 }
 
@@ -41,6 +41,6 @@ case "${1:-}" in
     [ -f "$TRITON_REPO/tf_efficientnet_lite0/1/model.pt" ] || generate_repo
     serve start ;;
   stop | status) serve "$1" ;;
-  client) shift; "$PYTHON" -m splitpack.serving.triton.client --url "127.0.0.1:$GRPC_PORT" "$@" ;;
+  client) shift; "$PYTHON" -m splitpack.cli client triton --url "127.0.0.1:$GRPC_PORT" "$@" ;;
   *) echo "usage: $0 repo|start|stop|status|client IMAGE..." >&2; exit 2 ;;
 esac

@@ -3,14 +3,14 @@
 
     python scripts/triton_client.py splitpack/assets/chelsea.jpg [--url 127.0.0.1:8001] [--model NAME] [--json]
 
-Same as `splitpack client triton ...`; splitpack.serving.triton.client does the work.
+Same as `splitpack client triton ...`.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from splitpack.serving.triton.client import main  # noqa: E402
+from splitpack.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["client", "triton", *sys.argv[1:]]))

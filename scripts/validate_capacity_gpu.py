@@ -2,7 +2,7 @@
 """Check a capacity plan on a real GPU: do N replicas of the planned configuration fit?
 
 For each configuration to check (default: the plan's recommendation and the
-unsplit model), start N replica processes (``python -m splitpack.capacity.planner probe
+unsplit model), start N replica processes (``splitpack replica-probe
 --hold``: each loads the model on the GPU and keeps running inference at the
 planned batch size), sample NVML while all N run, then stop them and check:
 
@@ -25,7 +25,7 @@ the probe, not of a GPU.
 
 Examples::
 
-    splitpack capacity --model resnet50 --size 1024 --batch 4 --gpu-memory 80GiB --json > plan.json
+    splitpack capacity --model resnet50 --size 1024 --batch-size 4 --gpu-memory 80GiB --json > plan.json
     python scripts/validate_capacity_gpu.py --plan plan.json --out validation.json
     python scripts/validate_capacity_gpu.py --plan plan.json --dry-run
 """
@@ -46,11 +46,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from splitpack.measure import devices  # noqa: E402
-from splitpack.capacity.planner import probe_command, read_probe_line  # noqa: E402
+from splitpack.capacity.probe import probe_command, read_probe_line  # noqa: E402
+from splitpack.measure import nvml as devices  # noqa: E402
 
 GiB = 1024**3
-REQUIRED_KEYS = ("model", "size", "batch", "gpu_memory_bytes", "headroom_bytes", "recommended", "unsplit")
+REQUIRED_KEYS = ("model", "size", "batch_size", "gpu_memory_bytes", "headroom_bytes", "recommended", "unsplit")
 
 
 class Replica:
@@ -106,12 +106,15 @@ def load_plan(args: argparse.Namespace) -> dict[str, Any]:
     if args.plan:
         plan = json.loads(Path(args.plan).read_text())
     else:
-        from splitpack.capacity.planner import PlanInputs, parse_bytes, parse_headroom, plan_capacity
+        from splitpack.capacity.footprint import parse_headroom
+        from splitpack.capacity.planner import PlanInputs, plan_capacity
+        from splitpack.measure.units import parse_bytes
 
-        if not (args.model and args.size and args.batch and args.gpu_memory):
-            raise ValueError("give --plan FILE, or --model, --size, --batch and --gpu-memory to plan here")
+        if not (args.model and args.size and args.batch_size and args.gpu_memory):
+            raise ValueError("give --plan FILE, or --model, --size, --batch-size and --gpu-memory to plan here")
         gpu = parse_bytes(args.gpu_memory)
-        plan = plan_capacity(PlanInputs(model=args.model, size=args.size, batch=args.batch, gpu_memory_bytes=gpu,
+        plan = plan_capacity(PlanInputs(model=args.model, size=args.size, batch_size=args.batch_size,
+                                        gpu_memory_bytes=gpu,
                                         gpu_memory_source=f"--gpu-memory {args.gpu_memory}",
                                         headroom_bytes=parse_headroom(args.headroom, gpu), repeats=1))
     missing = [k for k in REQUIRED_KEYS if k not in plan]
@@ -162,7 +165,7 @@ def check_configuration(plan: dict, cfg: dict, args: argparse.Namespace) -> dict
         result["notes"].append("the plan fits no replica of this configuration; nothing to start")
         result["checks"]["fits"] = False
         return result
-    cmd = probe_command(plan["model"], plan["size"], plan["batch"], cfg["merge_layer"], cfg["grid"], cfg["mode"],
+    cmd = probe_command(plan["model"], plan["size"], plan["batch_size"], cfg["merge_layer"], cfg["grid"], cfg["mode"],
                         device, repeats=1, hold=True)
     result["command"] = " ".join(cmd)
     index = None
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", help="JSON from `splitpack capacity ... --json`")
     parser.add_argument("--model")
     parser.add_argument("--size", type=int)
-    parser.add_argument("--batch", type=int)
+    parser.add_argument("--batch-size", type=int)
     parser.add_argument("--gpu-memory")
     parser.add_argument("--headroom", default="10%")
     parser.add_argument("--configs", nargs="+", default=["recommended", "unsplit"],

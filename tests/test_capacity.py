@@ -1,7 +1,6 @@
 """Capacity planner: self-consistent plans, configs for both servers, the GPU validation script's dry run."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -13,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitpack.capacity import planner as capacity
+from splitpack import cli
+from splitpack.capacity import candidates, deploy, footprint, report
+from splitpack.measure import units
 
 ROOT = Path(__file__).resolve().parent.parent
 VALIDATE = ROOT / "scripts" / "validate_capacity_gpu.py"
@@ -22,12 +23,9 @@ FOOTPRINT_PARTS = ("context_overhead_bytes", "weights_bytes", "persistent_bytes"
 
 
 def plan_cli(*argv: str) -> tuple[int, dict | None, str]:
-    parser = argparse.ArgumentParser()
-    capacity.add_arguments(parser)
-    args = parser.parse_args(list(argv) + ["--json"])
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = capacity.run(args)
+        code = cli.main(["capacity", *argv, "--json"])
     return code, (json.loads(out.getvalue()) if code == 0 else None), err.getvalue()
 
 
@@ -55,38 +53,38 @@ def assert_self_consistent(plan: dict) -> None:
                                          ("512M", 512 * 1024**2), ("1.5GiB", int(1.5 * 1024**3)), ("1024", 1024),
                                          (4096, 4096)])
 def test_parse_bytes(text, value):
-    assert capacity.parse_bytes(text) == value
+    assert units.parse_bytes(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "GiB", "80 parsecs", "-1GiB"])
 def test_parse_bytes_rejects(text):
     with pytest.raises(ValueError):
-        capacity.parse_bytes(text)
+        units.parse_bytes(text)
 
 
 def test_headroom_percent_or_size():
-    assert capacity.parse_headroom("10%", 1000) == 100
-    assert capacity.parse_headroom("0%", 1000) == 0
-    assert capacity.parse_headroom("1KiB", 4096) == 1024
+    assert footprint.parse_headroom("10%", 1000) == 100
+    assert footprint.parse_headroom("0%", 1000) == 0
+    assert footprint.parse_headroom("1KiB", 4096) == 1024
     for bad in ("100%", "-5%", "8KiB"):
         with pytest.raises(ValueError):
-            capacity.parse_headroom(bad, 4096)
+            footprint.parse_headroom(bad, 4096)
 
 
 def test_replicas_formula():
-    assert capacity.replicas_that_fit(80, 8, 10) == 7
-    assert capacity.replicas_that_fit(80, 8, 100) == 0
+    assert footprint.replicas_that_fit(80, 8, 10) == 7
+    assert footprint.replicas_that_fit(80, 8, 100) == 0
 
 
 def test_pick_candidates_prefers_the_earliest_near_the_best():
     estimates = {"a": 100, "b": 50, "c": 44, "d": 40, "e": 41}
-    assert capacity.pick_candidates(estimates, list("abcde"), 2) == ["c", "d"]  # 44 <= 1.1 x 40
-    assert capacity.pick_candidates(estimates, list("abcde"), 4) == ["c", "d", "e", "b"]
-    assert capacity.pick_candidates({}, [], 3) == []
+    assert candidates.pick_candidates(estimates, list("abcde"), 2) == ["c", "d"]  # 44 <= 1.1 x 40
+    assert candidates.pick_candidates(estimates, list("abcde"), 4) == ["c", "d", "e", "b"]
+    assert candidates.pick_candidates({}, [], 3) == []
 
 
 def test_seed_candidates_need_explicit_merge_layers():
-    code, plan, err = plan_cli("--model", "resnet18", "--size", "64", "--batch", "1", "--gpu-memory", "8GiB",
+    code, plan, err = plan_cli("--model", "resnet18", "--size", "64", "--batch-size", "1", "--gpu-memory", "8GiB",
                                "--modes", "seed", "--repeats", "0")
     assert code == 0, err
     assert plan["candidates"] == [] and plan["recommended"]["merge_layer"] is None
@@ -95,25 +93,25 @@ def test_seed_candidates_need_explicit_merge_layers():
 
 
 def test_no_gpu_and_no_gpu_memory_is_a_clear_error():
-    from splitpack.measure.devices import nvml_status
+    from splitpack.measure.nvml import nvml_status
 
     if nvml_status()[0]:
         pytest.skip("this machine has an NVIDIA driver: the planner detects the GPU")
-    code, _, err = plan_cli("--model", "resnet18", "--size", "64", "--batch", "1")
+    code, _, err = plan_cli("--model", "resnet18", "--size", "64", "--batch-size", "1")
     assert code == 2 and "--gpu-memory" in err and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
 def small_plan():
     """resnet18 @224 on a 2 GiB GPU: small enough to be quick, explicit candidates."""
-    code, plan, err = plan_cli("--model", "resnet18", "--size", "224", "--batch", "2", "--gpu-memory", "2GiB",
+    code, plan, err = plan_cli("--model", "resnet18", "--size", "224", "--batch-size", "2", "--gpu-memory", "2GiB",
                                "--merge-layers", "maxpool", "layer1", "--repeats", "1")
     assert code == 0, err
     return plan
 
 
 def test_plan_json_has_the_documented_keys_and_is_self_consistent(small_plan):
-    for key in ("model", "size", "batch", "gpu_memory_bytes", "replica_bytes_unsplit", "replica_bytes_split",
+    for key in ("model", "size", "batch_size", "gpu_memory_bytes", "replica_bytes_unsplit", "replica_bytes_split",
                 "replicas_unsplit", "replicas_split", "latency_ratio", "recommended"):
         assert key in small_plan
     assert set(small_plan["recommended"]) >= {"merge_layer", "grid", "mode"}
@@ -122,7 +120,7 @@ def test_plan_json_has_the_documented_keys_and_is_self_consistent(small_plan):
         ("maxpool", "2x2", "exact"), ("layer1", "2x2", "exact")}
     assert_self_consistent(small_plan)
     unsplit = small_plan["unsplit"]["footprint"]
-    assert unsplit["context_overhead_bytes"] == capacity.DEFAULT_CONTEXT_OVERHEAD
+    assert unsplit["context_overhead_bytes"] == footprint.DEFAULT_CONTEXT_OVERHEAD
     assert unsplit["weights_bytes"] == pytest.approx(11.69e6 * 4, rel=0.01)  # resnet18: 11.69 M parameters
     assert unsplit["io_bytes"] == 2 * 3 * 224 * 224 * 4 + 2 * 1000 * 4
     assert unsplit["persistent_bytes"] == 0
@@ -133,7 +131,7 @@ def test_plan_json_has_the_documented_keys_and_is_self_consistent(small_plan):
 
 def test_split_packs_more_replicas_at_high_resolution():
     """resnet18 @512: the activations dominate a replica once the fixed overhead is small."""
-    code, plan, err = plan_cli("--model", "resnet18", "--size", "512", "--batch", "1", "--gpu-memory", "2GiB",
+    code, plan, err = plan_cli("--model", "resnet18", "--size", "512", "--batch-size", "1", "--gpu-memory", "2GiB",
                                "--context-overhead", "16MiB", "--max-candidates", "2", "--repeats", "1")
     assert code == 0, err
     assert_self_consistent(plan)
@@ -146,7 +144,7 @@ def test_split_packs_more_replicas_at_high_resolution():
 
 
 def test_headroom_and_latency_limit_are_applied(small_plan):
-    code, plan, err = plan_cli("--model", "resnet18", "--size", "224", "--batch", "2", "--gpu-memory", "2GiB",
+    code, plan, err = plan_cli("--model", "resnet18", "--size", "224", "--batch-size", "2", "--gpu-memory", "2GiB",
                                "--headroom", "1GiB", "--merge-layers", "maxpool", "--repeats", "1",
                                "--max-latency-ratio", "0.01", "--context-overhead", "0")
     assert code == 0, err
@@ -157,28 +155,28 @@ def test_headroom_and_latency_limit_are_applied(small_plan):
 
 
 def test_written_torchserve_config_sets_workers_and_split_settings(small_plan, tmp_path):
-    from splitpack.serving.predictor import ServingConfig
+    from splitpack.serving.config import ServingConfig
 
-    path = capacity.write_torchserve(small_plan, tmp_path / "model-config.yaml", kind="cpu")
+    path = deploy.write_torchserve(small_plan, tmp_path / "model-config.yaml", kind="cpu")
     config = yaml.safe_load(path.read_text())
     rec = small_plan["recommended"]
     assert config["minWorkers"] == config["maxWorkers"] == rec["replicas"]
-    assert config["batchSize"] == small_plan["batch"]
+    assert config["batchSize"] == small_plan["batch_size"]
     handler = {k: v for k, v in config["handler"].items() if k != "weights_source"}
     serving = ServingConfig.from_mapping(handler)
     assert serving.model_name == "resnet18" and serving.merge_layer == rec["merge_layer"]
     assert "deviceType" not in config
-    assert capacity.torchserve_model_config(small_plan, kind="gpu")["deviceType"] == "gpu"
+    assert deploy.torchserve_model_config(small_plan, kind="gpu")["deviceType"] == "gpu"
 
 
 def test_written_triton_config_sets_instance_count(small_plan, tmp_path):
     from splitpack.serving.triton.repo import config_parameters, read_model_config
 
-    model_dir = capacity.write_triton(small_plan, tmp_path / "repo", kind="cpu", name="resnet18_plan")
+    model_dir = deploy.write_triton(small_plan, tmp_path / "repo", kind="cpu", name="resnet18_plan")
     config = read_model_config(model_dir / "config.pbtxt")
     rec = small_plan["recommended"]
     assert [g.count for g in config.instance_group] == [rec["replicas"]]
-    assert config.max_batch_size == small_plan["batch"]
+    assert config.max_batch_size == small_plan["batch_size"]
     params = config_parameters(config)
     assert params["merge_layer"] == (rec["merge_layer"] or "")
     assert (model_dir / "1" / "model.py").is_file()
@@ -186,7 +184,7 @@ def test_written_triton_config_sets_instance_count(small_plan, tmp_path):
 
 def test_png(small_plan, tmp_path):
     png = tmp_path / "plan.png"
-    capacity.plot_plan(small_plan, str(png))
+    report.plot_plan(small_plan, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
@@ -219,11 +217,11 @@ def test_validate_refuses_without_gpu_or_with_a_bad_plan(tmp_path):
     bad.write_text(json.dumps({"model": "resnet18"}))
     done = run_validate("--plan", str(bad), "--dry-run")
     assert done.returncode == 2 and "missing" in done.stderr and "Traceback" not in done.stderr
-    from splitpack.measure.devices import nvml_status
+    from splitpack.measure.nvml import nvml_status
 
     if not nvml_status()[0]:
         good = tmp_path / "plan.json"
-        good.write_text(json.dumps({"model": "resnet18", "size": 64, "batch": 1, "gpu_memory_bytes": 1,
+        good.write_text(json.dumps({"model": "resnet18", "size": 64, "batch_size": 1, "gpu_memory_bytes": 1,
                                     "headroom_bytes": 0, "recommended": {"merge_layer": None},
                                     "unsplit": {"merge_layer": None, "grid": None, "mode": None, "replicas": 1,
                                                 "replica_bytes": 1, "peak_activation_bytes": 1}}))
@@ -239,7 +237,7 @@ def two_replica_split_plan(small_plan):
     plan = json.loads(json.dumps(small_plan))
     plan["recommended"] = {"merge_layer": "layer1", "grid": "2x2", "mode": "exact", "replicas": 2,
                            "replica_bytes": 1, "latency_ratio": None, "reason": "test"}
-    plan["batch"] = 2
+    plan["batch_size"] = 2
     return plan
 
 
@@ -249,7 +247,7 @@ def test_written_triton_model_loads_with_its_instances(two_replica_split_plan, t
     from splitpack.serving.triton.server import TritonServer
 
     repo = tmp_path / "repo"
-    capacity.write_triton(two_replica_split_plan, repo, kind="cpu", name="resnet18_plan")
+    deploy.write_triton(two_replica_split_plan, repo, kind="cpu", name="resnet18_plan")
     import tritonclient.grpc as grpcclient
 
     with TritonServer(repo, grpc_port=free_port(), run_dir=tmp_path / "run", models=["resnet18_plan"]) as server:
@@ -264,10 +262,11 @@ def test_written_triton_model_loads_with_its_instances(two_replica_split_plan, t
 @pytest.mark.filterwarnings("ignore:resnet18.*RANDOM weights")
 def test_written_torchserve_archive_starts_its_workers(two_replica_split_plan, tmp_path):
     from splitpack.serving.net import free_ports
-    from splitpack.serving.torchserve.archive import Ports, TorchServe, read_archive_config
+    from splitpack.serving.torchserve.archive import read_archive_config
+    from splitpack.serving.torchserve.server import Ports, TorchServe
 
     store = tmp_path / "store"
-    mar = capacity.write_torchserve(two_replica_split_plan, store / "resnet18_plan.mar", kind="cpu")
+    mar = deploy.write_torchserve(two_replica_split_plan, store / "resnet18_plan.mar", kind="cpu")
     name, config = read_archive_config(mar)
     assert config["minWorkers"] == config["maxWorkers"] == 2 and config["batchSize"] == 2
     assert config["handler"]["merge_layer"] == "layer1"

@@ -81,7 +81,7 @@ def test_evaluate_command_writes_every_strategy_and_a_plot(folder, tmp_path, cap
     rc = cli.main([
         "evaluate", "--model", MODEL, "--pretrained", "--data", str(folder), "--quiet", "--size", "128",
         "--exact-layers", "blocks.1.1", "--exact-grids", "2", "--seed-layers", "blocks.3.0", "--grids", "2",
-        "--scales", "0.5", "--batch-size", "8", "--json", str(out_json), "--png", str(out_png), "--markdown", str(out_md),
+        "--scales", "0.5", "--batch-size", "8", "--out", str(out_json), "--png", str(out_png), "--markdown", str(out_md),
     ])
     assert rc == 0
     report = json.loads(out_json.read_text())
@@ -120,7 +120,7 @@ def test_seams_command(folder, tmp_path):
     png, out = tmp_path / "seams.png", tmp_path / "seams.json"
     rc = cli.main(["seams", "--model", MODEL, "--pretrained", "--image", str(folder / IMAGES[0]), "--size", "128",
                    "--merge-layer", "blocks.1.1", "--layers", "blocks.1.1,blocks.4.0", "--png", str(png),
-                   "--json", str(out)])
+                   "--out", str(out)])
     assert rc == 0 and png.read_bytes()[:4] == b"\x89PNG"
     report = json.loads(out.read_text())
     assert report["layers"]["blocks.1.1"]["exact_rel_error"] < 1e-5

@@ -1,13 +1,13 @@
 """Per-layer memory profile (the poster's Fig. 3) on the CPU activation tracker."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
 import splitpack
+from splitpack import cli
 from splitpack.measure import profile
 from splitpack.measure.meter import peak_activation_bytes
 
@@ -57,18 +57,12 @@ def test_split_profile_marks_each_pack_in_the_head_and_lowers_the_peak(resnet18)
     assert split.peak_bytes == peak_activation_bytes(wrapped, x)
 
 
-def test_cli_json_and_png(tmp_path):
+def test_cli_json_and_png(tmp_path, capsys):
     png = tmp_path / "profile.png"
-    args = argparse.Namespace(model="resnet18", size=96, batch=2, merge_layers=["maxpool", "layer1"], grid="2x2",
-                              mode="exact", layers="leaf", device="cpu", json=True, png=str(png))
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert profile.run(args) == 0
-    result = json.loads(out.getvalue())
-    assert result["unsplit_peak_layer"] == "bn1" and result["batch"] == 2
+    assert cli.main(["profile", "--model", "resnet18", "--size", "96", "--batch-size", "2",
+                     "--merge-layers", "maxpool", "layer1", "--json", "--png", str(png)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["unsplit_peak_layer"] == "bn1" and result["batch_size"] == 2
     assert [s["merge_layer"] for s in result["split"]] == ["maxpool", "layer1"]
     for s, prof in zip(result["split"], result["profiles"][1:]):
         assert s["peak_bytes"] == max(p["peak_bytes"] for p in prof["layers"])
@@ -77,19 +71,6 @@ def test_cli_json_and_png(tmp_path):
 
 
 def test_bad_merge_layer_is_a_clear_error(capsys):
-    args = argparse.Namespace(model="resnet18", size=64, batch=1, merge_layers=["nope"], grid="2x2", mode="exact",
-                              layers="leaf", device="cpu", json=True, png=None)
-    assert profile.run(args) == 2
+    assert cli.main(["profile", "--model", "resnet18", "--size", "64", "--merge-layers", "nope", "--json"]) == 2
     err = capsys.readouterr().err
-    assert "nope" in err and "layer1" in err  # names the valid layers
-
-
-@pytest.mark.parametrize("text, grid", [("2x2", (2, 2)), ("3X2", (3, 2)), ("4", (4, 4)), ((1, 2), (1, 2))])
-def test_parse_grid(text, grid):
-    assert profile.parse_grid(text) == grid
-
-
-@pytest.mark.parametrize("text", ["", "x2", "0x2", "2x2x2", "a"])
-def test_parse_grid_rejects(text):
-    with pytest.raises(ValueError):
-        profile.parse_grid(text)
+    assert err.startswith("splitpack profile: error: ") and "nope" in err and "layer1" in err  # names the valid layers

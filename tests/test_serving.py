@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from splitpack.serving.predictor import SAMPLE_IMAGE, BadRequest, Predictor, ServingConfig, parse_grid
+from splitpack.serving.config import ServingConfig
+from splitpack.serving.predictor import SAMPLE_IMAGE, BadRequest, Predictor
 
 MODEL = "tf_efficientnet_lite0"
 
@@ -50,21 +51,6 @@ def predictor() -> Predictor:
 
 
 # -- ServingConfig ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "value, expected",
-    [("2x2", (2, 2)), ("3", (3, 3)), ("2x3", (2, 3)), (" 2 X 3 ", (2, 3)), ("2,3", (2, 3)),
-     (2, (2, 2)), ((1, 4), (1, 4)), ([3, 2], (3, 2))],
-)
-def test_parse_grid(value, expected):
-    assert parse_grid(value) == expected
-
-
-@pytest.mark.parametrize("value", ["0x2", "2x", "x", "axb", "2x2x2", -1, 1.5, True, None, ""])
-def test_parse_grid_rejects(value):
-    with pytest.raises(ValueError, match="grid"):
-        parse_grid(value)
 
 
 def test_from_mapping_reads_strings():

@@ -20,7 +20,8 @@ from PIL import Image
 from splitpack.serving.net import free_ports
 from splitpack import cli
 from splitpack.serving.predictor import SAMPLE_IMAGE
-from splitpack.serving.torchserve.archive import Ports, TorchServe, config_properties, read_archive_config
+from splitpack.serving.torchserve.archive import read_archive_config
+from splitpack.serving.torchserve.server import Ports, TorchServe, config_properties
 
 MODEL = "tf_efficientnet_lite0"
 MERGE_LAYER = "blocks.2"  # exact mode supports it (checked by `splitpack archive` itself)
@@ -257,6 +258,7 @@ def test_archive_from_an_edited_model_config(tmp_path):
     assert handler["weights_source"] == "random" and handler["data_config"]["input_size"] == [3, 224, 224]
 
 
+@pytest.mark.slow
 def test_memory_gauges_on_the_metrics_endpoint(server, cat):
     assert predict(server, EXACT, cat).status_code == 200
     text = requests.get(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=30).text

@@ -1,49 +1,69 @@
-"""``splitpack`` command line: one sub-command per module.
+"""``splitpack`` command line: one sub-command per module of this package.
 
 Each module named in COMMANDS defines ``add_arguments(parser)`` and
 ``run(args) -> int``; the first line of its docstring is the help text.
+
+The convention every command follows (checked by tests/test_cli.py):
+
+* a user error (bad argument, unknown merge layer, missing file, missing pip
+  extra) prints ``splitpack CMD: error: ...`` on stderr, no traceback, exit 2;
+* a server that cannot start or a model that does not load prints the same
+  prefix and exits 1;
+* the same spellings everywhere: ``--model``, ``--merge-layer``, ``--grid RxC``,
+  ``--batch-size``, ``--json`` (print JSON on stdout), ``--out`` (where results go);
+* nothing is written when a command fails (outputs are built in a temporary
+  place and moved into place last, see :mod:`splitpack.publish`).
+
+``SPLITPACK_DEBUG=1`` shows the traceback of a user error too.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from typing import Callable
+import warnings
 
 COMMANDS = {
-    "bench": "splitpack.experiments.bench",
-    "archive": "splitpack.serving.torchserve.archive",
+    "bench": "splitpack.cli.bench",
+    "archive": "splitpack.cli.archive",
     "demo": "splitpack.cli.demo",
-    "triton-repo": "splitpack.serving.triton.repo",
+    "triton-repo": "splitpack.cli.triton_repo",
     "serve": "splitpack.cli.serve",
     "client": "splitpack.cli.client",
-    "devices": "splitpack.measure.devices",
-    "profile": "splitpack.measure.profile",
-    "capacity": "splitpack.capacity.planner",
-    "evaluate": "splitpack.experiments.evaluate",
-    "seams": "splitpack.experiments.seams",
+    "devices": "splitpack.cli.devices",
+    "profile": "splitpack.cli.profile",
+    "capacity": "splitpack.cli.capacity",
+    "replica-probe": "splitpack.cli.replica_probe",
+    "evaluate": "splitpack.cli.evaluate",
+    "seams": "splitpack.cli.seams",
 }
+USER_ERROR_STATUS = 2
+FAILURE_STATUS = 1
 
 
-def add_server_subcommands(parser, registry: dict[str, str], add_name: str, run_name: str, help_fmt: str) -> None:
-    """One sub-command per server in ``registry`` (name -> module with ``add_name``/``run_name`` functions)."""
-    sub = parser.add_subparsers(dest="server", required=True)
-    for name, module_name in registry.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_fmt.format(name=name))
-        getattr(module, add_name)(p)
-        p.set_defaults(_server_run=getattr(module, run_name))
+class UsageError(Exception):
+    """Raised by a command for a user error that is not a ValueError (exit 2)."""
 
 
-def standalone(prog: str, doc: str | None, add: Callable, run: Callable, argv: list[str] | None = None) -> int:
-    """``python -m MODULE ...`` for one command module, without importing the other commands."""
-    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").splitlines()[0])
-    add(parser)
-    return run(parser.parse_args(argv))
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something impossible: message, no traceback, exit 2."""
+    from splitpack.errors import SplitError
+
+    return (UsageError, ValueError, SplitError, ImportError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError, PermissionError, FileExistsError)
 
 
-def run_server_subcommand(args) -> int:
-    return args._server_run(args)
+def arg_type(parse, name: str | None = None):
+    """An argparse ``type=`` from a parser that raises ValueError: its message becomes argparse's."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = name or getattr(parse, "__name__", "value")
+    return convert
 
 
 def _load(name: str):
@@ -60,16 +80,39 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         module = _load(name)
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        p.set_defaults(_run=module.run, _prog=p.prog)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
     return parser
+
+
+def _show_warning(prog: str, default):
+    """splitpack's own warnings (e.g. "random weights") in the CLI's style; others as Python shows them."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "splitpack" not in str(filename):
+            return default(message, category, filename, lineno, file, line)
+        print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(command).parse_args(argv)
-    return args._run(args) or 0
+    prog = args._prog
+    from splitpack.errors import ServerError
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning(prog, warnings.showwarning)
+        try:
+            return args._run(args) or 0
+        except user_errors() as err:
+            if os.environ.get("SPLITPACK_DEBUG"):
+                raise
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return USER_ERROR_STATUS
+        except ServerError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return FAILURE_STATUS
 
 
 if __name__ == "__main__":

@@ -8,15 +8,18 @@ split-pack, stop the server.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-import requests
-
+from splitpack.cli import arg_type
+from splitpack.cli.common import grid_arg
+from splitpack.core.plan import parse_grid
+from splitpack.errors import ServerError
+from splitpack.serving.extras import require
 from splitpack.serving.net import free_ports
 from splitpack.serving.predictor import SAMPLE_IMAGE
-from splitpack.serving.torchserve.archive import DEFAULT_MODEL_STORE, Ports, TorchServe, TorchServeError, build_archive
+from splitpack.serving.torchserve.archive import DEFAULT_MODEL_STORE, build_archive
+from splitpack.serving.torchserve.server import Ports, TorchServe
 
 DEMO_MODEL = "tf_efficientnet_lite0"
 DEMO_NAME = "lite0_splitpack"
@@ -48,15 +51,13 @@ def memory_saving(model_name: str, merge_layer: str, grid: tuple[int, int], size
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=str(SAMPLE_IMAGE), help="image to classify (default: bundled cat photo)")
     parser.add_argument("--merge-layer", default=DEMO_MERGE_LAYER)
-    parser.add_argument("--grid", default=DEMO_GRID)
+    parser.add_argument("--grid", type=arg_type(grid_arg, "grid"), default=DEMO_GRID)
     parser.add_argument("--model-store", default=str(DEFAULT_MODEL_STORE))
     parser.add_argument("--run-dir", default=str(DEMO_RUN_DIR))
     parser.add_argument("--memory-sizes", default="224,896", help="input sides for the memory comparison")
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitpack.serving.predictor import parse_grid
-
     grid = parse_grid(args.grid)
     t0 = time.monotonic()
     mar = build_archive(DEMO_MODEL, pretrained=True, merge_layer=args.merge_layer, grid=grid, mode="exact",
@@ -68,20 +69,16 @@ def run(args: argparse.Namespace) -> int:
     server = TorchServe(run_dir=args.run_dir, model_store=args.model_store, ports=Ports(*free_ports(5)))
     server.stop()  # a demo server left over from an interrupted run
     t0 = time.monotonic()
-    try:
-        server.start([DEMO_NAME], timeout_s=300)
-    except TorchServeError as e:
-        print(f"TorchServe did not start: {e}", file=sys.stderr)
-        return 1
+    server.start([DEMO_NAME], timeout_s=300)
     try:
         print(f"TorchServe READY in {time.monotonic() - t0:.1f} s at {server.inference_url} "
               f"(logs: {server.log_dir})")
         image = Path(args.image)
+        requests = require("requests", "torchserve")
         response = requests.post(f"{server.inference_url}/predictions/{DEMO_NAME}", data=image.read_bytes(),
                                  headers={"Content-Type": "application/octet-stream"}, timeout=120)
         if response.status_code != 200:
-            print(f"request failed: HTTP {response.status_code}: {response.text}", file=sys.stderr)
-            return 1
+            raise ServerError(f"request failed: HTTP {response.status_code}: {response.text}")
         print(f"{image.name} -> top-5:")
         for rank, p in enumerate(response.json()["predictions"], 1):
             print(f"  {rank}. {p['label']:<40} {100 * p['probability']:6.2f}%  (class {p['index']})")
@@ -90,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print("TorchServe stopped")
 
     sizes = [int(s) for s in args.memory_sizes.split(",") if s.strip()]
-    print("peak activation memory, batch 1 (splitpack.memory.peak_activation_bytes, CPU):")
+    print("peak activation memory, batch 1 (splitpack.measure.meter.peak_activation_bytes, CPU):")
     for side, unsplit, split in memory_saving(DEMO_MODEL, args.merge_layer, grid, sizes):
         print(f"  3x{side}x{side}: unsplit {unsplit / 2**20:7.2f} MiB -> split-pack {split / 2**20:7.2f} MiB "
               f"({100 * (split - unsplit) / unsplit:+.1f}%)")

@@ -12,10 +12,7 @@ set and is not reproduced.
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -393,7 +390,6 @@ def plot(report: dict, png: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
     plt.close(fig)
 
@@ -425,110 +421,3 @@ def parse_size(text: str, native: int) -> int:
     if text.endswith("x"):
         return round(float(text[:-1]) * native)
     return int(text)
-
-
-def _csv(kind):
-    return lambda text: [kind(t) for t in text.split(",") if t.strip()]
-
-
-def _count_or_names(text: str) -> int | list[str]:
-    return int(text) if text.strip().isdigit() else _csv(str)(text)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="timm name, or tv:NAME for torchvision (required unless --from-json)")
-    parser.add_argument("--pretrained", action="store_true", help="real ImageNet weights (splitpack.models.pretrained)")
-    parser.add_argument("--weights", help="state dict file instead of --pretrained")
-    parser.add_argument("--data", help="ImageNet-style folder: labels.tsv, or synset sub-folders (required unless --from-json)")
-    parser.add_argument("--size", action="append",
-                        help="input size in pixels, or a multiple of the native size (2x); repeat for several "
-                             "(one plot panel each). Default: native")
-    parser.add_argument("--limit", type=int, help="evaluate the first K images only")
-    parser.add_argument("--limit-large", type=int,
-                        help="at most K images for sizes above native (they cost ~(size/native)^2 as much)")
-    parser.add_argument("--strategies", type=_csv(str),
-                        help="explicit comma list (unsplit, exact:LAYER:G, seed:LAYER:G, resize:S) instead of the default set")
-    parser.add_argument("--grids", type=_csv(int), default=list(DEFAULT_GRIDS), help="seed-mode grids (default 2,3,4)")
-    parser.add_argument("--exact-grids", type=_csv(int), default=list(DEFAULT_EXACT_GRIDS),
-                        help="exact-mode grids (default 2,4)")
-    parser.add_argument("--exact-layers", type=_count_or_names, default=4,
-                        help="exact-mode merge layers: comma list, or a count spread over the exact-capable "
-                             "block-level merge layers (default 4)")
-    parser.add_argument("--seed-layers", type=_count_or_names,
-                        help="seed-mode merge layers: comma list, or a count spread over the block-level merge "
-                             "layers (default: every block-level merge layer)")
-    parser.add_argument("--scales", type=_csv(float), default=list(DEFAULT_SCALES),
-                        help="resize scales (default 0.5,0.6,0.7,0.8,0.9)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--json", help="write the full report here")
-    parser.add_argument("--png", help="write the accuracy-vs-memory plot here")
-    parser.add_argument("--markdown", help="write markdown tables here")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--from-json", help="redraw --png/--markdown from an earlier --json report, evaluate nothing")
-
-
-def run(args: argparse.Namespace) -> int:
-    import timm
-
-    import splitpack
-    from splitpack.errors import SplitError
-
-    if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
-        _write_outputs(report, args)
-        return 0
-    if not args.model or not args.data:
-        print("splitpack evaluate: error: --model and --data are required", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        model = splitpack.create_model(args.model, pretrained=args.pretrained, weights=args.weights)
-        items = labelled_images(args.data)
-        strategies = ([parse_strategy(s) for s in args.strategies] if args.strategies else
-                      default_strategies(model, args.grids, args.exact_grids, args.exact_layers,
-                                         args.seed_layers, args.scales))
-    except (ValueError, ImportError, FileNotFoundError, SplitError) as e:
-        print(f"splitpack evaluate: error: {e}", file=sys.stderr)
-        return 2
-    if args.limit:
-        items = items[: args.limit]
-    native = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if hasattr(model, "pretrained_cfg") else 224
-    sizes = [parse_size(s, native) for s in (args.size or [str(native)])]
-    report = {
-        "model": args.model,
-        "pretrained": bool(args.pretrained),
-        "weights": args.weights,
-        "data": str(args.data),
-        "command": "splitpack evaluate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["evaluate"] else None,
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
-        "threads": torch.get_num_threads(),
-        "method2": "not reproduced: retraining at a smaller size needs an ImageNet training set",
-        "runs": [],
-    }
-    for size in sizes:
-        subset = items[: args.limit_large] if args.limit_large and size > native else items
-        try:
-            result = evaluate(model, subset, strategies, size=size, batch_size=args.batch_size,
-                              progress=not args.quiet, desc=f"{args.model}@{size}")
-        except (ValueError, SplitError) as e:
-            print(f"splitpack evaluate: error at size {size}: {e}", file=sys.stderr)
-            return 2
-        report["runs"].append(result)
-        if result["n_skipped"]:
-            print(f"{args.model}@{size}: skipped {result['n_skipped']} unreadable file(s)", file=sys.stderr)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    _write_outputs(report, args)
-    return 0
-
-
-def _write_outputs(report: dict, args: argparse.Namespace) -> None:
-    text = markdown(report)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-    if args.png:
-        plot(report, args.png)

@@ -11,9 +11,6 @@ network after the merge, for every mode alike.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -191,65 +188,5 @@ def plot_seams(result: dict, shown: list[str], curve: list[str], png: str | Path
     ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="timm name, or tv:NAME for torchvision")
-    parser.add_argument("--pretrained", action="store_true", help="real ImageNet weights (splitpack.models.pretrained)")
-    parser.add_argument("--weights", help="state dict file instead of --pretrained")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--merge-layer", help="merge layer (default: a quarter into the block-level layers)")
-    parser.add_argument("--grid", type=int, default=2, help="packs per side (default 2: the poster's 2x2)")
-    parser.add_argument("--layers", help="comma list of layers to show, at or after the merge layer "
-                                         "(default: 4 spread from the merge layer to the last block)")
-    parser.add_argument("--size", type=int, help="input size (default: the model's native size)")
-    parser.add_argument("--png", required=True)
-    parser.add_argument("--json", help="write the per-layer errors here")
-
-
-def run(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    import splitpack
-    from splitpack.errors import SplitError
-    from splitpack.experiments.evaluate import block_layers, data_transform, spread
-
-    try:
-        model = splitpack.create_model(args.model, pretrained=args.pretrained, weights=args.weights)
-        transform, cfg = data_transform(model, args.size)
-        with Image.open(args.image) as img:
-            x = transform(img.convert("RGB")).unsqueeze(0)
-        blocks = block_layers(model)
-        merge_layer = args.merge_layer or blocks[len(blocks) // 4]
-        order = splitpack.merge_layers(model)
-        if merge_layer not in order:
-            raise ValueError(f"unknown merge layer {merge_layer!r}; valid: {', '.join(order)}")
-        after = [l for l in blocks if order.index(l) >= order.index(merge_layer)]
-        shown = args.layers.split(",") if args.layers else spread(after, 4)
-        curve = sorted(set(after) | set(shown), key=order.index)
-        observable = tap_modules(model, curve, strict=False)
-        curve = [l for l in curve if l in observable]
-        shown = [l for l in shown if l in curve]
-        result = feature_maps(model, x, curve, merge_layer, args.grid)
-    except (OSError, ValueError, SplitError) as e:
-        print(f"splitpack seams: error: {e}", file=sys.stderr)
-        return 2
-    report = seam_report(result, curve)
-    report.update(model=args.model, image=str(args.image), merge_layer=merge_layer, grid=args.grid,
-                  input_size=cfg["input_size"][-1])
-    title = (f"{args.model} @ {cfg['input_size'][-1]}px, {args.grid}x{args.grid} packs merged after {merge_layer}; "
-             f"top-1 same as unsplit: seed {report['logits']['seed']['same_top1']}, "
-             f"exact {report['logits']['exact']['same_top1']} (max |dlogit| seed "
-             f"{report['logits']['seed']['max_abs_diff']:.2g}, exact {report['logits']['exact']['max_abs_diff']:.2g})")
-    plot_seams(result, shown, curve, args.png, title, args.grid)
-    for layer, row in report["layers"].items():
-        seed = "n/a (seed map " + "x".join(map(str, row["seed_shape"][-2:])) + ")" \
-            if row["seed_rel_error"] is None else f"{row['seed_rel_error']:.3g}"
-        print(f"{layer:>14} {str(tuple(row['shape'])):>18}  seed rel.err {seed}  exact rel.err {row['exact_rel_error']:.3g}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    return 0
-

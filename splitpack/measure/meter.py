@@ -1,13 +1,23 @@
-"""Peak activation memory of a call.
+"""The one peak-memory meter: peak activation bytes of a block of code, on the CPU or a CUDA device.
 
-On CPU every aten op is seen through a ``TorchDispatchMode``: each new tensor
-storage is counted while any tensor that uses it is alive, so the peak is the
-largest number of activation bytes alive at once. On CUDA the caching
-allocator's own peak counter is used.
+``with peak_meter(device) as meter: ...`` then ``meter.peak``. Every measurement
+in splitpack (bench, profile, capacity, both servers' gauges) goes through it.
 
-Storages that existed before the call (parameters, buffers, the input) are not
+* CPU (:class:`ActivationTracker`): every aten op is seen through a
+  ``TorchDispatchMode``; each new tensor storage is counted while any tensor
+  that uses it is alive, so the peak is the largest number of activation bytes
+  alive at once. Exact, but each op pays a Python dispatch (servers only meter
+  CUDA replicas for that reason).
+* CUDA (:class:`CudaAllocatorMeter`): the caching allocator's own peak counter,
+  relative to what was allocated on entry. Cheap; resets this process's peak
+  statistics.
+
+Storages that existed before the block (parameters, buffers, the input) are not
 counted: an op output that shares storage with one of its untracked inputs is a
 view of pre-existing memory.
+
+Both meters keep per-layer *windows* for profiles: :meth:`mark` records
+``(label, bytes alive now, peak since the previous mark)``.
 """
 from __future__ import annotations
 
@@ -33,10 +43,10 @@ class _Live:
 
 @dataclass
 class ActivationTracker(TorchDispatchMode):
-    """Tracks live activation bytes op by op; ``peak`` is the maximum seen.
+    """CPU meter: live activation bytes op by op; ``peak`` is the maximum seen.
 
-    ``marks`` holds (label, live_bytes) pairs recorded by :meth:`mark`, used for
-    per-layer profiles.
+    ``marks`` holds (label, live bytes) and ``windows`` (label, live bytes, peak
+    since the previous mark) pairs recorded by :meth:`mark`, for per-layer profiles.
     """
 
     live: dict[int, _Live] = field(default_factory=dict)
@@ -44,6 +54,8 @@ class ActivationTracker(TorchDispatchMode):
     current: int = 0
     peak: int = 0
     marks: list[tuple[str, int]] = field(default_factory=list)
+    windows: list[tuple[str, int, int]] = field(default_factory=list)
+    _window_peak: int = -1  # -1: no op since the last mark yet
 
     def __post_init__(self):
         super().__init__()
@@ -75,6 +87,10 @@ class ActivationTracker(TorchDispatchMode):
         weakref.finalize(t, self._release, key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._window_peak < 0:
+            # a window starts at the layer's first op, after the caller dropped
+            # what the previous layer no longer needs
+            self._window_peak = self.current
         out = func(*args, **(kwargs or {}))
         inputs, _ = tree_flatten((args, kwargs))
         input_keys = {_storage_key(a) for a in inputs
@@ -82,47 +98,107 @@ class ActivationTracker(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t, input_keys)
+        self._window_peak = max(self._window_peak, self.current)
         return out
 
     def mark(self, label: str) -> None:
         self.marks.append((label, self.current))
+        self.windows.append((label, self.current, max(self._window_peak, self.current)))
+        self._window_peak = -1
 
 
-def _cuda_device(args: tuple) -> torch.device | None:
-    for a in tree_flatten(args)[0]:
+class CudaAllocatorMeter:
+    """CUDA meter with :class:`ActivationTracker`'s interface, from the caching allocator's counters.
+
+    Bytes are relative to what was allocated on entry (weights and input excluded,
+    like the CPU tracker).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+        self.marks: list[tuple[str, int]] = []
+        self.windows: list[tuple[str, int, int]] = []
+        self._base = 0
+
+    @property
+    def current(self) -> int:
+        return torch.cuda.memory_allocated(self.device) - self._base
+
+    def __enter__(self) -> "CudaAllocatorMeter":
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        torch.cuda.synchronize(self.device)
+        self.peak = max(self.peak, self._window())
+        return False
+
+    def _window(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device) - self._base)
+
+    def mark(self, label: str) -> None:
+        torch.cuda.synchronize(self.device)
+        current, window = self.current, self._window()
+        self.peak = max(self.peak, window)
+        self.marks.append((label, current))
+        self.windows.append((label, current, window))
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
+class NoMeter:
+    """A meter that measures nothing (``peak`` stays None): ``peak_meter(..., enabled=False)``."""
+
+    peak = None
+    current = 0
+
+    def __enter__(self) -> "NoMeter":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def mark(self, label: str) -> None:
+        pass
+
+
+Meter = ActivationTracker | CudaAllocatorMeter | NoMeter
+
+
+def peak_meter(device: Any = None, enabled: bool = True) -> Meter:
+    """The meter for ``device`` (a torch device, ``"cuda:1"``, None = CPU): use it as a context manager."""
+    if not enabled:
+        return NoMeter()
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return CudaAllocatorMeter(torch.device("cuda", index))
+    return ActivationTracker()
+
+
+def tensor_device(*args: Any, **kwargs: Any) -> torch.device:
+    """The CUDA device of the first CUDA tensor among the arguments, else the CPU."""
+    for a in tree_flatten((args, kwargs))[0]:
         if isinstance(a, torch.Tensor) and a.is_cuda:
             return a.device
-    return None
+    return torch.device("cpu")
+
+
+def measured_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
+    """``(fn(*args, **kwargs), peak activation bytes)`` under ``torch.inference_mode``.
+
+    The meter follows the arguments' device (CUDA allocator or CPU tracker).
+    """
+    with torch.inference_mode(), peak_meter(tensor_device(*args, **kwargs)) as meter:
+        result = fn(*args, **kwargs)
+    return result, int(meter.peak)
 
 
 def peak_activation_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Bytes of tensor storage alive at the peak during ``fn(*args, **kwargs)``.
 
-    Tensors that existed before the call (parameters, buffers, inputs) are
-    excluded. Runs under ``torch.inference_mode``. CPU: tracked per aten op.
-    CUDA: the allocator's peak above what was allocated before the call.
+    Tensors that existed before the call (parameters, buffers, inputs) are excluded.
     """
-    device = _cuda_device((args, kwargs))
-    with torch.inference_mode():
-        if device is not None:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            result = fn(*args, **kwargs)
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) - before
-            del result
-            return peak
-        tracker = ActivationTracker()
-        with tracker:
-            result = fn(*args, **kwargs)
-        del result
-        return tracker.peak
-
-
-def tracked_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
-    """``fn(*args)`` on CPU with its peak activation bytes; the result is returned too."""
-    tracker = ActivationTracker()
-    with torch.inference_mode(), tracker:
-        result = fn(*args, **kwargs)
-    return result, tracker.peak
+    return measured_call(fn, *args, **kwargs)[1]

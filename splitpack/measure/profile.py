@@ -10,109 +10,21 @@ measures the run's peak.
 Unsplit: forward hooks on the model's modules. Split (a warm call, after the
 first one built split-pack's per-size plan): the engine's ``on_layer`` callback (called after each merge-layer candidate's output, per
 pack in the head and once in the tail); without it, forward hooks on the
-original modules. CPU: :class:`splitpack.memory.ActivationTracker`; CUDA: the
-caching allocator's counters (written for GPUs, not yet run on one).
+original modules. Measured by :func:`splitpack.measure.meter.peak_meter` (CPU
+tracker or CUDA allocator) and its per-layer windows.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from splitpack.measure.meter import ActivationTracker, peak_activation_bytes
+from splitpack.core.plan import grid_text, parse_grid
+from splitpack.measure.meter import peak_meter
 
 MiB = 1024**2
-
-
-def parse_grid(text: str | Sequence[int]) -> tuple[int, int]:
-    """"2x2", "3x2", "2" (square) or a pair -> (rows, cols)."""
-    if not isinstance(text, str):
-        rows, cols = text
-        return int(rows), int(cols)
-    parts = text.lower().replace("*", "x").split("x")
-    try:
-        dims = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"grid must look like 2x2 or 2, got {text!r}") from None
-    if len(dims) == 1:
-        dims = dims * 2
-    if len(dims) != 2 or min(dims) < 1:
-        raise ValueError(f"grid must look like 2x2 or 2, got {text!r}")
-    return dims[0], dims[1]
-
-
-def grid_text(grid: Sequence[int]) -> str:
-    return f"{grid[0]}x{grid[1]}"
-
-
-@dataclass
-class LayerTracker(ActivationTracker):
-    """ActivationTracker that also keeps the peak of each window between two marks."""
-
-    windows: list[tuple[str, int, int]] = field(default_factory=list)  # (label, after, window peak)
-    _window_peak: int = -1  # -1: no op since the last mark yet
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self._window_peak < 0:
-            # the window starts at the layer's first op, after the caller dropped
-            # what the previous layer no longer needs
-            self._window_peak = self.current
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        self._window_peak = max(self._window_peak, self.current)
-        return out
-
-    def mark(self, label: str) -> None:
-        super().mark(label)
-        self.windows.append((label, self.current, max(self._window_peak, self.current)))
-        self._window_peak = -1
-
-
-class CudaLayerTracker:
-    """Same interface as :class:`LayerTracker` from the CUDA caching allocator.
-
-    Bytes are relative to what was allocated when the tracker was entered
-    (weights and input excluded, like the CPU tracker). Untested on a GPU.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.windows: list[tuple[str, int, int]] = []
-        self.marks: list[tuple[str, int]] = []
-        self.peak = 0
-        self._base = 0
-
-    @property
-    def current(self) -> int:
-        return torch.cuda.memory_allocated(self.device) - self._base
-
-    def __enter__(self):
-        torch.cuda.synchronize(self.device)
-        self._base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.synchronize(self.device)
-        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - self._base)
-        return False
-
-    def mark(self, label: str) -> None:
-        torch.cuda.synchronize(self.device)
-        current = self.current
-        window = torch.cuda.max_memory_allocated(self.device) - self._base
-        self.peak = max(self.peak, window)
-        self.marks.append((label, current))
-        self.windows.append((label, current, window))
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-
-def _make_tracker(device: torch.device):
-    return CudaLayerTracker(device) if device.type == "cuda" else LayerTracker()
 
 
 @dataclass
@@ -176,7 +88,7 @@ def _finish(name, merge_layer, grid, mode, tracker, head: set[str]) -> Profile:
 
 def profile_unsplit(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | None = None) -> Profile:
     """Per-layer memory of ``model(x)``; ``layers`` = module names to mark (default: all leaves)."""
-    tracker = _make_tracker(x.device)
+    tracker = peak_meter(x.device)
     handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: tracker.mark(n))
                for n, m in hooked_modules(model, layers)]
     try:
@@ -208,7 +120,7 @@ def profile_split(model: nn.Module, x: torch.Tensor, merge_layer: str, grid=(2, 
     # profile a warm call, as a serving replica runs
     with torch.inference_mode():
         wrapped(x)
-    tracker = _make_tracker(x.device)
+    tracker = peak_meter(x.device)
     wrapped.on_layer = tracker.mark  # the engine names each merge-layer candidate as its output is made
     try:
         with torch.inference_mode(), tracker:
@@ -286,67 +198,3 @@ def plot_profiles(profiles: list[Profile], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# --- CLI -------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="timm name, or tv:NAME for torchvision")
-    parser.add_argument("--size", type=int, required=True, help="input height = width")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--merge-layer", nargs="*", default=[], dest="merge_layers",
-                        help="merge layers to profile split (several go on one plot)")
-    parser.add_argument("--grid", default="2x2")
-    parser.add_argument("--mode", default="exact", choices=["exact", "seed"])
-    parser.add_argument("--layers", choices=["leaf", "candidates"], default="leaf",
-                        help="unsplit markers: every leaf module (default) or the merge-layer candidates only")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: allocator counters)")
-    parser.add_argument("--json", action="store_true", help="print the full profile as JSON")
-    parser.add_argument("--png", help="write the plot here")
-
-
-def run(args: argparse.Namespace) -> int:
-    import splitpack
-
-    try:
-        grid = parse_grid(args.grid)
-        model = splitpack.create_model(args.model).to(args.device)
-        every = list(splitpack.merge_layers(model))
-        # leaves plus the candidates, so split runs (marked at candidates) line up with the unsplit one
-        layers = every if args.layers == "candidates" else list(dict.fromkeys(
-            [n for n, _ in hooked_modules(model)] + every))
-        x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
-        profiles = profile_model(model, x, args.merge_layers, grid, args.mode, layers)
-    except (ValueError, splitpack.SplitError) as e:
-        print(f"splitpack profile: {e}", file=sys.stderr)
-        return 2
-    baseline = profiles[0].peak_bytes
-    result = {
-        "model": args.model, "size": args.size, "batch": args.batch, "device": str(x.device),
-        "measured_by": "cuda-allocator" if x.device.type == "cuda" else "cpu-activation-tracker",
-        "unsplit_peak_bytes": baseline, "unsplit_peak_layer": profiles[0].peak_layer,
-        "split": [{"merge_layer": p.merge_layer, "grid": p.grid, "mode": p.mode, "peak_bytes": p.peak_bytes,
-                   "peak_layer": p.peak_layer, "peak_reduction": 1 - p.peak_bytes / baseline if baseline else 0.0}
-                  for p in profiles[1:]],
-        "profiles": [p.to_dict() for p in profiles],
-    }
-    if args.png:
-        plot_profiles(profiles, args.png, f"{args.model} @{args.size} batch {args.batch}")
-        result["png"] = args.png
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{args.model} @{args.size} batch {args.batch}: unsplit peak {baseline / MiB:.2f} MiB "
-              f"at {profiles[0].peak_layer}")
-        for s in result["split"]:
-            print(f"  merge at {s['merge_layer']} ({s['grid']}, {s['mode']}): peak {s['peak_bytes'] / MiB:.2f} MiB "
-                  f"at {s['peak_layer']} ({-100 * s['peak_reduction']:+.1f}%)")
-        if args.png:
-            print(f"plot: {args.png}")
-    return 0
-
-
-def peak_matches_tracker(model: nn.Module, x: torch.Tensor, profile: Profile) -> bool:
-    """True when an independent, hook-free tracker run peaks at the profile's peak bytes."""
-    return peak_activation_bytes(model, x) == profile.peak_bytes
-

@@ -1,8 +1,6 @@
 """One way to build a model by name: timm names, or ``tv:NAME`` for torchvision."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
@@ -35,7 +33,3 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     return model.eval()
-
-
-def random_weights_warning(name: str) -> None:
-    warnings.warn(f"{name}: no pretrained weights given, using random weights", stacklevel=2)

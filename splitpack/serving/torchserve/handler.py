@@ -16,8 +16,10 @@ import os
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from splitpack.measure.devices import PeakActivation, device_memory_metrics, report_to_torchserve
-from splitpack.serving.predictor import BadRequest, Predictor, ServingConfig
+from splitpack.measure.meter import peak_meter
+from splitpack.serving.config import ServingConfig
+from splitpack.serving.metrics import device_memory_metrics, report_to_torchserve
+from splitpack.serving.predictor import BadRequest, Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +87,11 @@ class SplitPackHandler(BaseHandler):
         good = [i for i, item in enumerate(data) if not isinstance(item, BadRequest)]
         out = list(data)
         # CUDA: the allocator's per-batch peak is free to read; the CPU tracker would slow every batch
-        with PeakActivation(self.device, enabled=self.device.type == "cuda") as peak:
+        with peak_meter(self.device, enabled=self.device.type == "cuda") as meter:
             rows = self.predictor.predict_isolated([data[i] for i in good])
         for i, row in zip(good, rows):
             out[i] = row
-        self._report_memory(peak.bytes)
+        self._report_memory(meter.peak)
         return out
 
     def _report_memory(self, peak_bytes) -> None:

@@ -6,11 +6,8 @@ can group them.
 """
 from __future__ import annotations
 
-import json
-import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -91,58 +88,3 @@ def classify_each(client, model: str, images: list[bytes], probabilities: bool =
         if not done.acquire(timeout=(timeout or 600) + 5):
             raise TimeoutError("no answer from the server")
     return results  # type: ignore[return-value]
-
-
-# --- `splitpack client triton IMAGE...` ------------------------------------------------------
-
-def add_client_arguments(parser) -> None:
-    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default: {DEFAULT_URL})")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per image")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-
-
-def client(args) -> int:
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
-
-    images = []
-    for path in args.images:
-        try:
-            images.append(path.read_bytes())
-        except OSError as err:
-            print(f"error: {path}: {err.strerror}", file=sys.stderr)
-            return 2
-    with grpcclient.InferenceServerClient(args.url) as triton:
-        try:
-            if not triton.is_model_ready(args.model):
-                print(f"error: model {args.model!r} is not ready on {args.url}", file=sys.stderr)
-                return 1
-            predictions = classify_each(triton, args.model, images, timeout=args.timeout)
-        except InferenceServerException as err:
-            print(f"error: {args.url}: {err.message()}", file=sys.stderr)
-            return 1
-    failed = 0
-    for path, prediction in zip(args.images, predictions):
-        failed += prediction.error is not None
-        if args.json:
-            print(json.dumps({"image": str(path), "top_k": prediction.top_k, "error": prediction.error}))
-        elif prediction.error is not None:
-            print(f"{path}: error: {prediction.error}")
-        else:
-            print(f"{path}:")
-            for rank, entry in enumerate(prediction.top_k, 1):
-                print(f"  {rank}. {entry['probability']:7.2%}  {entry['label']} ({entry['index']})")
-    return 1 if failed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m splitpack.serving.triton.client IMAGE...`` == ``splitpack client triton IMAGE...``."""
-    from splitpack.cli import standalone
-
-    return standalone("splitpack client triton", __doc__, add_client_arguments, client, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from splitpack.serving.predictor import BadRequest, Predictor, ServingConfig
+from splitpack.serving.config import ServingConfig
+from splitpack.serving.predictor import BadRequest, Predictor
 from splitpack.serving.triton.repo import INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, config_parameters
 
 
@@ -87,9 +88,9 @@ class SplitPackTritonModel:
             raise ValueError(f"{OUTPUT_TOP_K} dims must be [{min(topk, num_classes)}] (parameter topk={topk})")
 
     def _memory_metrics(self):
-        """Device-memory gauges (splitpack.measure.devices) for capacity planning; None if metrics are off."""
+        """Device-memory gauges (splitpack.serving.metrics) for capacity planning; None if metrics are off."""
         try:
-            from splitpack.measure.devices import TritonMemoryMetrics
+            from splitpack.serving.metrics import TritonMemoryMetrics
 
             return TritonMemoryMetrics(self.pb, {"model": self.name, "instance": self.instance})
         except Exception as err:  # metrics disabled on the server, or an older backend
@@ -150,7 +151,8 @@ class SplitPackTritonModel:
         device = self.predictor.device
         if self.metrics is None:
             return self.predictor.predict(tensors)
-        from splitpack.measure.devices import device_memory_metrics, measured_call
+        from splitpack.measure.meter import measured_call
+        from splitpack.serving.metrics import device_memory_metrics
 
         peak = None
         if device.type == "cuda":  # the allocator's peak is free; the CPU tracker is not

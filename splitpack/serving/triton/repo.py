@@ -17,10 +17,8 @@ Tensors (batched, max_batch_size from the config):
 from __future__ import annotations
 
 import json
-
 import re
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +70,7 @@ class TritonModelSpec:
     max_pixels: int = 50_000_000
 
     def __post_init__(self):
-        from splitpack.serving.predictor import parse_grid
+        from splitpack.core.plan import parse_grid
 
         rows, cols = parse_grid(self.grid)  # "2x2", "2", 2, (2, 2) -> "2x2"
         self.grid = f"{rows}x{cols}"
@@ -84,7 +82,7 @@ class TritonModelSpec:
         return self.name or default_model_name(self.model)
 
     def serving_config(self):
-        from splitpack.serving.predictor import ServingConfig
+        from splitpack.serving.config import ServingConfig
 
         return ServingConfig(self.model, merge_layer=self.merge_layer, grid=self.grid, mode=self.mode,
                              topk=self.topk, native_resolution=self.native_resolution,
@@ -204,7 +202,7 @@ def generate_model_dir(spec: TritonModelSpec, repo: Path, check: bool = True) ->
         weights_path.unlink(missing_ok=True)  # a stale file would look like real weights
         base = splitpack.create_model(spec.model)
         weights = ""
-    from splitpack.serving.predictor import weights_data_config
+    from splitpack.serving.config import weights_data_config
 
     config.data_config = weights_data_config(base)  # the transform these weights expect
     if check:
@@ -224,62 +222,3 @@ def generate_model_dir(spec: TritonModelSpec, repo: Path, check: bool = True) ->
     read_model_config(config_path)  # a syntax error here would only show up at server start
     (version_dir / "model.py").write_text(MODEL_PY)
     return model_dir
-
-
-# --- `splitpack triton-repo` -----------------------------------------------------------
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="timm model name, or tv:NAME for torchvision")
-    parser.add_argument("--name", help="Triton model name = directory (default: from --model)")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", action="store_true",
-                         help="write splitpack's offline ImageNet weights (tf_efficientnet_lite0/1/2)")
-    weights.add_argument("--weights", type=Path, help="state dict file to ship with the model")
-    parser.add_argument("--merge-layer", required=True,
-                        help="merge layer (module name, see `splitpack.merge_layers`); 'none' serves unsplit")
-    parser.add_argument("--grid", default="2x2", help="packs per side, RxC (default: 2x2)")
-    parser.add_argument("--mode", default="exact", choices=["exact", "seed"])
-    parser.add_argument("--instances", type=int, default=1, help="model instances (replicas) per server")
-    parser.add_argument("--kind", default="cpu", choices=["cpu", "gpu"], help="instance kind (default: cpu)")
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000,
-                        help="dynamic batching: how long a request may wait for others (default: 2000)")
-    parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--native-resolution", action="store_true",
-                        help="serve images at their own size (longest side <= --max-side) instead of the eval crop")
-    parser.add_argument("--max-side", type=int, default=1024)
-    parser.add_argument("--max-pixels", type=int, default=50_000_000, help="reject images with more pixels")
-    parser.add_argument("--out", type=Path, default=Path("triton_repo"), help="model repository (default: triton_repo)")
-    parser.add_argument("--no-check", action="store_true",
-                        help="write the config without building the model (the server will validate it)")
-
-
-def run(args) -> int:
-    from splitpack.errors import SplitError
-
-    merge_layer = None if args.merge_layer.strip().lower() in ("", "none") else args.merge_layer
-    spec = TritonModelSpec(
-        model=args.model, name=args.name, merge_layer=merge_layer, grid=args.grid, mode=args.mode,
-        pretrained=args.pretrained, weights=args.weights, instances=args.instances, kind=args.kind,
-        max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us, topk=args.topk,
-        native_resolution=args.native_resolution, max_side=args.max_side, max_pixels=args.max_pixels,
-    )
-    try:
-        model_dir = generate_model_dir(spec, args.out, check=not args.no_check)
-    except (ValueError, FileNotFoundError, ImportError, SplitError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {model_dir}/config.pbtxt, {VERSION}/model.py"
-          + (f", {VERSION}/{WEIGHTS_FILE}" if (model_dir / VERSION / WEIGHTS_FILE).exists() else " (random weights)"))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m splitpack.serving.triton.repo ...`` == ``splitpack triton-repo ...`` (no other CLI modules imported)."""
-    from splitpack.cli import standalone
-
-    return standalone("splitpack triton-repo", __doc__, add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,12 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitpack.errors import ServerError
+
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_RUN_DIR = Path(".run")
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(ServerError):
     """The server could not be found, started, or stopped."""
 
 
@@ -259,55 +261,3 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return True
-
-
-# --- `splitpack serve triton start|stop|status` -------------------------------------------
-
-def add_serve_arguments(parser) -> None:
-    parser.add_argument("action", choices=["start", "stop", "status"])
-    parser.add_argument("--repo", type=Path, default=Path("triton_repo"), help="model repository (default: triton_repo)")
-    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port on 127.0.0.1 (default: 8001)")
-    parser.add_argument("--http-port", type=int, default=0, help="HTTP port on 127.0.0.1 (default: 0 = HTTP off)")
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port on 127.0.0.1 (default: 0 = off)")
-    parser.add_argument("--model", action="append", dest="models", metavar="NAME",
-                        help="load only this model (repeatable; explicit model-control mode). Default: every model")
-    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
-                        help="folder for the backends copy, pid file and log (default: .run)")
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness / exit")
-    parser.add_argument("--log-verbose", type=int, default=0)
-
-
-def serve(args) -> int:
-    server = TritonServer(args.repo, grpc_port=args.grpc_port, http_port=args.http_port or None,
-                          metrics_port=args.metrics_port or None, run_dir=args.run_dir, models=args.models,
-                          log_verbose=args.log_verbose)
-    pid = read_pid(server.pid_file)
-    if args.action == "status":
-        print(f"tritonserver running, pid {pid}" if pid else "tritonserver not running")
-        return 0 if pid else 3
-    if args.action == "stop":
-        if pid is None:
-            print("tritonserver not running")
-            server.pid_file.unlink(missing_ok=True)
-            return 0
-        server.stop(args.timeout)
-        print(f"tritonserver stopped (pid {pid})")
-        return 0
-    try:
-        server.start(args.timeout)
-    except TritonServerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"tritonserver ready: gRPC {server.url}, pid {server.process.pid}, log {server.log_file}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m splitpack.serving.triton.server start|stop|status`` == ``splitpack serve triton ...``."""
-    from splitpack.cli import standalone
-
-    return standalone("splitpack serve triton", __doc__, add_serve_arguments, serve, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,59 @@
+"""A capacity plan for people: the table and the plot."""
+from __future__ import annotations
+
+from splitpack.capacity.footprint import FOOTPRINT_PARTS
+from splitpack.measure.units import GiB, format_bytes
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"{plan['model']} @{plan['size']} batch {plan['batch_size']}: GPU {format_bytes(plan['gpu_memory_bytes'])} "
+             f"({plan['gpu_memory_source']}), headroom {format_bytes(plan['headroom_bytes'])}, "
+             f"usable {format_bytes(plan['usable_bytes'])}",
+             f"{'configuration':<36} {'per replica':>12} {'activations':>12} {'replicas':>9} {'latency':>8}"]
+    for r in [plan["unsplit"]] + plan["candidates"]:
+        name = "unsplit" if r["merge_layer"] is None else f"{r['merge_layer']} {r['grid']} {r['mode']}"
+        ratio = f"{r['latency_ratio']:.2f}x" if r["latency_ratio"] is not None else "-"
+        lines.append(f"{name:<36} {format_bytes(r['replica_bytes']):>12} {format_bytes(r['peak_activation_bytes']):>12} "
+                     f"{r['replicas']:>9} {ratio:>8}")
+    rec = plan["recommended"]
+    what = "unsplit" if rec["merge_layer"] is None else f"merge at {rec['merge_layer']}, {rec['grid']}, {rec['mode']}"
+    lines.append(f"recommended: {what}: {rec['replicas']} replicas per GPU ({rec['reason']})")
+    lines += [f"note: {n}" for n in plan["notes"]]
+    return "\n".join(lines)
+
+
+def plot_plan(plan: dict, path: str) -> None:
+    """Left: footprint per configuration, stacked; right: replicas per GPU vs latency ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [plan["unsplit"]] + plan["candidates"]
+    names = ["unsplit"] + [f"{c['merge_layer']}\n{c['grid']} {c['mode']}" for c in plan["candidates"]]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(10.0, 2.2 * len(rows) + 5), 5.0),
+                                  gridspec_kw={"width_ratios": [max(2, len(rows)), 2]})
+    bottom = [0.0] * len(rows)
+    for key, label in FOOTPRINT_PARTS:
+        vals = [r["footprint"][key] / GiB for r in rows]
+        ax.bar(range(len(rows)), vals, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, r in enumerate(rows):
+        ax.text(i, bottom[i], f"{r['replicas']} / GPU", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, fontsize=7)
+    ax.set_ylabel("per-replica footprint (GiB)")
+    ax.set_title(f"{plan['model']} @{plan['size']} batch {plan['batch_size']}, "
+                 f"{plan['usable_bytes'] / GiB:.1f} GiB usable")
+    ax.legend(fontsize=7)
+    for i, r in enumerate(rows):
+        ratio = r["latency_ratio"] if r["latency_ratio"] is not None else float("nan")
+        ax2.scatter([ratio], [r["replicas"]], color="black" if i == 0 else f"C{i % 10}")
+        ax2.annotate(names[i].replace("\n", " "), (ratio, r["replicas"]), fontsize=6, xytext=(3, 3),
+                     textcoords="offset points")
+    ax2.set_xlabel("latency vs unsplit (measured on " + plan["device"] + ")")
+    ax2.set_ylabel("replicas per GPU")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,36 @@
+"""Measure split-pack against the unsplit model: peak activation memory, error and latency."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from splitpack.cli import arg_type, common
+from splitpack.experiments.bench import bench
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_model(parser)
+    common.add_input(parser)
+    common.add_split(parser, merge_required=True)
+    parser.add_argument("--repeats", type=arg_type(common.positive_int, "repeats"), default=3,
+                        help="timed runs, interleaved (best reported; default: 3)")
+    common.add_device(parser)
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    common.add_json(parser, "one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = bench(args.model, args.size, args.merge_layer, args.grid, args.mode, args.batch_size, args.repeats,
+                   args.device, getattr(torch, args.dtype))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['model']} @{result['size']} batch {result['batch_size']}  merge {result['merge_layer']} "
+          f"grid {result['grid']} {result['mode']}")
+    print(f"  peak activations {result['baseline_peak_bytes'] / 2**20:.1f} MiB -> "
+          f"{result['split_peak_bytes'] / 2**20:.1f} MiB  ({result['memory_ratio']:.2f}x lower)")
+    print(f"  latency {result['baseline_ms']:.1f} ms -> {result['split_ms']:.1f} ms "
+          f"({result['latency_ratio']:.2f}x)   max abs error {result['max_abs_error']:.2e}")
+    return 0

@@ -1,0 +1,106 @@
+"""Plan replicas per GPU, unsplit and with split-pack, and write the config that deploys the plan."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from splitpack.capacity.footprint import (CONTEXT_OVERHEAD_SOURCE, DEFAULT_ALLOCATOR_SLACK, DEFAULT_CONTEXT_OVERHEAD,
+                                          parse_fraction, parse_headroom)
+from splitpack.capacity.planner import PlanInputs, plan_capacity
+from splitpack.cli import arg_type, common
+from splitpack.core.plan import parse_grid
+from splitpack.measure.units import GiB, MiB, parse_bytes
+
+
+def memory_size(text: str) -> str:
+    """A memory size as given ("80GiB"), checked now so a typo fails before anything is measured."""
+    parse_bytes(text)
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_model(parser)
+    common.add_input(parser, batch_help="batch size each replica runs (default: 1)")
+    parser.add_argument("--gpu-memory", type=arg_type(memory_size),
+                        help="GPU memory to plan for (80GiB, 80GB, ...); default: NVML total of --gpu-index")
+    parser.add_argument("--gpu-index", type=int, default=0)
+    parser.add_argument("--headroom", default="10%", help="kept free: a percentage of the GPU or a size (default 10%%)")
+    parser.add_argument("--merge-layers", nargs="*", metavar="LAYER",
+                        help="merge layers to measure (default: the best estimates)")
+    parser.add_argument("--grids", nargs="*", type=arg_type(parse_grid, "grid"), default=[(2, 2)], metavar="RxC",
+                        help="grids to measure (default 2x2)")
+    parser.add_argument("--modes", nargs="*", default=["exact"], choices=common.MODES,
+                        help="modes to measure (default exact; seed changes outputs)")
+    parser.add_argument("--max-candidates", type=arg_type(common.positive_int, "count"), default=3,
+                        help="without --merge-layers: how many estimated-best merge layers to measure per grid/mode")
+    parser.add_argument("--context-overhead", type=arg_type(memory_size),
+                        help=f"per-process CUDA context etc. (default {DEFAULT_CONTEXT_OVERHEAD // MiB} MiB)")
+    parser.add_argument("--allocator-slack", type=arg_type(parse_fraction, "fraction"), default=DEFAULT_ALLOCATOR_SLACK,
+                        help="extra fraction of peak activations for the caching allocator (default 10%%)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (0: no latency)")
+    parser.add_argument("--max-latency-ratio", type=float, help="ignore split candidates slower than this")
+    common.add_device(parser)
+    parser.add_argument("--measure-replicas", action="store_true",
+                        help="with --device cuda: run each configuration as a real replica process and plan "
+                             "with NVML's per-process memory instead of the modelled footprint")
+    common.add_json(parser, "the plan")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--png", help="write a plot of the plan here")
+    parser.add_argument("--write-triton", metavar="DIR", help="write a Triton model directory for the recommendation")
+    parser.add_argument("--write-torchserve", metavar="FILE",
+                        help="write model-config.yaml (or a whole archive if FILE ends in .mar)")
+    parser.add_argument("--instance-kind", choices=["gpu", "cpu"], default="gpu",
+                        help="instance kind in the written configs (default gpu)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true", help="ship splitpack's offline weights in written configs")
+    weights.add_argument("--weights", help="state dict to ship in written configs")
+
+
+def detect_gpu_memory(index: int = 0) -> tuple[int, str]:
+    """(total bytes, description) of GPU ``index`` via NVML; ValueError without a driver."""
+    from splitpack.measure.nvml import NvmlUnavailable, gpu_memory
+
+    try:
+        gpu = gpu_memory(index)
+    except NvmlUnavailable as e:
+        raise ValueError(f"cannot detect the GPU's memory ({e}); pass --gpu-memory, e.g. 80GiB") from None
+    return gpu.total_bytes, f"nvml: GPU {index} {gpu.name} ({gpu.total_bytes / GiB:.1f} GiB total)"
+
+
+def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
+    if args.gpu_memory:
+        gpu_bytes, source = parse_bytes(args.gpu_memory), f"--gpu-memory {args.gpu_memory}"
+    else:
+        gpu_bytes, source = detect_gpu_memory(args.gpu_index)
+    context, context_source = DEFAULT_CONTEXT_OVERHEAD, CONTEXT_OVERHEAD_SOURCE
+    if args.context_overhead is not None:
+        context = parse_bytes(args.context_overhead)
+        context_source = f"--context-overhead {args.context_overhead}"
+    if args.measure_replicas and not str(args.device).startswith("cuda"):
+        raise ValueError("--measure-replicas needs --device cuda (it measures replica processes with NVML)")
+    return PlanInputs(
+        model=args.model, size=args.size, batch_size=args.batch_size, gpu_memory_bytes=gpu_bytes,
+        gpu_memory_source=source, headroom_bytes=parse_headroom(args.headroom, gpu_bytes),
+        merge_layers=args.merge_layers or None, grids=list(dict.fromkeys(args.grids)),
+        modes=list(dict.fromkeys(args.modes)), max_candidates=args.max_candidates, context_overhead_bytes=context,
+        context_overhead_source=context_source, allocator_slack=args.allocator_slack, repeats=args.repeats,
+        max_latency_ratio=args.max_latency_ratio, device=args.device, measure_replicas=args.measure_replicas,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitpack.capacity.deploy import write_torchserve, write_triton
+    from splitpack.capacity.report import format_plan, plot_plan
+
+    plan = plan_capacity(_inputs_from_args(args), quiet=args.quiet)
+    if args.png:
+        common.write_plot(args.png, lambda path: plot_plan(plan, path))
+        plan["png"] = args.png
+    if args.write_triton:
+        plan["triton_model_dir"] = str(write_triton(plan, args.write_triton, kind=args.instance_kind,
+                                                    pretrained=args.pretrained, weights=args.weights))
+    if args.write_torchserve:
+        plan["torchserve_config"] = str(write_torchserve(plan, args.write_torchserve, kind=args.instance_kind,
+                                                         pretrained=args.pretrained, weights=args.weights))
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0

@@ -1,0 +1,60 @@
+"""Arguments several commands share, spelled the same everywhere."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from splitpack.cli import arg_type
+from splitpack.core.plan import grid_text, parse_grid
+
+MODES = ("exact", "seed")
+
+
+def grid_arg(text: str) -> str:
+    """``--grid``: one grid ``RxC`` (or ``N`` for NxN), normalised to ``RxC``."""
+    return grid_text(parse_grid(text))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_model(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required, help="timm model name, or tv:NAME for torchvision")
+
+
+def add_input(parser: argparse.ArgumentParser, batch_help: str = "images per batch (default: 1)") -> None:
+    """``--size`` and ``--batch-size`` of the random input a measurement runs on."""
+    parser.add_argument("--size", type=arg_type(positive_int, "size"), required=True, help="input height = width")
+    parser.add_argument("--batch-size", type=arg_type(positive_int, "batch size"), default=1, help=batch_help)
+
+
+def add_split(parser: argparse.ArgumentParser, *, merge_layer: bool = True, merge_required: bool = False) -> None:
+    """``--merge-layer``, ``--grid RxC`` and ``--mode``."""
+    if merge_layer:
+        parser.add_argument("--merge-layer", required=merge_required,
+                            help="module name to merge the packs at (splitpack.merge_layers lists them)")
+    parser.add_argument("--grid", type=arg_type(grid_arg, "grid"), default="2x2", help="packs as RxC (default: 2x2)")
+    parser.add_argument("--mode", choices=MODES, default="exact",
+                        help="exact (halo, output equals the unsplit model; default) or seed (no halo)")
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="where to measure: cpu or cuda[:N] (default: cpu)")
+
+
+def add_json(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout")
+
+
+def write_plot(path: str | Path, draw: Callable[[Path], None]) -> Path:
+    """``draw(file)`` into a temporary file moved onto ``path`` when it succeeded."""
+    from splitpack.publish import staged_path
+
+    with staged_path(path) as tmp:
+        draw(tmp)
+    return Path(path)

@@ -1,0 +1,24 @@
+"""Run one replica and print its memory as JSON lines (used by `capacity --measure-replicas` and scripts/validate_capacity_gpu.py)."""
+from __future__ import annotations
+
+import argparse
+
+from splitpack.cli import arg_type, common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_model(parser)
+    common.add_input(parser)
+    parser.add_argument("--merge-layer", default="", help="module name to merge the packs at (default: unsplit)")
+    common.add_split(parser, merge_layer=False)
+    common.add_device(parser)
+    parser.add_argument("--repeats", type=arg_type(int, "repeats"), default=1, help="timed calls (default: 1)")
+    parser.add_argument("--hold", action="store_true",
+                        help="after the first report keep running inference until stdin closes, then report again")
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitpack.capacity.probe import run_probe
+
+    return run_probe(args.model, args.size, args.batch_size, args.merge_layer or None, args.grid, args.mode,
+                     args.device, args.repeats, args.hold)

@@ -1,0 +1,140 @@
+"""Device-memory gauges of a serving replica, and how each server receives them.
+
+:data:`METRICS` fixes the gauge names whatever the machine, so dashboards and
+the TorchServe metrics config never change shape; :func:`device_memory_metrics`
+gives their values for one replica (NVML on a GPU, host memory otherwise);
+:func:`report_to_torchserve` and :class:`TritonMemoryMetrics` push them through
+each server's custom-metrics API (see docs/capacity.md).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from splitpack.measure.nvml import cuda_index, gpu_memory, host_memory, nvml_index, nvml_status, process_gpu_bytes
+
+# Metric name -> (unit, help text). Names follow Prometheus conventions (Triton
+# exports them verbatim; TorchServe in prometheus mode does too).
+METRICS: dict[str, tuple[str, str]] = {
+    "splitpack_device_memory_total_bytes": (
+        "Bytes", "Total memory of the replica's GPU (NVML); host RAM when no NVIDIA driver"),
+    "splitpack_device_memory_used_bytes": (
+        "Bytes", "Used memory of the replica's GPU, all processes (NVML); host RAM in use when no driver"),
+    "splitpack_device_memory_free_bytes": (
+        "Bytes", "Free memory of the replica's GPU (NVML); host RAM available when no driver"),
+    "splitpack_process_device_memory_bytes": (
+        "Bytes", "This replica process's GPU memory (NVML per-process); its RSS when no driver"),
+    "splitpack_allocator_reserved_bytes": (
+        "Bytes", "Bytes held by PyTorch's CUDA caching allocator in this process (0 on CPU)"),
+    "splitpack_peak_activation_bytes": (
+        "Bytes", "Peak activation bytes of the last request batch (CUDA allocator or CPU tracker)"),
+    "splitpack_device_is_gpu": (
+        "Count", "1 when the device_memory metrics are a GPU's (NVML), 0 when they are host memory"),
+}
+
+
+def device_memory_metrics(device: Any = None, peak_activation_bytes: int | None = None) -> dict[str, float]:
+    """Values for every name in :data:`METRICS` for a replica running on ``device``.
+
+    ``device``: the replica's torch device (``"cuda:0"``, ``torch.device``, int)
+    or None/"cpu" for a CPU replica. With a CUDA device and a driver the numbers
+    are that GPU's (NVML) and this process's share of it; otherwise host memory.
+    ``peak_activation_bytes`` is the last batch's, from :func:`measured_call`
+    (omitted from the result when not given, so a gauge keeps its last value).
+    """
+    cuda_idx = cuda_index(device)
+    values: dict[str, float] = {}
+    gpu = None
+    if cuda_idx is not None and nvml_status()[0]:
+        try:
+            gpu = gpu_memory(nvml_index(cuda_idx))
+        except Exception:  # never let reporting fail a request
+            gpu = None
+    if gpu is not None:
+        mine = process_gpu_bytes(gpu)
+        import torch
+
+        reserved = torch.cuda.memory_reserved(cuda_idx)
+        values.update({
+            "splitpack_device_memory_total_bytes": gpu.total_bytes,
+            "splitpack_device_memory_used_bytes": gpu.used_bytes,
+            "splitpack_device_memory_free_bytes": gpu.free_bytes,
+            # pid not visible (container): the allocator's share is a lower bound
+            "splitpack_process_device_memory_bytes": mine if mine is not None else reserved,
+            "splitpack_allocator_reserved_bytes": reserved,
+            "splitpack_device_is_gpu": 1,
+        })
+    else:
+        host = host_memory()
+        reserved = 0
+        if cuda_idx is not None:  # CUDA without NVML (rare: driver without libnvidia-ml)
+            import torch
+
+            reserved = torch.cuda.memory_reserved(cuda_idx)
+        values.update({
+            "splitpack_device_memory_total_bytes": host.total_bytes,
+            "splitpack_device_memory_used_bytes": host.used_bytes,
+            "splitpack_device_memory_free_bytes": host.available_bytes,
+            "splitpack_process_device_memory_bytes": host.process_rss_bytes,
+            "splitpack_allocator_reserved_bytes": reserved,
+            "splitpack_device_is_gpu": 0,
+        })
+    if peak_activation_bytes is not None:
+        values["splitpack_peak_activation_bytes"] = peak_activation_bytes
+    return {k: float(v) for k, v in values.items()}
+
+
+# --- server adapters -------------------------------------------------------------
+
+def report_to_torchserve(metrics_cache: Any, values: dict[str, float], model_name: str) -> None:
+    """Emit ``values`` as TorchServe gauges (``context.metrics`` of a handler).
+
+    Dimensions are fixed (ModelName, Level=Model) so every emission matches the
+    declaration in :func:`torchserve_metrics_yaml`.
+    """
+    from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    for name, value in values.items():
+        dims = [Dimension("ModelName", model_name), Dimension("Level", "Model")]
+        metrics_cache.add_metric(name, value, METRICS[name][0], dimensions=dims,
+                                 metric_type=MetricTypes.GAUGE)
+
+
+def torchserve_metrics_yaml() -> str:
+    """TorchServe's default metrics config with the splitpack gauges declared.
+
+    Prometheus mode only exports model metrics declared in the config (unless
+    ``model_metrics_auto_detect=true``): point ``metrics_config`` in
+    config.properties at a file with this text.
+    """
+    import importlib.resources
+
+    import yaml
+
+    base = yaml.safe_load(importlib.resources.files("ts").joinpath("configs/metrics.yaml").read_text())
+    gauges = base.setdefault("model_metrics", {}).setdefault("gauge", [])
+    known = {g["name"] for g in gauges}
+    for name, (unit, _) in METRICS.items():
+        if name not in known:
+            gauges.append({"name": name, "unit": unit, "dimensions": ["ModelName", "Level"]})
+    return yaml.safe_dump(base, sort_keys=False)
+
+
+class TritonMemoryMetrics:
+    """Triton python-backend gauges for :data:`METRICS`, created once per model instance.
+
+    ``pb_utils`` is the ``triton_python_backend_utils`` module (only importable
+    inside the stub, hence passed in). Families are kept alive here: Triton
+    requires a family to outlive its metrics.
+    """
+
+    def __init__(self, pb_utils: Any, labels: dict[str, str]):
+        self._families = {
+            name: pb_utils.MetricFamily(name=name, description=help_text, kind=pb_utils.MetricFamily.GAUGE)
+            for name, (_, help_text) in METRICS.items()
+        }
+        self._metrics = {name: fam.Metric(labels=labels) for name, fam in self._families.items()}
+
+    def update(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self._metrics[name].set(float(value))

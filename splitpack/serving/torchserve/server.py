@@ -1,0 +1,315 @@
+"""Run TorchServe on loopback from a model store of split-pack archives.
+
+``splitpack serve torchserve start|stop|status`` runs TorchServe with a
+generated config.properties: every address on 127.0.0.1, token auth off, no
+per-model pip installs, TMPDIR/TEMP, pid file and logs under a project run
+folder (``.run/torchserve``). ``start`` returns once every model has its
+workers READY (the management API, not /ping, which says Healthy while a model
+fails to load) and fails with the model's own error when one cannot load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitpack.serving.extras import console_script, require
+from splitpack.serving.torchserve.archive import DEFAULT_MODEL_STORE, TorchServeError, read_archive_config
+
+DEFAULT_RUN_DIR = Path(".run") / "torchserve"
+
+
+@dataclass
+class Ports:
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+
+def config_properties(
+    model_store: Path,
+    ports: Ports,
+    *,
+    token_auth: bool = False,
+    enable_model_api: bool = False,
+    max_request_mb: int = 32,
+    metrics_config: Path | None = None,
+) -> str:
+    """config.properties for a local TorchServe: loopback only, offline, prometheus metrics.
+
+    ``metrics_config``: a metrics.yaml declaring splitpack's gauges (prometheus mode drops
+    undeclared model metrics).
+    """
+    lines = {
+        "inference_address": f"http://127.0.0.1:{ports.inference}",
+        "management_address": f"http://127.0.0.1:{ports.management}",
+        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
+        "grpc_inference_address": "127.0.0.1",
+        "grpc_inference_port": ports.grpc_inference,
+        "grpc_management_address": "127.0.0.1",
+        "grpc_management_port": ports.grpc_management,
+        "model_store": str(model_store),
+        # Local use: no keys. Production: true + keys from key_file.json (docs/torchserve.md).
+        "disable_token_authorization": str(not token_auth).lower(),
+        "enable_model_api": str(enable_model_api).lower(),
+        "install_py_dep_per_model": "false",  # offline; the worker uses this environment
+        "metrics_mode": "prometheus",
+        "max_request_size": max_request_mb * 1024 * 1024,
+        "max_response_size": max_request_mb * 1024 * 1024,
+    }
+    if metrics_config is not None:
+        lines["metrics_config"] = str(metrics_config)
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def _read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+@dataclass
+class TorchServe:
+    """One TorchServe instance whose config, pid file, temp files and logs live in ``run_dir``."""
+
+    run_dir: Path = DEFAULT_RUN_DIR
+    model_store: Path = DEFAULT_MODEL_STORE
+    ports: Ports = field(default_factory=Ports)
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir).resolve()
+        self.model_store = Path(self.model_store).resolve()
+
+    # paths and URLs
+    @property
+    def config_file(self) -> Path:
+        return self.run_dir / "config.properties"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.run_dir / "tmp"
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}"
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path = DEFAULT_RUN_DIR) -> "TorchServe":
+        """The instance a previous ``start`` wrote into ``run_dir`` (ports and store from its config)."""
+        server = cls(run_dir=run_dir)
+        if server.config_file.is_file():
+            props = _read_properties(server.config_file)
+            port = lambda key, default: int(props.get(key, f":{default}").rsplit(":", 1)[-1])  # noqa: E731
+            server.ports = Ports(port("inference_address", 8080), port("management_address", 8081),
+                                 port("metrics_address", 8082), int(props.get("grpc_inference_port", 7070)),
+                                 int(props.get("grpc_management_port", 7071)))
+            server.model_store = Path(props.get("model_store", server.model_store))
+        return server
+
+    def env(self) -> dict[str, str]:
+        """TMPDIR (pid file) and TEMP (java.io.tmpdir, where archives unpack) in the run folder."""
+        env = dict(os.environ)
+        env.update(TMPDIR=str(self.tmp_dir), TEMP=str(self.tmp_dir), LOG_LOCATION=str(self.log_dir),
+                   METRICS_LOCATION=str(self.log_dir))
+        env.pop("TS_CONFIG_FILE", None)
+        return env
+
+    @property
+    def pid_file(self) -> Path:
+        return self.tmp_dir / ".model_server.pid"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    # lifecycle
+    def start(self, models: list[str] | None = None, *, timeout_s: float = 300, token_auth: bool = False,
+              enable_model_api: bool = False, max_request_mb: int = 32, stop_on_failure: bool = True) -> dict:
+        """Start TorchServe with ``models`` (archive names; None = every .mar in the store) and
+        wait until every model has all its workers READY. Returns :meth:`models_status`."""
+        if self.pid() is not None:
+            raise TorchServeError(f"TorchServe already running from {self.run_dir} (pid {self.pid()}); stop it first")
+        names = models or [read_archive_config(m)[0] for m in sorted(self.model_store.glob("*.mar"))]
+        if not names:
+            raise TorchServeError(f"no .mar archives in {self.model_store}; build one with `splitpack archive`")
+        busy = [f"{port} ({api})" for api, port in vars(self.ports).items() if not _port_free(port)]
+        if busy:
+            raise TorchServeError(f"port(s) in use on 127.0.0.1: {', '.join(busy)}; stop what holds them or "
+                                  "choose others (--inference-port, --management-port, ...)")
+        for d in (self.run_dir, self.tmp_dir, self.log_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for old in self.log_dir.glob("*.log"):  # failure detection reads this run's logs only
+            old.unlink()
+        from splitpack.serving.metrics import torchserve_metrics_yaml
+
+        metrics_file = self.run_dir / "metrics.yaml"
+        metrics_file.write_text(torchserve_metrics_yaml())
+        self.config_file.write_text(config_properties(self.model_store, self.ports, token_auth=token_auth,
+                                                      enable_model_api=enable_model_api,
+                                                      max_request_mb=max_request_mb, metrics_config=metrics_file))
+        model_args = [n if n.endswith(".mar") or "=" in n else f"{n}={n}.mar" for n in names]
+        cmd = [console_script("torchserve", "torchserve"), "--start", "--ncs", "--ts-config", str(self.config_file),
+               "--model-store", str(self.model_store), "--models", *model_args]
+        if not token_auth:
+            cmd.append("--disable-token-auth")
+        if enable_model_api:
+            cmd.append("--enable-model-api")
+        # Output to a file, not a pipe: the JVM inherits it and would keep a pipe open forever.
+        start_log = self.log_dir / "torchserve_start.out"
+        with open(start_log, "w") as out:
+            code = subprocess.run(cmd, cwd=self.run_dir, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL).returncode
+        if code != 0 or self.pid() is None:
+            raise TorchServeError(f"torchserve --start failed ({code}): {start_log.read_text()}")
+        expected = [n.split("=", 1)[0].removesuffix(".mar") for n in names]
+        try:
+            return self.wait_ready(expected, timeout_s=timeout_s)
+        except TorchServeError:
+            if stop_on_failure:
+                self.stop()
+            raise
+
+    def wait_ready(self, names: list[str], *, timeout_s: float = 300) -> dict:
+        """Poll the management API until each model has its minWorkers READY; fail fast with the
+        model's own error when a worker dies while loading."""
+        deadline = time.monotonic() + timeout_s
+        status: dict = {}
+        while True:
+            if self.pid() is None:
+                raise TorchServeError(f"TorchServe exited while starting (see {self.log_dir}):\n"
+                                      + self.startup_error())
+            status = self.models_status(names)
+            if status and all(s["ready"] for s in status.values()):
+                return status
+            for name in names:
+                if not status.get(name, {}).get("ready"):
+                    error = self.load_error(name)
+                    if error:
+                        raise TorchServeError(f"model {name!r} failed to load: {error}")
+            if time.monotonic() > deadline:
+                raise TorchServeError(f"models not READY after {timeout_s:.0f}s: {json.dumps(status)}; "
+                                      f"see {self.log_dir}")
+            time.sleep(0.5)
+
+    def api_key(self, api: str = "management") -> str | None:
+        """With token auth on, TorchServe writes its keys to key_file.json in the run folder."""
+        key_file = self.run_dir / "key_file.json"
+        try:
+            return json.loads(key_file.read_text())[api]["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def headers(self, api: str = "management") -> dict[str, str]:
+        key = self.api_key(api)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def models_status(self, names: list[str] | None = None) -> dict:
+        """{name: {"workers": [statuses], "min_workers": n, "ready": bool}} from the management API."""
+        requests = require("requests", "torchserve")
+        try:
+            headers = self.headers("management")
+            if names is None:
+                listing = requests.get(f"{self.management_url}/models", headers=headers, timeout=5).json()
+                names = [m["modelName"] for m in listing.get("models", [])]
+            status = {}
+            for name in names:
+                r = requests.get(f"{self.management_url}/models/{name}", headers=headers, timeout=5)
+                if r.status_code != 200:
+                    status[name] = {"workers": [], "min_workers": None, "ready": False}
+                    continue
+                desc = r.json()[0]
+                workers = [w.get("status") for w in desc.get("workers", [])]
+                min_workers = int(desc.get("minWorkers") or 1)
+                status[name] = {"workers": workers, "min_workers": min_workers,
+                                "ready": workers.count("READY") >= max(min_workers, 1)}
+            return status
+        except (requests.ConnectionError, requests.Timeout, ValueError):
+            return {}
+
+    def load_error(self, name: str) -> str | None:
+        """The exception a worker of ``name`` died with while loading, from model_log.log."""
+        log = self.log_dir / "model_log.log"
+        if not log.is_file():
+            return None
+        worker = re.compile(rf"W-\d+-{re.escape(name)}_[^ ]*-std(out|err) MODEL_LOG - (.*)$")
+        messages = [m.group(2) for m in map(worker.search, log.read_text(errors="replace").splitlines()) if m]
+        if not any("Traceback" in m for m in messages):
+            return None
+        exception = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*: ")
+        errors = [m for m in messages if exception.match(m)]
+        return errors[-1] if errors else messages[-1]
+
+    def startup_error(self) -> str:
+        """The JVM's own complaint (e.g. a port in use), else the end of ts_log.log."""
+        out = self.log_dir / "torchserve_start.out"
+        if out.is_file():
+            lines = out.read_text(errors="replace").splitlines()
+            errors = [line for line in lines if re.search(r"Exception|Error|Caused by", line)]
+            if errors:
+                return "\n".join(errors[:5])
+        return self.last_log_lines("ts_log.log", 20)
+
+    def last_log_lines(self, log_name: str, n: int) -> str:
+        log = self.log_dir / log_name
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.is_file() else ""
+
+    def stop(self, timeout_s: float = 60) -> bool:
+        """Stop the server and its workers; True if one was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        subprocess.run([console_script("torchserve", "torchserve"), "--stop", "--foreground"], cwd=self.run_dir, env=self.env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                       timeout=timeout_s + 10)
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return True
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are no conflict
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie is as good as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
