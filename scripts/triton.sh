@@ -27,7 +27,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # The weights (19 MB) are not in git; this command writes them.
 generate_repo() {
   "$PYTHON" -m splitpack.cli triton-repo --model tf_efficientnet_lite0 --pretrained \
-    --merge-layer blocks.2 --grid 2x2 --mode exact --instances 1 --out "$TRITON_REPO"
+    --merge-layer blocks.2 --grid 2x2 --mode exact --replicas 1 --out "$TRITON_REPO"
 }
 
 serve() {

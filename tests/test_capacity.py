@@ -157,28 +157,32 @@ def test_headroom_and_latency_limit_are_applied(small_plan):
 def test_written_torchserve_config_sets_workers_and_split_settings(small_plan, tmp_path):
     from splitpack.serving.config import ServingConfig
 
-    path = deploy.write_torchserve(small_plan, tmp_path / "model-config.yaml", kind="cpu")
+    path = deploy.write_torchserve(small_plan, tmp_path / "model-config.yaml", {"instance_kind": "cpu"})
     config = yaml.safe_load(path.read_text())
     rec = small_plan["recommended"]
     assert config["minWorkers"] == config["maxWorkers"] == rec["replicas"]
     assert config["batchSize"] == small_plan["batch_size"]
     handler = {k: v for k, v in config["handler"].items() if k != "weights_source"}
     serving = ServingConfig.from_mapping(handler)
-    assert serving.model_name == "resnet18" and serving.merge_layer == rec["merge_layer"]
-    assert "deviceType" not in config
-    assert deploy.torchserve_model_config(small_plan, kind="gpu")["deviceType"] == "gpu"
+    assert serving.model_name == "resnet18" and serving.merge_layer == (rec["merge_layer"] or "none")
+    assert config["deviceType"] == "cpu"
+    assert deploy.torchserve_model_config(small_plan, {"instance_kind": "gpu"})["deviceType"] == "gpu"
+    with pytest.raises(ValueError, match="batch_size: set by the plan"):
+        deploy.torchserve_model_config(small_plan, {"batch_size": 3})
 
 
+@pytest.mark.filterwarnings("ignore:resnet18.*RANDOM weights")
 def test_written_triton_config_sets_instance_count(small_plan, tmp_path):
     from splitpack.serving.triton.repo import config_parameters, read_model_config
 
-    model_dir = deploy.write_triton(small_plan, tmp_path / "repo", kind="cpu", name="resnet18_plan")
+    model_dir = deploy.write_triton(small_plan, tmp_path / "repo", {"instance_kind": "cpu", "topk": 3},
+                                    name="resnet18_plan")
     config = read_model_config(model_dir / "config.pbtxt")
     rec = small_plan["recommended"]
     assert [g.count for g in config.instance_group] == [rec["replicas"]]
     assert config.max_batch_size == small_plan["batch_size"]
     params = config_parameters(config)
-    assert params["merge_layer"] == (rec["merge_layer"] or "")
+    assert params["merge_layer"] == (rec["merge_layer"] or "none") and params["topk"] == "3"
     assert (model_dir / "1" / "model.py").is_file()
 
 
@@ -242,12 +246,13 @@ def two_replica_split_plan(small_plan):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:resnet18.*RANDOM weights")
 def test_written_triton_model_loads_with_its_instances(two_replica_split_plan, tmp_path):
     from splitpack.serving.net import free_port
     from splitpack.serving.triton.server import TritonServer
 
     repo = tmp_path / "repo"
-    deploy.write_triton(two_replica_split_plan, repo, kind="cpu", name="resnet18_plan")
+    deploy.write_triton(two_replica_split_plan, repo, {"instance_kind": "cpu"}, name="resnet18_plan")
     import tritonclient.grpc as grpcclient
 
     with TritonServer(repo, grpc_port=free_port(), run_dir=tmp_path / "run", models=["resnet18_plan"]) as server:
@@ -266,7 +271,7 @@ def test_written_torchserve_archive_starts_its_workers(two_replica_split_plan, t
     from splitpack.serving.torchserve.server import Ports, TorchServe
 
     store = tmp_path / "store"
-    mar = deploy.write_torchserve(two_replica_split_plan, store / "resnet18_plan.mar", kind="cpu")
+    mar = deploy.write_torchserve(two_replica_split_plan, store / "resnet18_plan.mar", {"instance_kind": "cpu"})
     name, config = read_archive_config(mar)
     assert config["minWorkers"] == config["maxWorkers"] == 2 and config["batchSize"] == 2
     assert config["handler"]["merge_layer"] == "layer1"

@@ -59,13 +59,14 @@ def test_from_mapping_reads_strings():
          "native_resolution": "true", "max_side": "512", "max_pixels": "1000000"}
     )
     assert cfg == ServingConfig(MODEL, "blocks.2", (2, 3), "seed", 3, True, 512, 1_000_000)
+    assert (cfg.merge_layer, cfg.grid, cfg.topk, cfg.native_resolution) == ("blocks.2", "2x3", 3, True)
     assert ServingConfig.from_mapping(cfg.to_mapping()) == cfg
 
 
-@pytest.mark.parametrize("merge_layer", [None, "", "  ", "none"])
+@pytest.mark.parametrize("merge_layer", [None, "", "  ", "none", "NONE"])
 def test_empty_merge_layer_means_unsplit(merge_layer):
     cfg = ServingConfig.from_mapping({"model_name": MODEL, "merge_layer": merge_layer})
-    assert cfg.merge_layer is None and not cfg.split
+    assert cfg.merge_layer == "none" and cfg.plan is None and not cfg.split
 
 
 @pytest.mark.parametrize(
@@ -140,7 +141,7 @@ def test_native_resolution_keeps_size_up_to_max_side(cat_bytes):
         native.decode(_encode(Image.new("RGB", (200, 8))))
 
 
-# -- predict / top_k / infer ------------------------------------------------------------
+# -- predict / top_k / serve ------------------------------------------------------------
 
 
 def test_predict_batches_mixed_sizes_in_order(cat_bytes):
@@ -165,10 +166,37 @@ def test_top_k_labels_come_from_timm(predictor, cat_bytes):
     assert predictor.label(281) == "tabby, tabby cat"
 
 
-def test_infer_isolates_bad_requests(predictor, cat_bytes):
-    results = predictor.infer([cat_bytes, b"garbage", cat_bytes, b""])
-    assert isinstance(results[1], BadRequest) and isinstance(results[3], BadRequest)
-    assert results[0] == results[2] and len(results[0]) == 5
+def test_serve_isolates_bad_requests(predictor, cat_bytes):
+    """Predictor.serve is what both servers call: one result per request, a bad one fails alone."""
+    results = predictor.serve([[cat_bytes], [b"garbage"], cat_bytes, [b""], BadRequest("no image field"),
+                               [cat_bytes, b"junk"]])
+    assert [type(r).__name__ for r in results] == ["Tensor", "BadRequest", "Tensor", "BadRequest", "BadRequest",
+                                                   "BadRequest"]
+    assert "not an image" in str(results[1]) and "empty request body" in str(results[3])
+    assert str(results[4]) == "no image field"
+    assert str(results[5]).startswith("image 1: not an image")  # a request of several images names the bad one
+    torch.testing.assert_close(results[0], results[2])
+    assert results[0].shape == (1, 1000) and len(predictor.top_k(results[0][0])) == 5
+
+
+def test_serve_reports_a_server_side_failure_for_that_request_only(cat_bytes):
+    """An error that is not the caller's (fault injected: the model fails on 40x40 inputs) is an
+    InferenceFailed for that request (HTTP 500 / INTERNAL); the other requests are served."""
+    from splitpack.serving.predictor import InferenceFailed
+
+    predictor = _predictor(native_resolution=True, max_side=300)
+    healthy = predictor.model
+
+    def fails_on_40x40(x):
+        if x.shape[-1] == 40:
+            raise RuntimeError("device fell over")
+        return healthy(x)
+
+    predictor.model = fails_on_40x40
+    small = _encode(Image.new("RGB", (40, 40), "red"), "PNG")
+    results = predictor.serve([[cat_bytes], [small], [cat_bytes]])
+    assert isinstance(results[1], InferenceFailed) and "RuntimeError: device fell over" in str(results[1])
+    torch.testing.assert_close(results[0], results[2])
 
 
 def test_describe_reports_effective_settings(predictor):
@@ -215,7 +243,7 @@ def test_unknown_merge_layer_lists_valid_ones():
 def test_pretrained_weights_label_the_cat(cat_bytes):
     """Real weights + the transform they were trained with (kept through data_config)."""
     pretrained = Predictor(ServingConfig(MODEL), weights="pretrained")
-    top = pretrained.infer([cat_bytes])[0]
+    top = pretrained.top_k(pretrained.serve([cat_bytes])[0][0])
     assert top[0]["index"] in range(281, 286), top  # the ImageNet cat classes
     pinned = {k: pretrained.data_config[k] for k in ("mean", "std", "crop_pct", "interpolation")}
     cfg = ServingConfig.from_mapping({"model_name": MODEL, "data_config": json.dumps(pinned)})
@@ -226,6 +254,6 @@ def test_pretrained_weights_label_the_cat(cat_bytes):
 def test_image_split_pack_cannot_run_is_a_bad_request(split_native, cat_bytes):
     """16x16 merges to 2x2 at blocks.2: too few pixels for a 2x3 grid; the rest are served."""
     tiny = _encode(Image.new("RGB", (16, 16), "blue"), "PNG")
-    results = split_native.infer([cat_bytes, tiny, cat_bytes])
+    results = split_native.serve([cat_bytes, tiny, cat_bytes])
     assert isinstance(results[1], BadRequest) and "cannot be served with split-pack 2x3" in str(results[1])
-    assert results[0] == results[2] and len(results[0]) == 5
+    torch.testing.assert_close(results[0], results[2])

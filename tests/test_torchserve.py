@@ -28,10 +28,11 @@ MERGE_LAYER = "blocks.2"  # exact mode supports it (checked by `splitpack archiv
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 OCTET = {"Content-Type": "application/octet-stream"}
 EXACT, UNSPLIT, SEED = "lite0_exact", "lite0_unsplit", "lite0_seed"
+NATIVE = "lite0_native_2x3"  # exact split-pack 2x3 at native resolution: a 16x16 image is too small
 
 
 def archive(store, name: str, *extra: str) -> None:
-    args = ["archive", "--model", MODEL, "--pretrained", "--name", name, "--export-path", str(store), *extra]
+    args = ["archive", "--model", MODEL, "--pretrained", "--name", name, "--out", str(store), *extra]
     assert cli.main(args) == 0
 
 
@@ -53,10 +54,12 @@ def cat() -> bytes:
 def model_store(tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
     split = ["--merge-layer", MERGE_LAYER, "--grid", "2x2"]
-    archive(store, EXACT, *split, "--mode", "exact", "--batch-size", "4", "--max-batch-delay", "100",
-            "--workers", "2")
-    archive(store, UNSPLIT, "--batch-size", "4", "--max-batch-delay", "20")
-    archive(store, SEED, *split, "--mode", "seed", "--batch-size", "4", "--max-batch-delay", "300")
+    archive(store, EXACT, *split, "--mode", "exact", "--batch-size", "4", "--max-batch-delay-ms", "100",
+            "--replicas", "2")
+    archive(store, UNSPLIT, "--batch-size", "4", "--max-batch-delay-ms", "20")
+    archive(store, SEED, *split, "--mode", "seed", "--batch-size", "4", "--max-batch-delay-ms", "300")
+    archive(store, NATIVE, "--merge-layer", MERGE_LAYER, "--grid", "2x3", "--native-resolution", "--max-side", "300",
+            "--batch-size", "4", "--max-batch-delay-ms", "500")
     return store
 
 
@@ -96,7 +99,7 @@ def test_config_properties_binds_loopback_only(tmp_path):
 
 
 def test_archive_refuses_unknown_merge_layer(tmp_path, capsys):
-    code = cli.main(["archive", "--model", MODEL, "--merge-layer", "blocks.99", "--export-path", str(tmp_path)])
+    code = cli.main(["archive", "--model", MODEL, "--merge-layer", "blocks.99", "--out", str(tmp_path)])
     assert code == 2
     err = capsys.readouterr().err
     assert "unknown merge layer 'blocks.99'" in err and "blocks.2" in err
@@ -191,6 +194,24 @@ def test_one_bad_image_in_a_batch_of_four(server, cat):
     assert good[0] == good[1] == good[2]
 
 
+def tiny_png(side: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), "blue").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_image_too_small_for_the_grid_is_a_400(server, cat):
+    """The same isolation as Triton (Predictor.serve): 16x16 merges to 2x2 at blocks.2, too few pixels
+    for 2x3 packs -> HTTP 400 for that request; the others of the batch are served."""
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(lambda body: predict(server, NATIVE, body), [cat, tiny_png(), cat]))
+    assert responses[1].status_code == 400, responses[1].text
+    assert "cannot be served with split-pack 2x3" in responses[1].json()["message"]
+    for response in (responses[0], responses[2]):
+        assert response.status_code == 200 and response.json()["predictions"][0]["index"] in CAT_CLASSES
+
+
 @pytest.mark.slow
 def test_concurrent_clients_with_batching(server, cat):
     reference = probabilities(predict(server, EXACT, cat))
@@ -225,7 +246,7 @@ def test_concurrent_clients_with_batching(server, cat):
 @pytest.mark.slow
 def test_unknown_merge_layer_fails_to_load_and_names_valid_layers(tmp_path, capsys):
     store = tmp_path / "store"
-    archive(store, "lite0_bad_layer", "--merge-layer", "blocks.99", "--no-validate")
+    archive(store, "lite0_bad_layer", "--merge-layer", "blocks.99", "--no-check")
     ports = free_ports(5)
     run_dir = tmp_path / "run"
     code = cli.main(["serve", "torchserve", "start", "--model-store", str(store), "--run-dir", str(run_dir),
@@ -250,7 +271,7 @@ def test_archive_from_an_edited_model_config(tmp_path):
                           "topk": "3"}}
     config = tmp_path / "model-config.yaml"
     config.write_text(yaml.safe_dump(edited))
-    assert cli.main(["archive", "--config", str(config), "--name", "edited", "--export-path", str(tmp_path)]) == 0
+    assert cli.main(["archive", "--config", str(config), "--name", "edited", "--out", str(tmp_path)]) == 0
     name, archived = read_archive_config(tmp_path / "edited.mar")
     assert name == "edited" and archived["batchSize"] == 8 and archived["minWorkers"] == 2
     handler = archived["handler"]

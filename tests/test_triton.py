@@ -27,6 +27,7 @@ from splitpack.serving.triton.repo import (INPUT_IMAGE, OUTPUT_PROBABILITIES, OU
                               render_config)
 from splitpack.serving.triton.client import classify, classify_each, image_input, parse_top_k
 from splitpack.serving.triton.model import format_top_k
+from splitpack.serving.config import ServingConfig
 from splitpack.serving.net import free_port
 from splitpack.serving.triton.server import TritonServer, locate_triton, prepare_backends, read_pid
 
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tf_efficientnet_lite0"
 COMMITTED = ROOT / "triton_repo" / MODEL
 BAD_MODEL = "lite0_unknown_merge_layer"
+NATIVE_MODEL = "lite0_native_2x3"  # exact split-pack 2x3 at native resolution: a 16x16 image is too small
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
@@ -67,8 +69,8 @@ def test_bundled_server_is_found_and_backends_are_copied(tmp_path):
 
 
 def test_rendered_config_parses_with_every_parameter():
-    spec = TritonModelSpec("tv:resnet18", merge_layer="layer1", grid="3x2", mode="seed", instances=3,
-                           max_batch_size=4, topk=3)
+    spec = TritonModelSpec(ServingConfig("tv:resnet18", merge_layer="layer1", grid="3x2", mode="seed", topk=3),
+                           {"replicas": 3, "batch_size": 4})
     config = parse_model_config(render_config(spec, num_classes=1000, weights="model.pt"))
     assert config.name == "tv_resnet18" and config.max_batch_size == 4
     assert config.instance_group[0].count == 3
@@ -93,8 +95,10 @@ def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("triton_repo")
     env = dict(os.environ, TRITON_REPO=str(repo), PYTHON=sys.executable)
     subprocess.run(["bash", str(ROOT / "scripts" / "triton.sh"), "repo"], env=env, check=True, timeout=300)
-    generate_model_dir(TritonModelSpec(MODEL, merge_layer="blocks.no_such_layer", name=BAD_MODEL),
+    generate_model_dir(TritonModelSpec(ServingConfig(MODEL, merge_layer="blocks.no_such_layer"), name=BAD_MODEL),
                        repo, check=False)
+    native = ServingConfig(MODEL, merge_layer="blocks.2", grid="2x3", native_resolution=True, max_side=300)
+    generate_model_dir(TritonModelSpec(native, name=NATIVE_MODEL, pretrained=True), repo)
     return repo
 
 
@@ -173,7 +177,7 @@ def test_server_runs_split_pack_as_configured(server):
 
 @pytest.mark.slow
 def test_exact_split_equals_unsplit_and_cat_is_a_cat(client, repo):
-    from splitpack.serving.predictor import Predictor, ServingConfig
+    from splitpack.serving.predictor import Predictor
 
     image = cat_image()
     served = classify(client, MODEL, [image], probabilities=True)[0]
@@ -231,6 +235,35 @@ def test_bad_requests_fail_alone_and_the_model_keeps_serving(client):
     assert "INVALID_ARGUMENT" in str(err.value.status())
     assert client.is_server_live() and client.is_model_ready(MODEL)
     assert classify(client, MODEL, [image])[0].top_k[0]["index"] in CAT_CLASSES
+
+
+def tiny_png(side: int = 16) -> bytes:
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), "blue").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_image_too_small_for_the_grid_is_invalid_argument(client):
+    """The same isolation as TorchServe (Predictor.serve): 16x16 merges to 2x2 at blocks.2, too few
+    pixels for 2x3 packs -> INVALID_ARGUMENT for that request, the others of the batch are served."""
+    from tritonclient.utils import InferenceServerException
+
+    client.load_model(NATIVE_MODEL)
+    try:
+        image = cat_image()
+        results = classify_each(client, NATIVE_MODEL, [image, tiny_png(), image])
+        assert results[0].error is None and results[2].error is None
+        assert results[0].top_k[0]["index"] in CAT_CLASSES
+        assert "cannot be served with split-pack 2x3" in results[1].error
+        with pytest.raises(InferenceServerException, match="cannot be served with split-pack 2x3") as err:
+            classify(client, NATIVE_MODEL, [tiny_png()])
+        assert "INVALID_ARGUMENT" in str(err.value.status())
+    finally:
+        client.unload_model(NATIVE_MODEL)
 
 
 @pytest.mark.slow

@@ -1,56 +1,67 @@
-"""Deploy a capacity plan: the Triton model directory or TorchServe config that runs its recommendation."""
+"""Deploy a capacity plan: the Triton model directory or TorchServe config that runs its recommendation.
+
+The plan decides the merge layer, grid, mode, replicas and batch size; every other
+serving parameter (schema: :mod:`splitpack.serving.config`) comes from ``settings``.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
+
+from splitpack.serving.config import DEPLOY, MODEL, BY_NAME, ServingConfig
+
+# what a plan decides; the CLI offers the schema's other flags for the written configs
+PLANNED = ("model_name", "merge_layer", "grid", "mode", "replicas", "batch_size")
 
 
-def _serving_mapping(plan: dict) -> dict:
-    from splitpack.serving.predictor import ServingConfig
-
+def planned_settings(plan: dict, settings: Mapping[str, Any] | None, server: str) -> tuple[ServingConfig, dict[str, Any]]:
+    """(serving config, ``server``'s deploy values) of the plan's recommendation; ``settings`` fill the
+    schema's other parameters (those of another server are left out)."""
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
+    decided = sorted(set(settings) & set(PLANNED))
+    if decided:
+        raise ValueError(f"{', '.join(decided)}: set by the plan, not by the written config")
     rec = plan["recommended"]
-    return ServingConfig(plan["model"], merge_layer=rec["merge_layer"], grid=rec["grid"] or "2x2",
-                         mode=rec["mode"] or "exact").to_mapping()
+    config = ServingConfig.from_mapping({k: v for k, v in settings.items() if BY_NAME[k].section == MODEL} | {
+        "model_name": plan["model"], "merge_layer": rec["merge_layer"], "grid": rec["grid"] or "2x2",
+        "mode": rec["mode"] or "exact"})
+    deploy = {k: v for k, v in settings.items() if BY_NAME[k].section == DEPLOY and server in BY_NAME[k].servers}
+    deploy |= {"replicas": max(1, rec["replicas"]), "batch_size": plan["batch_size"]}
+    return config, deploy
 
 
-def write_triton(plan: dict, repo: str | Path, kind: str = "gpu", name: str | None = None,
+def write_triton(plan: dict, repo: str | Path, settings: Mapping[str, Any] | None = None, name: str | None = None,
                  pretrained: bool = False, weights: str | None = None) -> Path:
     """A Triton model directory for the recommendation: instance_group count = replicas."""
     from splitpack.serving.triton.repo import TritonModelSpec, generate_model_dir
 
-    rec = plan["recommended"]
-    spec = TritonModelSpec(model=plan["model"], merge_layer=rec["merge_layer"], grid=rec["grid"] or "2x2",
-                           mode=rec["mode"] or "exact", name=name, pretrained=pretrained,
-                           weights=Path(weights) if weights else None, instances=max(1, rec["replicas"]),
-                           kind=kind, max_batch_size=plan["batch_size"])
+    config, deploy = planned_settings(plan, settings, "triton")
+    spec = TritonModelSpec(config, deploy, name=name, pretrained=pretrained, weights=weights)
     return generate_model_dir(spec, Path(repo))
 
 
-def torchserve_model_config(plan: dict, kind: str = "gpu") -> dict:
+def torchserve_model_config(plan: dict, settings: Mapping[str, Any] | None = None) -> dict:
     """model-config.yaml content: min/maxWorkers = replicas, batchSize = the planned batch."""
+    from splitpack.serving.config import deploy_settings
     from splitpack.serving.torchserve.archive import model_config_yaml
 
-    config = model_config_yaml(_serving_mapping(plan), batch_size=plan["batch_size"],
-                               workers=max(1, plan["recommended"]["replicas"]))
-    if kind == "gpu":
-        config["deviceType"] = "gpu"
-    return config
+    config, deploy = planned_settings(plan, settings, "torchserve")
+    return model_config_yaml(config, deploy_settings("torchserve", deploy), weights_source="file")
 
 
-def write_torchserve(plan: dict, path: str | Path, kind: str = "gpu", pretrained: bool = False,
-                     weights: str | None = None) -> Path:
+def write_torchserve(plan: dict, path: str | Path, settings: Mapping[str, Any] | None = None,
+                     pretrained: bool = False, weights: str | None = None) -> Path:
     """``*.mar``: a full archive via ``splitpack archive``; anything else: the model-config.yaml
-    to give torch-model-archiver ``--config-file``."""
+    to give torch-model-archiver ``--config-file`` (written all or nothing)."""
     import yaml
 
+    from splitpack.publish import write_text
+
     path = Path(path)
-    rec = plan["recommended"]
     if path.suffix == ".mar":
         from splitpack.serving.torchserve.archive import build_archive
 
-        return build_archive(plan["model"], pretrained=pretrained, weights=weights, merge_layer=rec["merge_layer"],
-                             grid=rec["grid"] or "2x2", mode=rec["mode"] or "exact", batch_size=plan["batch_size"],
-                             workers=max(1, rec["replicas"]), name=path.stem, export_path=path.parent or ".",
-                             force=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(torchserve_model_config(plan, kind), sort_keys=False))
-    return path
+        config, deploy = planned_settings(plan, settings, "torchserve")
+        return build_archive(config, deploy, pretrained=pretrained, weights=weights, name=path.stem,
+                             export_path=path.parent, force=True)
+    return write_text(path, yaml.safe_dump(torchserve_model_config(plan, settings), sort_keys=False))

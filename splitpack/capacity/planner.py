@@ -117,6 +117,10 @@ def _measure_split(p: PlanInputs, model, x, base: Measurement, notes: list[str],
     from splitpack.capacity.candidates import CandidateSearch
 
     every = list(splitpack.merge_layers(model))
+    unknown = [n for n in p.merge_layers or () if n not in every]
+    if unknown:
+        raise ValueError(f"unknown merge layer(s) {', '.join(map(repr, unknown))} for {p.model}; "
+                         f"valid merge layers (execution order): {', '.join(every)}")
     search = CandidateSearch(model, x, every)
     candidates: list[Candidate] = []
     for mode in p.modes:

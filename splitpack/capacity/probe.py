@@ -116,15 +116,18 @@ def _report(result: dict[str, Any]) -> None:
 
 def run_probe(model_name: str, size: int, batch_size: int, merge_layer: str | None, grid: str, mode: str,
               device: str, repeats: int = 1, hold: bool = False) -> int:
-    """Probe one replica and report it as JSON lines on stdout (one even when it fails); the exit status."""
+    """Probe one replica and report it as JSON lines on stdout (one even when it fails at run time); the
+    exit status. Settings that cannot work (an unknown model or merge layer) raise instead: user errors."""
+    from splitpack.errors import SplitError
+
     try:
         result, module, x = replica_probe(model_name, size, batch_size, merge_layer, grid, mode, device, repeats)
-    except torch.cuda.OutOfMemoryError as e:
-        _report({"pid": os.getpid(), "ok": False, "error": f"out of memory: {e}"})
-        return OUT_OF_MEMORY_STATUS
-    except Exception as e:  # the parent reads one JSON line whatever happens
-        _report({"pid": os.getpid(), "ok": False, "error": f"{type(e).__name__}: {e}"})
-        return 1
+    except (ValueError, SplitError, FileNotFoundError):
+        raise
+    except Exception as e:  # the parent reads one JSON line whatever happens at run time
+        oom = isinstance(e, torch.cuda.OutOfMemoryError)
+        _report({"pid": os.getpid(), "ok": False, "error": f"out of memory: {e}" if oom else f"{type(e).__name__}: {e}"})
+        return OUT_OF_MEMORY_STATUS if oom else 1
     _report(result | {"ok": True})
     return _hold(module, x) if hold else 0
 

@@ -80,7 +80,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         module = _load(name)
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        p.set_defaults(_run=module.run, _prog=p.prog)
+        p.set_defaults(_run=module.run, _parser=p)
         module.add_arguments(p)
     return parser
 
@@ -97,8 +97,10 @@ def _show_warning(prog: str, default):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
-    args = build_parser(command).parse_args(argv)
-    prog = args._prog
+    args, unknown = build_parser(command).parse_known_args(argv)
+    if unknown:  # reported by the sub-command's parser, so the message names the command
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    prog = args._parser.prog
     from splitpack.errors import ServerError
 
     with warnings.catch_warnings():

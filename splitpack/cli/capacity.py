@@ -9,7 +9,11 @@ from splitpack.capacity.footprint import (CONTEXT_OVERHEAD_SOURCE, DEFAULT_ALLOC
 from splitpack.capacity.planner import PlanInputs, plan_capacity
 from splitpack.cli import arg_type, common
 from splitpack.core.plan import parse_grid
+from splitpack.capacity.deploy import PLANNED
 from splitpack.measure.units import GiB, MiB, parse_bytes
+from splitpack.serving.config import add_flags, given
+
+WRITTEN_DEFAULTS = {"instance_kind": "gpu"}  # the plan is for a GPU
 
 
 def memory_size(text: str) -> str:
@@ -46,14 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_json(parser, "the plan")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--png", help="write a plot of the plan here")
-    parser.add_argument("--write-triton", metavar="DIR", help="write a Triton model directory for the recommendation")
-    parser.add_argument("--write-torchserve", metavar="FILE",
-                        help="write model-config.yaml (or a whole archive if FILE ends in .mar)")
-    parser.add_argument("--instance-kind", choices=["gpu", "cpu"], default="gpu",
-                        help="instance kind in the written configs (default gpu)")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", action="store_true", help="ship splitpack's offline weights in written configs")
-    weights.add_argument("--weights", help="state dict to ship in written configs")
+    written = parser.add_argument_group("written configs", "--write-triton/--write-torchserve deploy the "
+                                        "recommendation; the plan sets " + ", ".join(PLANNED) + ", these the rest")
+    written.add_argument("--write-triton", metavar="DIR", help="write a Triton model directory for the recommendation")
+    written.add_argument("--write-torchserve", metavar="FILE",
+                         help="write model-config.yaml (or a whole archive if FILE ends in .mar)")
+    add_flags(written, None, exclude=PLANNED, defaults=WRITTEN_DEFAULTS)
+    common.add_weights(written, "ship in the written configs:")
 
 
 def detect_gpu_memory(index: int = 0) -> tuple[int, str]:
@@ -96,11 +99,12 @@ def run(args: argparse.Namespace) -> int:
     if args.png:
         common.write_plot(args.png, lambda path: plot_plan(plan, path))
         plan["png"] = args.png
+    settings = WRITTEN_DEFAULTS | {k: v for k, v in given(args).items() if k not in PLANNED}
     if args.write_triton:
-        plan["triton_model_dir"] = str(write_triton(plan, args.write_triton, kind=args.instance_kind,
-                                                    pretrained=args.pretrained, weights=args.weights))
+        plan["triton_model_dir"] = str(write_triton(plan, args.write_triton, settings, pretrained=args.pretrained,
+                                                    weights=args.weights))
     if args.write_torchserve:
-        plan["torchserve_config"] = str(write_torchserve(plan, args.write_torchserve, kind=args.instance_kind,
+        plan["torchserve_config"] = str(write_torchserve(plan, args.write_torchserve, settings,
                                                          pretrained=args.pretrained, weights=args.weights))
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0

@@ -13,7 +13,7 @@ from splitpack.serving.triton.client import DEFAULT_MODEL, DEFAULT_URL, classify
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="server", required=True)
     p = sub.add_parser("triton", help="call Triton over gRPC")
-    p.set_defaults(_prog=p.prog)
+    p.set_defaults(_parser=p)
     add_triton_arguments(p)
 
 

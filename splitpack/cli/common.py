@@ -58,3 +58,16 @@ def write_plot(path: str | Path, draw: Callable[[Path], None]) -> Path:
     with staged_path(path) as tmp:
         draw(tmp)
     return Path(path)
+
+
+def add_weights(parser: argparse.ArgumentParser, what: str = "package") -> None:
+    """``--pretrained`` or ``--weights FILE`` (neither: random weights, with a warning)."""
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help=f"{what} splitpack's offline ImageNet weights (tf_efficientnet_lite0/1/2)")
+    weights.add_argument("--weights", metavar="FILE", help=f"state dict file (.pt/.pth) to {what}")
+
+
+def add_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip loading the settings as the server will and classifying the sample image")

@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 from splitpack.cli import arg_type
+from splitpack.cli import common
 from splitpack.cli.common import grid_arg
 from splitpack.core.plan import parse_grid
 from splitpack.errors import ServerError
 from splitpack.serving.extras import require
+from splitpack.serving.config import ServingConfig
 from splitpack.serving.net import free_ports
 from splitpack.serving.predictor import SAMPLE_IMAGE
 from splitpack.serving.torchserve.archive import DEFAULT_MODEL_STORE, build_archive
@@ -54,15 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", type=arg_type(grid_arg, "grid"), default=DEMO_GRID)
     parser.add_argument("--model-store", default=str(DEFAULT_MODEL_STORE))
     parser.add_argument("--run-dir", default=str(DEMO_RUN_DIR))
-    parser.add_argument("--memory-sizes", default="224,896", help="input sides for the memory comparison")
+    parser.add_argument("--memory-sizes", type=arg_type(_sizes, "sizes"), default=[224, 896],
+                        help="input sides for the memory comparison (default: 224,896)")
+
+
+def _sizes(text: str) -> list[int]:
+    return [common.positive_int(s) for s in text.split(",") if s.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
     grid = parse_grid(args.grid)
+    image = Path(args.image)
+    if not image.is_file():
+        raise FileNotFoundError(f"image {image} does not exist")
     t0 = time.monotonic()
-    mar = build_archive(DEMO_MODEL, pretrained=True, merge_layer=args.merge_layer, grid=grid, mode="exact",
-                        batch_size=4, max_batch_delay_ms=20, name=DEMO_NAME, export_path=args.model_store,
-                        force=True)
+    config = ServingConfig(DEMO_MODEL, merge_layer=args.merge_layer, grid=grid, mode="exact")
+    mar = build_archive(config, {"batch_size": 4, "max_batch_delay_ms": 20}, pretrained=True, name=DEMO_NAME,
+                        export_path=args.model_store, force=True)
     print(f"packaged {mar}: {DEMO_MODEL} (pretrained ImageNet weights), exact split-pack "
           f"{grid[0]}x{grid[1]} merged at {args.merge_layer} ({time.monotonic() - t0:.1f} s)")
 
@@ -73,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"TorchServe READY in {time.monotonic() - t0:.1f} s at {server.inference_url} "
               f"(logs: {server.log_dir})")
-        image = Path(args.image)
         requests = require("requests", "torchserve")
         response = requests.post(f"{server.inference_url}/predictions/{DEMO_NAME}", data=image.read_bytes(),
                                  headers={"Content-Type": "application/octet-stream"}, timeout=120)
@@ -86,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         server.stop()
         print("TorchServe stopped")
 
-    sizes = [int(s) for s in args.memory_sizes.split(",") if s.strip()]
+    sizes = args.memory_sizes
     print("peak activation memory, batch 1 (splitpack.measure.meter.peak_activation_bytes, CPU):")
     for side, unsplit, split in memory_saving(DEMO_MODEL, args.merge_layer, grid, sizes):
         print(f"  3x{side}x{side}: unsplit {unsplit / 2**20:7.2f} MiB -> split-pack {split / 2**20:7.2f} MiB "

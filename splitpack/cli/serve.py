@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="server", required=True)
     for name, help_text in SERVERS.items():
         p = sub.add_parser(name, help=help_text)
-        p.set_defaults(_run=globals()[f"serve_{name}"], _prog=p.prog)
+        p.set_defaults(_run=globals()[f"serve_{name}"], _parser=p)
         globals()[f"add_{name}_arguments"](p)
 
 
@@ -47,6 +47,8 @@ def add_torchserve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_torchserve(args: argparse.Namespace) -> int:
     if args.action == "start":
+        if not Path(args.model_store).is_dir():
+            raise FileNotFoundError(f"model store {args.model_store} does not exist; `splitpack archive` writes one")
         ports = torchserve_server.Ports(args.inference_port, args.management_port, args.metrics_port,
                                         args.grpc_port, args.grpc_port + 1)
         server = torchserve_server.TorchServe(run_dir=args.run_dir, model_store=args.model_store, ports=ports)
@@ -104,6 +106,8 @@ def serve_triton(args: argparse.Namespace) -> int:
         server.stop(args.timeout)
         print(f"tritonserver stopped (pid {pid})")
         return 0
+    if not Path(args.repo).is_dir():
+        raise FileNotFoundError(f"model repository {args.repo} does not exist; `splitpack triton-repo` writes one")
     server.start(args.timeout)
     print(f"tritonserver ready: gRPC {server.url}, pid {server.process.pid}, log {server.log_file}")
     return 0

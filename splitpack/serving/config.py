@@ -1,62 +1,123 @@
-"""The settings of one deployed model, as both servers and the CLI read them.
+"""One schema for the serving parameters of a deployed model: :data:`PARAMS`.
 
-A :class:`ServingConfig` comes from the ``handler:`` section of a TorchServe
-model-config.yaml or the ``parameters`` of a Triton config.pbtxt, so values may
-arrive as strings; every field is parsed and checked here.
+Each parameter is declared once, here, with its parser, default, help text and
+the servers that use it. Everything else is derived from the declarations:
+
+* :class:`ServingConfig` (the predictor's settings, section ``model``): the
+  ``handler:`` section of a TorchServe model-config.yaml and the ``parameters``
+  of a Triton config.pbtxt, where every value is text;
+* the deployment settings (section ``deploy``: replicas, batching, device kind),
+  written into each server's own config keys (:attr:`Param.native`);
+* the CLI flags of ``splitpack archive``, ``splitpack triton-repo`` and
+  ``splitpack capacity --write-*`` (:func:`add_flags`);
+* the parameter table in docs/parameters.md (:func:`markdown_table`; a test
+  checks the file against it).
+
+Adding a parameter = one :class:`Param` entry in :data:`PARAMS` (plus its test);
+the predictor or the servers then read ``config.<name>``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
-from splitpack.core.plan import parse_grid
+from splitpack.core.plan import AutoPlan, Plan, grid_text, parse_grid, parse_plan
 
+SERVERS = ("torchserve", "triton")
+MODEL = "model"    # the predictor's settings: handler: section / config.pbtxt parameters
+DEPLOY = "deploy"  # the server's own settings: workers/instances, batching, device kind
 MODES = ("exact", "seed")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+UNSPLIT = "none"   # how an unsplit model's merge_layer is written ("" is read the same)
+INSTANCE_KINDS = ("auto", "cpu", "gpu")
 # timm data-config keys a deployment may pin (they describe how the weights were trained).
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+# keys the archive/repo generators add next to the parameters, describing where the weights came from
+ARTIFACT_KEYS = {"torchserve": ("weights_source",), "triton": ("weights",)}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 
 
-def _parse_bool(name: str, value: Any) -> bool:
+# --- value parsers: raw value (text from YAML, pbtxt or the CLI, or a typed value) -> value ------------
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty name, got {value!r}")
+    return value.strip()
+
+
+def boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise ValueError(f"{name}: expected a boolean (true/false), got {value!r}")
+    raise ValueError(f"expected a boolean (true/false), got {value!r}")
 
 
-def _parse_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
-    try:
-        number = int(value.strip()) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected an integer, got {value!r}") from None
-    if isinstance(value, float) and value != number:
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
-    if number < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {number}")
-    return number
+def integer(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            number = int(value.strip()) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an integer, got {value!r}") from None
+        if isinstance(value, float) and value != number:
+            raise ValueError(f"expected an integer, got {value!r}")
+        if number < minimum:
+            raise ValueError(f"must be >= {minimum}, got {number}")
+        return number
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
-def _parse_data_config(value: Any) -> dict | None:
+def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        word = str(value).strip().lower()
+        if word not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return word
+    parse.__name__ = "one of " + ", ".join(options)
+    return parse
+
+
+def merge_layer_text(value: Any) -> str:
+    """``layer2``, ``layer2,global_pool``, a list of names, ``auto``; ``""``/``none``/None = unsplit."""
+    plan = parse_plan(value, (1, 1))
+    if plan is None:
+        return UNSPLIT
+    return str(plan) if isinstance(plan, AutoPlan) else plan.merge_layer_text
+
+
+def grid_list_text(value: Any) -> str:
+    """``2x2``, ``2``, ``(2, 3)`` for one grid; ``4x4,2x2`` (or a list) for one grid per stage."""
+    if isinstance(value, str):
+        items: list[Any] = value.split(",")
+    elif isinstance(value, list) and value and all(isinstance(g, (str, list, tuple)) for g in value):
+        items = list(value)
+    else:
+        items = [value]
+    return ",".join(grid_text(parse_grid(g)) for g in items)
+
+
+def data_config(value: Any) -> dict | None:
+    """timm data-config overrides: a mapping or its JSON text; None/"" = the model's own."""
     if value is None or value == "" or value == {}:
         return None
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise ValueError(f"data_config: expected a mapping or a JSON object, got {value!r} ({e})") from None
+            raise ValueError(f"expected a mapping or a JSON object, got {value!r} ({e})") from None
     if not isinstance(value, Mapping):
-        raise ValueError(f"data_config: expected a mapping, got {value!r}")
+        raise ValueError(f"expected a mapping, got {value!r}")
     unknown = sorted(set(value) - set(DATA_CONFIG_KEYS))
     if unknown:
-        raise ValueError(f"data_config: unknown key(s) {', '.join(unknown)}; known: {', '.join(DATA_CONFIG_KEYS)}")
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(DATA_CONFIG_KEYS)}")
     out = dict(value)
     for key in ("input_size", "mean", "std"):
         if key in out:
@@ -66,68 +127,139 @@ def _parse_data_config(value: Any) -> dict | None:
     return out
 
 
-@dataclass
-class ServingConfig:
-    """The split-pack and serving settings of one deployed model."""
+# --- the schema ------------------------------------------------------------------------------------
 
-    model_name: str  # timm name, or tv:NAME for torchvision
-    merge_layer: str | None = None  # None / "" = serve the model unsplit
-    grid: tuple[int, int] = (2, 2)
-    mode: str = "exact"  # "exact" (halo, output == unsplit) | "seed" (the poster's no-halo split)
-    topk: int = 5
-    # Serve at the image's own size (longest side capped at max_side) instead of
-    # timm's eval resize/crop: large inputs are where split-pack saves memory.
-    native_resolution: bool = False
-    max_side: int = 1024
-    # Decompression-bomb limit, checked on the encoded image's declared size
-    # before any pixel is decoded.
-    max_pixels: int = 50_000_000
-    # Native-resolution images smaller than this (either side) are rejected:
-    # they cannot be split into a grid of packs usefully.
-    min_side: int = 16
-    # timm data-config overrides (mean, std, crop_pct, interpolation, input_size,
-    # crop_mode) for weights trained with another transform than the timm
-    # default; `splitpack archive` records them from the weights it packs.
-    data_config: dict | None = None
+@dataclass(frozen=True)
+class Param:
+    """One serving parameter, declared once."""
+
+    name: str                          # key in the handler: section / config.pbtxt parameters
+    parse: Callable[[Any], Any]        # raw value -> value; raises ValueError
+    default: Any
+    help: str
+    section: str = MODEL
+    servers: tuple[str, ...] = SERVERS
+    flag: str | None = None            # CLI flag; default --name-with-dashes
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    server_defaults: Mapping[str, Any] = field(default_factory=dict)  # where a server's default differs
+    native: Mapping[str, str] = field(default_factory=dict)  # section deploy: each server's own config key
+    plan_arg: bool = False             # passed to splitpack.core.plan.parse_plan as a keyword
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def read(self, value: Any) -> Any:
+        """The parsed value; a ValueError names the parameter."""
+        try:
+            return self.parse(value)
+        except ValueError as err:
+            message = str(err)
+            raise ValueError(message if message.startswith(f"{self.name}:") else f"{self.name}: {message}") from None
+
+    def default_for(self, server: str | None = None) -> Any:
+        return self.server_defaults.get(server, self.default)
+
+    def text(self, value: Any) -> str:
+        """The value as config.pbtxt and the docs write it."""
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, Mapping):
+            return json.dumps(_plain(value), sort_keys=True)
+        return "" if value is None else str(value)
+
+
+def _plain(value: Any) -> Any:
+    """YAML/JSON-friendly: tuples become lists, mappings plain dicts."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+PARAMS: tuple[Param, ...] = (
+    # -- model: what the predictor reads (handler: section / config.pbtxt parameters) ------------------
+    Param("model_name", text, None, "timm model name, or tv:NAME for torchvision (required)",
+          flag="--model", metavar="NAME"),
+    Param("merge_layer", merge_layer_text, UNSPLIT,
+          "module name(s) to merge the packs at: a name, a comma list (one per stage) or auto; none = unsplit",
+          metavar="LAYER"),
+    Param("grid", grid_list_text, "2x2", "packs as RxC, or one grid per stage (4x4,2x2)", metavar="RxC"),
+    Param("mode", choice(MODES), "exact", "exact (halo: output equals the unsplit model) or seed (no halo)",
+          choices=MODES),
+    Param("topk", integer(1), 5, "labelled predictions per image", metavar="K"),
+    Param("native_resolution", boolean, False,
+          "serve at the image's own size (longest side capped at max_side) instead of the eval resize/crop"),
+    Param("max_side", integer(1), 1024, "native resolution: longest side after downscaling", metavar="PIXELS"),
+    Param("max_pixels", integer(1), 50_000_000,
+          "reject images declaring more pixels (checked before decoding)", metavar="PIXELS"),
+    Param("min_side", integer(1), 16, "native resolution: reject images with a shorter side", metavar="PIXELS"),
+    Param("data_config", data_config, None,
+          "timm data-config overrides (JSON: mean, std, crop_pct, interpolation, input_size, crop_mode); "
+          "archive and triton-repo pin the weights' own", metavar="JSON"),
+    # -- deploy: the servers' own settings -------------------------------------------------------------
+    Param("replicas", integer(1), 1, "model replicas (processes) per server", section=DEPLOY,
+          native={"torchserve": "minWorkers, maxWorkers", "triton": "instance_group.count"}, metavar="N"),
+    Param("instance_kind", choice(INSTANCE_KINDS), "auto", "where replicas run: cpu, gpu or auto (GPU if any)",
+          section=DEPLOY, choices=INSTANCE_KINDS, server_defaults={"triton": "cpu"},
+          native={"torchserve": "deviceType (omitted for auto)", "triton": "instance_group.kind"}),
+    Param("batch_size", integer(1), 1, "largest batch the server forms from concurrent requests", section=DEPLOY,
+          server_defaults={"triton": 8}, native={"torchserve": "batchSize", "triton": "max_batch_size"}, metavar="N"),
+    Param("max_batch_delay_ms", integer(0), 50, "how long a request may wait for others to batch with",
+          section=DEPLOY, server_defaults={"triton": 2}, metavar="MS",
+          native={"torchserve": "maxBatchDelay", "triton": "dynamic_batching.max_queue_delay_microseconds"}),
+    Param("response_timeout_s", integer(1), 120, "seconds before TorchServe gives up on a worker", section=DEPLOY,
+          servers=("torchserve",), native={"torchserve": "responseTimeout"}, metavar="S"),
+)
+BY_NAME = {p.name: p for p in PARAMS}
+MODEL_PARAMS = tuple(p for p in PARAMS if p.section == MODEL)
+DEPLOY_PARAMS = tuple(p for p in PARAMS if p.section == DEPLOY)
+
+
+def params_for(server: str | None, section: str | None = None, params: tuple[Param, ...] = PARAMS) -> list[Param]:
+    """The parameters ``server`` uses (None: any server), optionally of one section."""
+    return [p for p in params if (server is None or server in p.servers) and (section is None or p.section == section)]
+
+
+# --- the predictor's settings --------------------------------------------------------------------
+
+class _ServingConfigMethods:
+    """Methods of a config class made by :func:`config_class` (fields: the ``_params`` it was made from)."""
+
+    _params: tuple[Param, ...] = ()
 
     def __post_init__(self):
-        self.validate()
+        for p in self._params:
+            value = getattr(self, p.name)
+            if p.name == "model_name" and value is None:
+                raise ValueError("model_name: a timm model name (or tv:NAME) is required")
+            value = p.default if value is None else value  # None = the default (merge_layer None = unsplit)
+            setattr(self, p.name, p.read(value) if value is not None else None)
+        self.plan  # merge layers and grids must agree (one grid, or one per stage)
 
-    def validate(self) -> None:
-        if not isinstance(self.model_name, str) or not self.model_name.strip():
-            raise ValueError("model_name: a timm model name (or tv:NAME) is required")
-        self.model_name = self.model_name.strip()
-        if self.merge_layer is not None:
-            if not isinstance(self.merge_layer, str):
-                raise ValueError(f"merge_layer: expected a module name, got {self.merge_layer!r}")
-            self.merge_layer = self.merge_layer.strip() or None
-            if self.merge_layer and self.merge_layer.lower() in ("none", "null", "unsplit"):
-                self.merge_layer = None
-        self.grid = parse_grid(self.grid)
-        if self.mode not in MODES:
-            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
-        self.topk = _parse_int("topk", self.topk)
-        self.native_resolution = _parse_bool("native_resolution", self.native_resolution)
-        self.max_side = _parse_int("max_side", self.max_side)
-        self.max_pixels = _parse_int("max_pixels", self.max_pixels)
-        self.min_side = _parse_int("min_side", self.min_side)
-        self.data_config = _parse_data_config(self.data_config)
+    @property
+    def plan(self) -> Plan | AutoPlan | None:
+        """The split-pack plan these settings describe (None: unsplit)."""
+        kwargs = {p.name: getattr(self, p.name) for p in self._params if p.plan_arg}
+        return parse_plan(self.merge_layer, self.grid, **kwargs)
 
     @property
     def split(self) -> bool:
-        return bool(self.merge_layer)
+        return self.plan is not None
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return [p.name for p in cls._params]
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any], *, ignore_unknown: bool = False) -> "ServingConfig":
         """Build from a YAML/pbtxt mapping whose values may all be strings.
 
-        Keys may use ``-`` or ``_`` (``merge-layer`` == ``merge_layer``);
-        ``model`` is accepted for ``model_name``. Unknown keys raise ValueError
-        (they are usually typos) unless ``ignore_unknown``.
+        Keys may use ``-`` or ``_`` (``merge-layer`` == ``merge_layer``); ``model``
+        is accepted for ``model_name``. Unknown keys raise ValueError (they are
+        usually typos) unless ``ignore_unknown``.
         """
         if not isinstance(m, Mapping):
             raise ValueError(f"serving config: expected a mapping, got {type(m).__name__}")
@@ -137,30 +269,58 @@ class ServingConfig:
         for key, value in m.items():
             name = str(key).strip().replace("-", "_")
             name = "model_name" if name == "model" else name
-            if name not in known:
+            if name in known:
+                values[name] = value
+            else:
                 unknown.append(str(key))
-                continue
-            values[name] = value.strip() if isinstance(value, str) else value
         if unknown and not ignore_unknown:
-            raise ValueError(
-                f"serving config: unknown key(s) {', '.join(sorted(unknown))}; known keys: {', '.join(sorted(known))}"
-            )
-        if "model_name" not in values:
-            raise ValueError("serving config: model_name is required")
-        if values.get("mode") is not None:
-            values["mode"] = str(values["mode"]).lower()
+            raise ValueError(f"serving config: unknown key(s) {', '.join(sorted(unknown))}; "
+                             f"known keys: {', '.join(sorted(known))}")
+        if values.get("model_name") is None:
+            raise ValueError("serving config: model_name is required (--model NAME)")
         return cls(**values)
 
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], server: str) -> tuple["ServingConfig", dict[str, Any]]:
+        """A server's stored settings (handler: section, pbtxt parameters) -> (config, artifact keys)."""
+        artifacts = {k: section[k] for k in ARTIFACT_KEYS[server] if k in section}
+        return cls.from_mapping({k: v for k, v in section.items() if k not in artifacts}), artifacts
+
     def to_mapping(self) -> dict[str, Any]:
-        """Plain values (grid as ``"RxC"``) that :meth:`from_mapping` reads back."""
-        d = dataclasses.asdict(self)
-        d["grid"] = f"{self.grid[0]}x{self.grid[1]}"
-        d["merge_layer"] = self.merge_layer or ""
-        if self.data_config is None:
-            del d["data_config"]
-        else:
-            d["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
-        return d
+        """Plain values (text grids and merge layers, lists not tuples) that :meth:`from_mapping` reads back."""
+        return {p.name: _plain(getattr(self, p.name)) for p in self._params if getattr(self, p.name) is not None}
+
+    def to_text(self) -> dict[str, str]:
+        """Every value as text: config.pbtxt ``parameters``."""
+        return {p.name: p.text(getattr(self, p.name)) for p in self._params if getattr(self, p.name) is not None}
+
+
+def config_class(params: tuple[Param, ...] = MODEL_PARAMS, name: str = "ServingConfig") -> type:
+    """A dataclass with one field per parameter (``model_name`` first, required) and the methods above."""
+    assert params[0].name == "model_name", "model_name must be the first parameter"
+    fields = [("model_name", Any)] + [(p.name, Any, dataclasses.field(default=p.default)) for p in params[1:]]
+    return dataclasses.make_dataclass(name, fields, bases=(_ServingConfigMethods,), namespace={
+        "_params": params, "__module__": __name__,
+        "__doc__": "The settings of one deployed model: one field per model-section parameter of the schema."})
+
+
+ServingConfig = config_class()
+
+
+# --- the server's own settings -------------------------------------------------------------------
+
+def check_deploy(server: str, values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Deploy-section ``values`` for ``server``, parsed (None values dropped); unknown names are a ValueError."""
+    values = {k: v for k, v in (values or {}).items() if v is not None}
+    unknown = sorted(set(values) - {p.name for p in params_for(server, DEPLOY)})
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a setting of {server}")
+    return {name: BY_NAME[name].read(value) for name, value in values.items()}
+
+
+def deploy_settings(server: str, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every deploy-section value for ``server``: its defaults, overridden by ``values`` (checked)."""
+    return {p.name: p.default_for(server) for p in params_for(server, DEPLOY)} | check_deploy(server, values)
 
 
 def weights_data_config(model) -> dict:
@@ -168,5 +328,53 @@ def weights_data_config(model) -> dict:
     to pin into a deployment's config (e.g. TF-Lite mean/std for the pretrained lite models)."""
     from timm.data import resolve_data_config
 
-    data_config = resolve_data_config(model=model)
-    return {k: data_config[k] for k in DATA_CONFIG_KEYS if k in data_config}
+    resolved = resolve_data_config(model=model)
+    return {k: resolved[k] for k in DATA_CONFIG_KEYS if k in resolved}
+
+
+# --- CLI flags and docs ----------------------------------------------------------------------------
+
+def add_flags(parser: argparse.ArgumentParser, server: str | None, *, exclude: tuple[str, ...] = (),
+              defaults: Mapping[str, Any] | None = None, params: tuple[Param, ...] = PARAMS) -> None:
+    """One flag per parameter ``server`` uses (None: either server). A flag left out stays None, so
+    :func:`given` tells what the user set; defaults come from the schema when the settings are built
+    (``defaults``: a command's own, shown in the help instead)."""
+    from splitpack.cli import arg_type
+
+    for p in params_for(server, params=params):
+        if p.name in exclude:
+            continue
+        default = p.text(p.default_for(server))
+        if (defaults or {}).get(p.name) is not None:
+            default = p.text(defaults[p.name])
+        elif server is None and p.server_defaults:
+            default = ", ".join(f"{p.text(p.default_for(s))} ({s})" for s in SERVERS if s in p.servers)
+        help_text = p.help if p.name == "model_name" else f"{p.help} (default: {default or 'none'})"
+        if p.parse is boolean:
+            parser.add_argument(p.cli_flag, dest=p.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+            continue
+        parser.add_argument(p.cli_flag, dest=p.name, type=arg_type(p.read, p.name), default=None,
+                            choices=p.choices, metavar=p.metavar, help=help_text)
+
+
+def given(args: argparse.Namespace, section: str | None = None, params: tuple[Param, ...] = PARAMS) -> dict[str, Any]:
+    """The schema parameters set on the command line (the others are None)."""
+    return {p.name: getattr(args, p.name) for p in params
+            if getattr(args, p.name, None) is not None and (section is None or p.section == section)}
+
+
+def markdown_table(params: tuple[Param, ...] = PARAMS) -> str:
+    """The parameter table of docs/parameters.md."""
+    rows = ["| parameter | CLI flag | default | TorchServe | Triton | meaning |", "|---|---|---|---|---|---|"]
+    for p in params:
+        defaults = {s: p.text(p.default_for(s)) for s in p.servers}
+        default = next(iter(defaults.values())) if len(set(defaults.values())) == 1 else \
+            ", ".join(f"{v} ({s})" for s, v in defaults.items())
+        where = {s: ("-" if s not in p.servers else
+                     f"`handler: {p.name}`" if (p.section == MODEL and s == "torchserve") else
+                     f"`parameters {p.name}`" if p.section == MODEL else f"`{p.native[s]}`") for s in SERVERS}
+        default = "required" if p.name == "model_name" else f"`{default or 'none'}`"
+        rows.append(f"| `{p.name}` | `{p.cli_flag}` | {default} | {where['torchserve']} | "
+                    f"{where['triton']} | {p.help} |")
+    return "\n".join(rows) + "\n"

@@ -8,7 +8,7 @@ each server's custom-metrics API (see docs/capacity.md).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from splitpack.measure.nvml import cuda_index, gpu_memory, host_memory, nvml_index, nvml_status, process_gpu_bytes
 
@@ -38,7 +38,7 @@ def device_memory_metrics(device: Any = None, peak_activation_bytes: int | None 
     ``device``: the replica's torch device (``"cuda:0"``, ``torch.device``, int)
     or None/"cpu" for a CPU replica. With a CUDA device and a driver the numbers
     are that GPU's (NVML) and this process's share of it; otherwise host memory.
-    ``peak_activation_bytes`` is the last batch's, from :func:`measured_call`
+    ``peak_activation_bytes`` is the last batch's (:func:`splitpack.measure.meter.peak_meter`)
     (omitted from the result when not given, so a gauge keeps its last value).
     """
     cuda_idx = cuda_index(device)
@@ -81,6 +81,17 @@ def device_memory_metrics(device: Any = None, peak_activation_bytes: int | None 
     if peak_activation_bytes is not None:
         values["splitpack_peak_activation_bytes"] = peak_activation_bytes
     return {k: float(v) for k, v in values.items()}
+
+
+def update_memory_gauges(update: Callable[[dict[str, float]], None], device: Any,
+                         peak_activation_bytes: int | None) -> Exception | None:
+    """Push this replica's gauges through a server adapter's ``update``; the error instead of raising
+    (reporting must never fail a request: the caller logs it)."""
+    try:
+        update(device_memory_metrics(device, peak_activation_bytes))
+        return None
+    except Exception as err:  # noqa: BLE001
+        return err
 
 
 # --- server adapters -------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -27,6 +27,24 @@ SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg"
 PRETRAINED = "pretrained"
 
 
+class InferenceFailed(RuntimeError):
+    """The server could not run a request (not the caller's fault); its message is shown to the caller
+    with a 5xx status (HTTP 500 on TorchServe, INTERNAL on Triton)."""
+
+    status = 500
+
+
+ServeError = (BadRequest, InferenceFailed)
+
+
+def _request_result(rows: list) -> torch.Tensor | BadRequest | InferenceFailed:
+    """One request's rows -> its probabilities, or its first error (naming the image when there are several)."""
+    for i, row in enumerate(rows):
+        if isinstance(row, ServeError):
+            return type(row)(f"image {i}: {row}") if len(rows) > 1 else row
+    return torch.stack(rows)
+
+
 class Predictor:
     """Image bytes -> probabilities -> labelled top-k, for one ServingConfig."""
 
@@ -38,6 +56,7 @@ class Predictor:
 
         self.config = config
         self.device = torch.device(device)
+        self.last_peak_bytes: int | None = None  # of the last served batch, on CUDA
         if weights is None:
             warnings.warn(f"{config.model_name}: no weights given, serving random weights", stacklevel=2)
         if weights == PRETRAINED:
@@ -54,17 +73,11 @@ class Predictor:
         self._labels = _label_names(base, self.num_classes)
 
     def _wrap(self, base: torch.nn.Module) -> torch.nn.Module:
+        """The split-pack module for the config's plan; the engine checks the merge layers against the model
+        (an unknown one is a ValueError listing the valid ones, one exact mode cannot split a SplitError)."""
         import splitpack
 
         cfg = self.config
-        valid = splitpack.merge_layers(base, mode="exact") if cfg.mode == "exact" else splitpack.merge_layers(base)
-        if cfg.merge_layer not in valid:
-            every = splitpack.merge_layers(base)
-            if cfg.mode == "exact" and cfg.merge_layer in every:
-                why = f"merge layer {cfg.merge_layer!r} of {cfg.model_name} cannot be used in exact mode"
-            else:
-                why = f"unknown merge layer {cfg.merge_layer!r} for {cfg.model_name}"
-            raise ValueError(f"{why}; valid merge layers for mode={cfg.mode}: {', '.join(valid)}")
         return splitpack.wrap(base, merge_layer=cfg.merge_layer, grid=cfg.grid, mode=cfg.mode)
 
     def warmup(self) -> None:
@@ -136,51 +149,73 @@ class Predictor:
     def label(self, index: int) -> str:
         return self._labels[index] if self._labels is not None else str(index)
 
-    def predict_isolated(self, images: list[torch.Tensor]) -> list[torch.Tensor | BadRequest]:
-        """Like :meth:`predict`, one probability row per image, but one image cannot sink the
-        rest: if the batched forward fails, the images are retried one by one. An image that
-        split-pack cannot run (a SplitError for its size, e.g. smaller than the grid) becomes
-        a BadRequest; any other error for a single image propagates (a server problem)."""
+    def predict_isolated(self, images: list[torch.Tensor]) -> list[torch.Tensor | BadRequest | InferenceFailed]:
+        """Like :meth:`predict`, one probability row per image, but one image cannot sink the rest:
+        if the batched forward fails, the images are retried one by one. An image split-pack cannot
+        run (a SplitError for its size, e.g. smaller than the grid) becomes a BadRequest; any other
+        error of a single image an InferenceFailed (a server-side problem, not the caller's)."""
+        try:
+            return list(self.predict(images))
+        except Exception:  # noqa: BLE001 -- whatever it was, find out image by image
+            if len(images) > 1:
+                log.warning("batched forward of %d images failed; retrying them one by one", len(images),
+                            exc_info=True)
+        return [self._predict_one(image) for image in images]
+
+    def _predict_one(self, image: torch.Tensor) -> torch.Tensor | BadRequest | InferenceFailed:
         from splitpack.errors import SplitError
 
         try:
-            return list(self.predict(images))
+            return self.predict([image])[0]
         except SplitError as e:
-            if len(images) == 1:
-                return [self._unsplittable(images[0], e)]
-        except Exception:
-            if len(images) == 1:
-                raise
-        log.warning("batched forward of %d images failed; retrying them one by one", len(images), exc_info=True)
-        rows: list[torch.Tensor | BadRequest] = []
-        for image in images:
+            h, w = image.shape[-2:]
+            return BadRequest(f"image of {w}x{h} pixels cannot be served with split-pack "
+                              f"{self.config.grid} at {self.config.merge_layer}: {e}")
+        except Exception as e:  # noqa: BLE001 -- reported to the caller as a server error, logged here
+            log.error("inference failed for one image of shape %s", tuple(image.shape), exc_info=True)
+            return InferenceFailed(f"inference failed: {type(e).__name__}: {e}")
+
+    def serve(self, requests: Sequence[Sequence[bytes] | bytes | BadRequest]
+              ) -> list[torch.Tensor | BadRequest | InferenceFailed]:
+        """The one per-request policy both servers run: encoded images in, per request out.
+
+        ``requests[i]`` is one request's encoded images (a list, or one bytes object), or the
+        BadRequest its server glue already found. Each result is an ``n x classes`` tensor of
+        probabilities (n = the request's images), or the request's error: a BadRequest (a bad
+        image, naming it when the request carries several: HTTP 400 / INVALID_ARGUMENT) or an
+        InferenceFailed (a server-side failure: HTTP 500 / INTERNAL). One request's error never
+        fails another. Same-size images of all requests run batched; on CUDA the batch's peak
+        activation bytes are left in :attr:`last_peak_bytes` for the memory gauges.
+        """
+        decoded = [self._decode_request(r) for r in requests]
+        good = [d for d in decoded if not isinstance(d, ServeError)]
+        rows = iter(self._forward([t for images in good for t in images]))
+        return [d if isinstance(d, ServeError) else _request_result([next(rows) for _ in d]) for d in decoded]
+
+    def _decode_request(self, request) -> list[torch.Tensor] | BadRequest:
+        if isinstance(request, BadRequest):
+            return request
+        payloads = list(request) if isinstance(request, (list, tuple)) else [request]
+        if not payloads:
+            return BadRequest("the request carries no image")
+        images = []
+        for i, payload in enumerate(payloads):
             try:
-                rows.append(self.predict([image])[0])
-            except SplitError as e:
-                rows.append(self._unsplittable(image, e))
+                images.append(self.decode(payload))
+            except BadRequest as err:
+                return BadRequest(f"image {i}: {err}") if len(payloads) > 1 else err
+        return images
+
+    def _forward(self, images: list[torch.Tensor]) -> list[torch.Tensor | BadRequest | InferenceFailed]:
+        if not images:
+            return []
+        from splitpack.measure.meter import peak_meter
+
+        # CUDA: the allocator's peak is free to read; the CPU tracker would slow every batch
+        with torch.inference_mode(), peak_meter(self.device, enabled=self.device.type == "cuda") as meter:
+            rows = self.predict_isolated(images)
+        self.last_peak_bytes = meter.peak
         return rows
-
-    def _unsplittable(self, image: torch.Tensor, error: Exception) -> BadRequest:
-        h, w = image.shape[-2:]
-        return BadRequest(f"image of {w}x{h} pixels cannot be served with split-pack "
-                          f"{self.config.grid[0]}x{self.config.grid[1]} at {self.config.merge_layer}: {error}")
-
-    def infer(self, payloads: list[bytes]) -> list[list[dict] | BadRequest]:
-        """Whole pipeline for a batch of requests, one result per request: predictions, or
-        the request's BadRequest (the others in the batch are still served)."""
-        results: list[Any] = [None] * len(payloads)
-        good: list[int] = []
-        tensors: list[torch.Tensor] = []
-        for i, data in enumerate(payloads):
-            try:
-                tensors.append(self.decode(data))
-                good.append(i)
-            except BadRequest as e:
-                results[i] = e
-        if good:
-            for i, row in zip(good, self.predict_isolated(tensors)):
-                results[i] = row if isinstance(row, BadRequest) else self.top_k(row)
-        return results
 
     def describe(self) -> dict:
         """Effective settings, for logs."""
@@ -188,8 +223,8 @@ class Predictor:
         return {
             "model_name": cfg.model_name,
             "split": cfg.split,
-            "merge_layer": cfg.merge_layer or "",
-            "grid": f"{cfg.grid[0]}x{cfg.grid[1]}",
+            "merge_layer": cfg.merge_layer,
+            "grid": cfg.grid,
             "mode": cfg.mode,
             "topk": cfg.topk,
             "native_resolution": cfg.native_resolution,

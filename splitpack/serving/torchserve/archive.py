@@ -1,6 +1,6 @@
 """Package split-pack models as TorchServe .mar archives.
 
-``splitpack archive`` builds ``<export-path>/<name>.mar`` with the real
+``splitpack archive`` builds ``<out>/<name>.mar`` with the real
 ``torch-model-archiver``: the weights as a state dict, the handler in
 ``splitpack/serving/torchserve/handler.py``, a copy of the ``splitpack`` package (so the
 archive is self-contained) and a model-config.yaml whose ``handler:`` section
@@ -13,14 +13,18 @@ import re
 import shutil
 import subprocess
 import tempfile
-import warnings
 import zipfile
 from pathlib import Path
+from typing import Any, Mapping
 
+import torch
 import yaml
 
 from splitpack.errors import ServerError
+from splitpack.publish import staged_path
+from splitpack.serving.config import ServingConfig, check_deploy, deploy_settings
 from splitpack.serving.extras import console_script
+from splitpack.serving.package import check_settings, pin_data_config, source_model
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]  # the splitpack package
 HANDLER_FILE = Path(__file__).resolve().parent / "handler.py"
@@ -41,24 +45,37 @@ def archive_name(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", model_name)
 
 
-def model_config_yaml(
-    serving: dict,
-    *,
-    batch_size: int = 1,
-    max_batch_delay_ms: int = 50,
-    workers: int = 1,
-    response_timeout_s: int = 120,
-    weights_source: str = "file",
-) -> dict:
-    """The archive's model-config.yaml: TorchServe worker/batch settings + our ``handler:`` section."""
-    return {
-        "minWorkers": workers,
-        "maxWorkers": workers,
-        "batchSize": batch_size,
-        "maxBatchDelay": max_batch_delay_ms,
-        "responseTimeout": response_timeout_s,
-        HANDLER_SECTION: {**serving, "weights_source": weights_source},
-    }
+def torchserve_keys(deploy: Mapping[str, Any]) -> dict[str, Any]:
+    """Deploy-section values of the schema -> TorchServe's own model-config.yaml keys (see Param.native)."""
+    keys: dict[str, Any] = {}
+    if "replicas" in deploy:
+        keys.update(minWorkers=deploy["replicas"], maxWorkers=deploy["replicas"])
+    if "batch_size" in deploy:
+        keys["batchSize"] = deploy["batch_size"]
+    if "max_batch_delay_ms" in deploy:
+        keys["maxBatchDelay"] = deploy["max_batch_delay_ms"]
+    if "response_timeout_s" in deploy:
+        keys["responseTimeout"] = deploy["response_timeout_s"]
+    if deploy.get("instance_kind", "auto") != "auto":
+        keys["deviceType"] = deploy["instance_kind"]
+    return keys
+
+
+def model_config_yaml(config: ServingConfig, deploy: Mapping[str, Any], weights_source: str,
+                      base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The archive's model-config.yaml: TorchServe's keys (``base``, then ``deploy``) + our ``handler:`` section."""
+    top = {k: v for k, v in (base or {}).items() if k != HANDLER_SECTION}
+    return {**top, **torchserve_keys(deploy),
+            HANDLER_SECTION: {**config.to_mapping(), "weights_source": weights_source}}
+
+
+def read_model_config(model_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> ServingConfig:
+    """The serving settings of a model-config.yaml's ``handler:`` section, with ``overrides`` applied."""
+    section = model_config.get(HANDLER_SECTION) or {}
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{HANDLER_SECTION}: expected a mapping, got {section!r}")
+    config, _ = ServingConfig.from_section({**section, **(overrides or {})}, "torchserve")
+    return config
 
 
 def _stage_package(dest: Path) -> None:
@@ -66,102 +83,51 @@ def _stage_package(dest: Path) -> None:
     shutil.copytree(PACKAGE_DIR, dest / "splitpack", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "assets"))
 
 
-def build_archive(
-    model_name: str | None = None,
-    *,
-    model_config: dict | None = None,
-    pretrained: bool = False,
-    weights: str | None = None,
-    merge_layer: str | None = None,
-    grid: str | tuple[int, int] = (2, 2),
-    mode: str = "exact",
-    topk: int = 5,
-    native_resolution: bool = False,
-    max_side: int = 1024,
-    max_pixels: int = 50_000_000,
-    batch_size: int = 1,
-    max_batch_delay_ms: int = 50,
-    workers: int = 1,
-    response_timeout_s: int = 120,
-    name: str | None = None,
-    version: str = "1.0",
-    export_path: str | Path = DEFAULT_MODEL_STORE,
-    force: bool = False,
-    validate: bool = True,
-) -> Path:
-    """Write ``<export_path>/<name>.mar``; returns its path.
+def build_archive(config: ServingConfig, deploy: Mapping[str, Any] | None = None, *, pretrained: bool = False,
+                  weights: str | Path | None = None, base: Mapping[str, Any] | None = None,
+                  name: str | None = None, version: str = "1.0", export_path: str | Path = DEFAULT_MODEL_STORE,
+                  force: bool = False, check: bool = True) -> Path:
+    """Write ``<export_path>/<name>.mar`` (all or nothing); returns its path.
 
-    ``model_config``: a whole model-config.yaml (TorchServe keys + ``handler:``
-    section) to archive instead of the split/batch keyword arguments; the
-    operator's way to change settings by editing YAML. With ``validate`` (default) the archive's settings are loaded exactly as the
-    worker will load them and run on the bundled sample image first, so a bad
-    merge layer fails here, with the list of valid ones, not at serve time.
+    ``deploy``: schema deploy values (replicas, batch_size, ...); missing ones take
+    TorchServe's defaults unless ``base`` (a model-config.yaml to start from, the
+    operator's way to keep hand-edited TorchServe keys) sets them. With ``check``
+    (default) the settings are loaded exactly as the worker will load them and run
+    on the bundled sample image first, so a bad merge layer fails here, with the
+    list of valid ones, not at serve time.
     """
-    import torch
-    import splitpack
-    from splitpack.serving.config import ServingConfig, weights_data_config
-    from splitpack.serving.predictor import SAMPLE_IMAGE, Predictor
-
-    if model_config is not None:
-        section = {k: v for k, v in (model_config.get(HANDLER_SECTION) or {}).items() if k != "weights_source"}
-        if model_name and section.get("model_name", model_name) != model_name:
-            raise ValueError(f"--model {model_name} differs from model_name {section['model_name']} in the config")
-        config = ServingConfig.from_mapping({"model_name": model_name, **section} if model_name else section)
-        server_settings = {k: v for k, v in model_config.items() if k != HANDLER_SECTION}
-    else:
-        if not model_name:
-            raise ValueError("a model name is required (--model NAME, or model_name in the config's handler section)")
-        config = ServingConfig(
-            model_name, merge_layer=merge_layer, grid=grid, mode=mode, topk=topk,
-            native_resolution=native_resolution, max_side=max_side, max_pixels=max_pixels,
-        )
-        server_settings = model_config_yaml({}, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
-                                            workers=workers, response_timeout_s=response_timeout_s)
-        server_settings.pop(HANDLER_SECTION)
-    model_name = config.model_name
-    name = name or archive_name(model_name)
-    export_path = Path(export_path)
-    target = export_path / f"{name}.mar"
+    name = name or archive_name(config.model_name)
+    target = Path(export_path) / f"{name}.mar"
     if target.exists() and not force:
         raise FileExistsError(f"{target} exists; pass --force to overwrite it")
-    if pretrained:
-        model, source = splitpack.create_model(model_name, pretrained=True), "pretrained"
-    elif weights:
-        model, source = splitpack.create_model(model_name, weights=weights), f"file:{Path(weights).name}"
-    else:
-        warnings.warn(f"{model_name}: neither --pretrained nor --weights given; archiving RANDOM weights",
-                      stacklevel=2)
-        model, source = splitpack.create_model(model_name), "random"
-    # Pin the transform the weights expect (e.g. TF-Lite mean/std for the pretrained lite models).
-    if config.data_config is None:
-        config.data_config = weights_data_config(model)
-
+    deploy = check_deploy("torchserve", deploy) if base is not None else deploy_settings("torchserve", deploy)
+    model, source = source_model(config.model_name, pretrained, weights)
+    config = pin_data_config(config, model)
     with tempfile.TemporaryDirectory(prefix="splitpack-archive-") as tmp:
         stage = Path(tmp)
         weights_file = stage / "weights.pt"
         torch.save(model.state_dict(), weights_file)
         del model
-        if validate:
-            predictor = Predictor(config, weights=str(weights_file))
-            predictor.predict([predictor.decode(SAMPLE_IMAGE.read_bytes())])
+        if check:
+            check_settings(config, weights_file)
         config_file = stage / "model-config.yaml"
-        handler_section = {**config.to_mapping(), "weights_source": source}
-        config_file.write_text(yaml.safe_dump({**server_settings, HANDLER_SECTION: handler_section},
-                                              sort_keys=False))
+        config_file.write_text(yaml.safe_dump(model_config_yaml(config, deploy, source, base), sort_keys=False))
         extra = stage / "extra"
         _stage_package(extra)
         handler = stage / ARCHIVED_HANDLER
         shutil.copy2(_handler_source(), handler)
-        export_path.mkdir(parents=True, exist_ok=True)
+        out = stage / "out"
+        out.mkdir()
         cmd = [
             console_script("torch-model-archiver", "torchserve"), "--model-name", name, "--version", version,
             "--serialized-file", str(weights_file), "--handler", str(handler),
-            "--extra-files", str(extra), "--config-file", str(config_file),
-            "--export-path", str(export_path),
-        ] + (["--force"] if force else [])
+            "--extra-files", str(extra), "--config-file", str(config_file), "--export-path", str(out),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise TorchServeError(f"torch-model-archiver failed ({done.returncode}): {done.stderr or done.stdout}")
+        with staged_path(target) as tmp_target:
+            shutil.move(str(out / f"{name}.mar"), tmp_target)
     return target
 
 

@@ -4,8 +4,10 @@ Thin glue over :mod:`splitpack.serving.predictor`: the split-pack settings come 
 ``handler:`` section of the archive's model-config.yaml (written by
 ``splitpack archive``), the weights from the archive's serialized state dict.
 
-Per-request errors (not an image, truncated, too large, empty) get HTTP 400 with
-a JSON message for that request only; the rest of the batch is served.
+Each request is isolated by :meth:`Predictor.serve`, the policy the Triton model
+runs too: a bad image (not an image, truncated, too large, empty, too small for the
+grid) gets HTTP 400 (413 when over a size limit) with a JSON message, a server-side
+failure HTTP 500, for that request only; the rest of the batch is served.
 """
 from __future__ import annotations
 
@@ -16,16 +18,11 @@ import os
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from splitpack.measure.meter import peak_meter
 from splitpack.serving.config import ServingConfig
-from splitpack.serving.metrics import device_memory_metrics, report_to_torchserve
-from splitpack.serving.predictor import BadRequest, Predictor
+from splitpack.serving.metrics import report_to_torchserve, update_memory_gauges
+from splitpack.serving.predictor import BadRequest, InferenceFailed, Predictor
 
 logger = logging.getLogger(__name__)
-
-# handler-section keys that describe the archive, not the serving behaviour
-ARCHIVE_KEYS = ("weights_source",)
-
 
 IMAGE_FIELDS = ("data", "body", "file", "image")
 
@@ -58,57 +55,47 @@ class SplitPackHandler(BaseHandler):
             self.device = torch.device("cpu")
 
         section = dict((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})
-        source = section.get("weights_source", "file")
-        config = ServingConfig.from_mapping({k: v for k, v in section.items() if k not in ARCHIVE_KEYS})
+        config, artifacts = ServingConfig.from_section(section, "torchserve")
         serialized = self.manifest["model"].get("serializedFile")
         weights = os.path.join(properties.get("model_dir"), serialized) if serialized else None
 
         self.predictor = Predictor(config, weights=weights, device=self.device)
         self.predictor.warmup()
         self.model = self.predictor.model
-        settings = self.predictor.describe() | {"weights": serialized or "random", "weights_source": source,
+        settings = self.predictor.describe() | {"weights": serialized or "random",
+                                                "weights_source": artifacts.get("weights_source", "file"),
                                                 "batch_size": properties.get("batch_size")}
         logger.info("splitpack handler ready: %s", json.dumps(settings))
         self.initialized = True
 
     def preprocess(self, data):
-        """Rows -> CHW tensors; a bad row becomes its BadRequest (served as a 400)."""
-        items = []
+        """Rows -> each request's encoded image, or the BadRequest of a row without one."""
+        payloads = []
         for row in data:
             try:
-                items.append(self.predictor.decode(request_bytes(row)))
+                payloads.append(request_bytes(row))
             except BadRequest as e:
-                items.append(e)
-        return items
+                payloads.append(e)
+        return payloads
 
     def inference(self, data, *args, **kwargs):
-        """Probabilities for the good rows (same-size images batched together); a row the
-        model cannot run becomes its BadRequest, the others are still served."""
-        good = [i for i, item in enumerate(data) if not isinstance(item, BadRequest)]
-        out = list(data)
-        # CUDA: the allocator's per-batch peak is free to read; the CPU tracker would slow every batch
-        with peak_meter(self.device, enabled=self.device.type == "cuda") as meter:
-            rows = self.predictor.predict_isolated([data[i] for i in good])
-        for i, row in zip(good, rows):
-            out[i] = row
-        self._report_memory(meter.peak)
-        return out
-
-    def _report_memory(self, peak_bytes) -> None:
-        try:
-            report_to_torchserve(self.context.metrics, device_memory_metrics(self.device, peak_bytes),
-                                 self.context.model_name)
-        except Exception:  # metrics must never fail a prediction
-            logger.warning("splitpack memory metrics not reported", exc_info=True)
+        """Per request: probabilities, or its BadRequest / InferenceFailed (Predictor.serve)."""
+        outcomes = self.predictor.serve(data)
+        error = update_memory_gauges(
+            lambda values: report_to_torchserve(self.context.metrics, values, self.context.model_name),
+            self.device, self.predictor.last_peak_bytes)
+        if error is not None:  # metrics must never fail a prediction
+            logger.warning("splitpack memory metrics not reported: %r", error)
+        return outcomes
 
     def postprocess(self, data):
         responses = []
         for idx, item in enumerate(data):
-            if isinstance(item, BadRequest):
+            if isinstance(item, (BadRequest, InferenceFailed)):
                 self.context.set_response_status(item.status, str(item), idx)
                 responses.append({"code": item.status, "type": type(item).__name__, "message": str(item)})
             else:
-                responses.append({"predictions": self.predictor.top_k(item)})
+                responses.append({"predictions": self.predictor.top_k(item[0])})
         for idx in range(len(data)):
             self.context.set_response_header(idx, "x-splitpack-batch-size", str(len(data)))
         return responses

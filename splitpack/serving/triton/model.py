@@ -5,9 +5,11 @@ importable there, so it is imported lazily or passed in). Settings come from the
 ``parameters`` of config.pbtxt; decoding, split-pack inference and top-k come from
 :mod:`splitpack.serving.predictor`, shared with the TorchServe handler.
 
-Each request carries a batch of encoded images (``IMAGE``, shape ``[n, 1]``). A request
-whose image is bad gets its own ``TritonError``; the other requests of the same
-dynamic batch are served.
+Each request carries a batch of encoded images (``IMAGE``, shape ``[n, 1]``). Requests
+are isolated by :meth:`Predictor.serve`, the policy the TorchServe handler runs too: a
+request whose image is bad (or too small for the grid) gets its own INVALID_ARGUMENT
+``TritonError``, a server-side failure INTERNAL; the other requests of the same dynamic
+batch are served.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from splitpack.serving.config import ServingConfig
-from splitpack.serving.predictor import BadRequest, Predictor
+from splitpack.serving.metrics import update_memory_gauges
+from splitpack.serving.predictor import BadRequest, InferenceFailed, Predictor
 from splitpack.serving.triton.repo import INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, config_parameters
 
 
@@ -64,10 +67,9 @@ class SplitPackTritonModel:
         self.model_config = json.loads(args["model_config"])
         self.name = args["model_name"]
         self.instance = args.get("model_instance_name", self.name)
-        params = config_parameters(self.model_config)
+        config, artifacts = ServingConfig.from_section(config_parameters(self.model_config), "triton")
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
-        weights = resolve_weights(params.pop("weights", ""), version_dir)
-        config = ServingConfig.from_mapping(params)
+        weights = resolve_weights(artifacts.get("weights", ""), version_dir)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             # An unknown merge layer raises ValueError naming the valid layers: Triton logs it
@@ -100,77 +102,30 @@ class SplitPackTritonModel:
     # -- requests -------------------------------------------------------------------
 
     def execute(self, requests: list) -> list:
-        responses: list[Any] = [None] * len(requests)
-        decoded: list[tuple[int, list]] = []  # (request index, CHW tensors)
-        for r, request in enumerate(requests):
-            try:
-                decoded.append((r, self._decode(request)))
-            except BadRequest as err:
-                responses[r] = self._error(str(err), "INVALID_ARG")
-        if not decoded:
-            return responses
-        tensors = [t for _, images in decoded for t in images]
-        try:
-            probs = self._predict(tensors)
-        except Exception as err:  # noqa: BLE001 -- a server-side failure must not kill the instance
-            self.log_error(f"inference failed for a batch of {len(tensors)} images: {err!r}")
-            if len(decoded) == 1:
-                responses[decoded[0][0]] = self._error(f"inference failed: {err}", "INTERNAL")
-                return responses
-            # Retry request by request so one request cannot sink the others of its batch.
-            for r, images in decoded:
-                responses[r] = self.execute_one(images)
-            return responses
-        start = 0
-        for r, images in decoded:
-            responses[r] = self._response(probs[start:start + len(images)])
-            start += len(images)
-        return responses
+        """One response per request, each isolated by :meth:`Predictor.serve` (the TorchServe handler's policy)."""
+        outcomes = self.predictor.serve([self._payload(request) for request in requests])
+        if self.metrics is not None:
+            error = update_memory_gauges(self.metrics.update, self.predictor.device, self.predictor.last_peak_bytes)
+            if error is not None:  # reporting must never fail a request
+                self.log_warn(f"memory metrics update failed: {error!r}")
+        return [self._response(outcome) for outcome in outcomes]
 
-    def execute_one(self, images: list):
-        try:
-            return self._response(self._predict(images))
-        except Exception as err:  # noqa: BLE001
-            self.log_error(f"inference failed for one request: {err!r}")
-            return self._error(f"inference failed: {err}", "INTERNAL")
-
-    def _decode(self, request) -> list:
+    def _payload(self, request) -> list | BadRequest:
+        """The request's encoded images (``IMAGE``, shape ``[n, 1]``)."""
         tensor = self.pb.get_input_tensor_by_name(request, INPUT_IMAGE)
         if tensor is None:
-            raise BadRequest(f"missing input {INPUT_IMAGE}")
-        items = tensor.as_numpy().reshape(-1)
-        images = []
-        for i, item in enumerate(items):
-            try:
-                images.append(self.predictor.decode(item))
-            except BadRequest as err:
-                raise BadRequest(f"image {i}: {err}" if len(items) > 1 else str(err)) from None
-        return images
+            return BadRequest(f"missing input {INPUT_IMAGE}")
+        return list(tensor.as_numpy().reshape(-1))
 
-    def _predict(self, tensors: list):
-        device = self.predictor.device
-        if self.metrics is None:
-            return self.predictor.predict(tensors)
-        from splitpack.measure.meter import measured_call
-        from splitpack.serving.metrics import device_memory_metrics
-
-        peak = None
-        if device.type == "cuda":  # the allocator's peak is free; the CPU tracker is not
-            tensors = [t.to(device) for t in tensors]
-            probs, peak = measured_call(self.predictor.predict, tensors)
-        else:
-            probs = self.predictor.predict(tensors)
-        try:
-            self.metrics.update(device_memory_metrics(device, peak_activation_bytes=peak))
-        except Exception as err:  # reporting must never fail a request
-            self.log_warn(f"memory metrics update failed: {err!r}")
-        return probs
-
-    def _response(self, probs):
+    def _response(self, outcome):
         pb = self.pb
-        top = np.array([format_top_k(self.predictor.top_k(row)) for row in probs], dtype=object)
+        if isinstance(outcome, BadRequest):
+            return self._error(str(outcome), "INVALID_ARG")
+        if isinstance(outcome, InferenceFailed):
+            return self._error(str(outcome), "INTERNAL")
+        top = np.array([format_top_k(self.predictor.top_k(row)) for row in outcome], dtype=object)
         return pb.InferenceResponse(output_tensors=[
-            pb.Tensor(OUTPUT_PROBABILITIES, probs.numpy().astype(np.float32)),
+            pb.Tensor(OUTPUT_PROBABILITIES, outcome.numpy().astype(np.float32)),
             pb.Tensor(OUTPUT_TOP_K, top),
         ])
 

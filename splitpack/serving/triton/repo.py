@@ -16,11 +16,18 @@ Tensors (batched, max_batch_size from the config):
 """
 from __future__ import annotations
 
-import json
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+
+from splitpack.publish import staged_path
+from splitpack.serving.config import MODEL, ServingConfig, boolean, deploy_settings, params_for
+from splitpack.serving.extras import require
+from splitpack.serving.package import check_settings, pin_data_config, source_model
+from splitpack.serving.predictor import _num_classes
 
 INPUT_IMAGE = "IMAGE"
 OUTPUT_PROBABILITIES = "PROBABILITIES"
@@ -51,58 +58,43 @@ class TritonPythonModel:
 
 @dataclass
 class TritonModelSpec:
-    """Everything `splitpack triton-repo` writes for one model."""
+    """Everything `splitpack triton-repo` writes for one model: the serving settings, Triton's own
+    settings (schema section ``deploy``) and where the weights come from."""
 
-    model: str                          # timm name or tv:NAME
-    merge_layer: str | None             # None = unsplit
-    grid: str | tuple[int, int] = "2x2"  # normalised to "RxC"
-    mode: str = "exact"
-    name: str | None = None             # Triton model name (directory); default from `model`
+    config: ServingConfig
+    deploy: dict = field(default_factory=dict)  # schema deploy values; missing ones take Triton's defaults
+    name: str | None = None                     # Triton model name (directory); default from the model name
     pretrained: bool = False
-    weights: Path | None = None         # a state dict file to copy in
-    instances: int = 1
-    kind: str = "cpu"                   # cpu | gpu
-    max_batch_size: int = 8
-    max_queue_delay_us: int = 2000
-    topk: int = 5
-    native_resolution: bool = False
-    max_side: int = 1024
-    max_pixels: int = 50_000_000
+    weights: Path | None = None                 # a state dict file to copy in
 
     def __post_init__(self):
-        from splitpack.core.plan import parse_grid
-
-        rows, cols = parse_grid(self.grid)  # "2x2", "2", 2, (2, 2) -> "2x2"
-        self.grid = f"{rows}x{cols}"
+        self.deploy = deploy_settings("triton", self.deploy)
         if self.weights is not None:
             self.weights = Path(self.weights)
+        if self.pretrained and self.weights:
+            raise ValueError("give either --pretrained or --weights FILE, not both")
 
     @property
     def model_name(self) -> str:
-        return self.name or default_model_name(self.model)
-
-    def serving_config(self):
-        from splitpack.serving.config import ServingConfig
-
-        return ServingConfig(self.model, merge_layer=self.merge_layer, grid=self.grid, mode=self.mode,
-                             topk=self.topk, native_resolution=self.native_resolution,
-                             max_side=self.max_side, max_pixels=self.max_pixels)
+        return self.name or default_model_name(self.config.model_name)
 
     def command(self) -> str:
         """The `splitpack triton-repo` arguments that regenerate this model (minus --out)."""
-        args = ["splitpack", "triton-repo", "--model", self.model, "--name", self.model_name,
-                "--merge-layer", self.merge_layer or "none", "--grid", self.grid, "--mode", self.mode]
+        args = ["splitpack", "triton-repo", "--name", self.model_name]
+        for p in params_for("triton"):
+            value = getattr(self.config, p.name) if p.section == MODEL else self.deploy[p.name]
+            if p.section == MODEL and p.name != "model_name" and value == p.default_for("triton"):
+                continue  # the settings that differ from the defaults, and every deploy setting
+            if value is None:
+                continue
+            if p.parse is boolean:
+                args.append(p.cli_flag if value else "--no-" + p.cli_flag[2:])
+            else:
+                args += [p.cli_flag, p.text(value)]
         if self.pretrained:
             args.append("--pretrained")
         elif self.weights:
             args += ["--weights", str(self.weights)]
-        args += ["--instances", str(self.instances), "--kind", self.kind,
-                 "--max-batch-size", str(self.max_batch_size), "--max-queue-delay-us", str(self.max_queue_delay_us),
-                 "--topk", str(self.topk)]
-        if self.native_resolution:
-            args += ["--native-resolution", "--max-side", str(self.max_side)]
-        if self.max_pixels != TritonModelSpec.max_pixels:
-            args += ["--max-pixels", str(self.max_pixels)]
         return shlex.join(args)
 
 
@@ -111,39 +103,38 @@ def default_model_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", model)
 
 
-def render_config(spec: TritonModelSpec, num_classes: int, weights: str, config=None) -> str:
+TRITON_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU", "auto": "KIND_AUTO"}
+
+
+def render_config(spec: TritonModelSpec, num_classes: int, weights: str, config: ServingConfig | None = None) -> str:
     """config.pbtxt text for ``spec`` (deterministic: the committed triton_repo/ is checked against it).
 
     ``config``: the ServingConfig to write (default: the spec's), e.g. with the weights' data config pinned.
     """
-    parameters = dict((config or spec.serving_config()).to_mapping(), weights=weights)
-    kind = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}[spec.kind]
+    config = config or spec.config
+    deploy = spec.deploy
     lines = [
         f"# Generated by: {spec.command()} --out REPO",
         "# Regenerate rather than hand-edit; `parameters`, instance_group and dynamic_batching",
-        "# may be tuned in place. Tensors are documented in docs/triton.md.",
+        "# may be tuned in place. Tensors are documented in docs/triton.md, parameters in docs/parameters.md.",
         f'name: "{spec.model_name}"',
         'backend: "python"',
-        f"max_batch_size: {spec.max_batch_size}",
+        f"max_batch_size: {deploy['batch_size']}",
         "input [",
         f'  {{ name: "{INPUT_IMAGE}", data_type: TYPE_STRING, dims: [ 1 ] }}',
         "]",
         "output [",
         f'  {{ name: "{OUTPUT_PROBABILITIES}", data_type: TYPE_FP32, dims: [ {num_classes} ] }},',
-        f'  {{ name: "{OUTPUT_TOP_K}", data_type: TYPE_STRING, dims: [ {spec.topk} ] }}',
+        f'  {{ name: "{OUTPUT_TOP_K}", data_type: TYPE_STRING, dims: [ {min(config.topk, num_classes)} ] }}',
         "]",
         "instance_group [",
-        f"  {{ kind: {kind}, count: {spec.instances} }}",
+        f"  {{ kind: {TRITON_KINDS[deploy['instance_kind']]}, count: {deploy['replicas']} }}",
         "]",
         "dynamic_batching {",
-        f"  max_queue_delay_microseconds: {spec.max_queue_delay_us}",
+        f"  max_queue_delay_microseconds: {deploy['max_batch_delay_ms'] * 1000}",
         "}",
     ]
-    for key, value in parameters.items():
-        if isinstance(value, dict):
-            text = json.dumps(value, sort_keys=True)
-        else:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
+    for key, text in {**config.to_text(), "weights": weights}.items():
         lines.append(f'parameters {{ key: "{key}", value: {{ string_value: "{_pbtxt_escape(text)}" }} }}')
     return "\n".join(lines) + "\n"
 
@@ -154,8 +145,8 @@ def _pbtxt_escape(text: str) -> str:
 
 def parse_model_config(text: str):
     """config.pbtxt text -> Triton's ``ModelConfig`` protobuf (raises on syntax errors)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+    text_format = require("google.protobuf.text_format", "triton")
+    model_config_pb2 = require("tritonclient.grpc.model_config_pb2", "triton")
 
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
@@ -172,53 +163,26 @@ def config_parameters(config) -> dict[str, str]:
 
 
 def generate_model_dir(spec: TritonModelSpec, repo: Path, check: bool = True) -> Path:
-    """Write ``repo/<name>/`` for ``spec``; return the model directory.
+    """Write ``repo/<name>/`` for ``spec`` (all or nothing: a failure leaves no model directory); return it.
 
-    With ``check`` the model is built exactly as the server will build it (same
-    :class:`splitpack.serving.Predictor`), so a wrong merge layer, grid or weights file
-    fails here with the valid names instead of at server start.
+    With ``check`` the model is built exactly as the server will build it (the same
+    :class:`splitpack.serving.predictor.Predictor`) and classifies the sample image, so a wrong
+    merge layer, grid or weights file fails here with the valid names instead of at server start.
     """
-    import torch
-
-    import splitpack
-
-    if spec.pretrained and spec.weights:
-        raise ValueError("give either --pretrained or --weights FILE, not both")
-    if spec.kind not in ("cpu", "gpu"):
-        raise ValueError(f"kind: expected cpu or gpu, got {spec.kind!r}")
-    for field_name in ("instances", "max_batch_size", "topk"):
-        if getattr(spec, field_name) < 1:
-            raise ValueError(f"{field_name} must be >= 1")
-    config = spec.serving_config()  # validates grid, mode, ...
     model_dir = Path(repo) / spec.model_name
-    version_dir = model_dir / VERSION
-    version_dir.mkdir(parents=True, exist_ok=True)
-    weights_path = version_dir / WEIGHTS_FILE
-    if spec.pretrained or spec.weights:
-        base = splitpack.create_model(spec.model, pretrained=spec.pretrained, weights=spec.weights)
-        torch.save(base.state_dict(), weights_path)
-        weights = WEIGHTS_FILE
-    else:
-        weights_path.unlink(missing_ok=True)  # a stale file would look like real weights
-        base = splitpack.create_model(spec.model)
+    base, _ = source_model(spec.config.model_name, spec.pretrained, spec.weights)
+    config = pin_data_config(spec.config, base)
+    with staged_path(model_dir, directory=True) as stage:
+        version_dir = stage / VERSION
+        version_dir.mkdir()
         weights = ""
-    from splitpack.serving.config import weights_data_config
-
-    config.data_config = weights_data_config(base)  # the transform these weights expect
-    if check:
-        import warnings
-
-        from splitpack.serving.predictor import Predictor
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "random weights" when none given
-            num_classes = Predictor(config, weights=str(weights_path) if weights else None).num_classes
-    else:
-        from splitpack.serving.predictor import _num_classes
-
-        num_classes = _num_classes(base)
-    config_path = model_dir / "config.pbtxt"
-    config_path.write_text(render_config(spec, num_classes, weights, config))
-    read_model_config(config_path)  # a syntax error here would only show up at server start
-    (version_dir / "model.py").write_text(MODEL_PY)
+        if spec.pretrained or spec.weights:
+            torch.save(base.state_dict(), version_dir / WEIGHTS_FILE)
+            weights = WEIGHTS_FILE
+        num_classes = check_settings(config, version_dir / weights if weights else None) if check \
+            else _num_classes(base)
+        text = render_config(spec, num_classes, weights, config)
+        parse_model_config(text)  # a syntax error here would only show up at server start
+        (stage / "config.pbtxt").write_text(text)
+        (version_dir / "model.py").write_text(MODEL_PY)
     return model_dir

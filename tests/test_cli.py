@@ -1,0 +1,120 @@
+"""The CLI convention, for every sub-command: a user error exits 2 with ``splitpack CMD: error: ...``
+on stderr, no traceback, and leaves no file behind (splitpack/cli/__init__.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from splitpack import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "resnet18"  # random weights: quick to build, merge layers conv1 ... layer4
+
+# (sub-command argv, what the message must say); every case runs in an empty working directory and
+# writes (or would write) only below it.
+BAD = {
+    "bench-unknown-merge-layer": (["bench", "--model", MODEL, "--size", "64", "--merge-layer", "nope"],
+                                  "unknown merge layer 'nope'"),
+    "bench-grid-0x2": (["bench", "--model", MODEL, "--size", "64", "--merge-layer", "layer1", "--grid", "0x2"],
+                       "grid: must be at least 1x1"),
+    "bench-bad-size": (["bench", "--model", MODEL, "--size", "0", "--merge-layer", "layer1"], "must be >= 1"),
+    "archive-unknown-merge-layer": (["archive", "--model", MODEL, "--merge-layer", "nope", "--out", "store"],
+                                    "unknown merge layer 'nope'"),
+    "archive-grid-0x2": (["archive", "--model", MODEL, "--grid", "0x2", "--out", "store"], "grid: must be at least"),
+    "archive-grids-for-stages": (["archive", "--model", MODEL, "--merge-layer", "layer1", "--grid", "2x2,3x3",
+                                  "--out", "store"], "2 grids given for a plan of 1 stage"),
+    "archive-missing-weights": (["archive", "--model", MODEL, "--weights", "missing.pt", "--out", "store"],
+                                "missing.pt does not exist"),
+    "archive-missing-config": (["archive", "--config", "missing.yaml", "--out", "store"], "missing.yaml"),
+    "archive-no-model": (["archive", "--out", "store"], "model_name is required (--model NAME)"),
+    "triton-repo-unknown-merge-layer": (["triton-repo", "--model", MODEL, "--merge-layer", "nope", "--out", "repo"],
+                                        "unknown merge layer 'nope'"),
+    "triton-repo-grid-0x2": (["triton-repo", "--model", MODEL, "--grid", "0x2", "--out", "repo"], "grid: must be"),
+    "triton-repo-missing-weights": (["triton-repo", "--model", MODEL, "--weights", "missing.pt", "--out", "repo"],
+                                    "missing.pt does not exist"),
+    "triton-repo-bad-kind": (["triton-repo", "--model", MODEL, "--instance-kind", "tpu", "--out", "repo"],
+                             "instance_kind"),
+    "serve-torchserve-missing-store": (["serve", "torchserve", "start", "--model-store", "missing"],
+                                       "model store missing does not exist"),
+    "serve-triton-missing-repo": (["serve", "triton", "start", "--repo", "missing"],
+                                  "model repository missing does not exist"),
+    "serve-bad-port": (["serve", "triton", "start", "--grpc-port", "http"], "invalid int value"),
+    "client-missing-image": (["client", "triton", "missing.jpg"], "missing.jpg"),
+    "devices-unknown-flag": (["devices", "--gpu", "0"], "unrecognized arguments"),
+    "profile-unknown-merge-layer": (["profile", "--model", MODEL, "--size", "64", "--merge-layers", "nope",
+                                     "--png", "profile.png"], "unknown merge layer 'nope'"),
+    "profile-grid-0x2": (["profile", "--model", MODEL, "--size", "64", "--grid", "0x2"], "grid: must be"),
+    "capacity-unknown-merge-layer": (["capacity", "--model", MODEL, "--size", "64", "--gpu-memory", "8GiB",
+                                      "--merge-layers", "nope", "--png", "plan.png", "--write-triton", "repo"],
+                                     "unknown merge layer(s) 'nope'"),
+    "capacity-grid-0x2": (["capacity", "--model", MODEL, "--size", "64", "--gpu-memory", "8GiB", "--grids", "0x2"],
+                          "grid: must be"),
+    "capacity-bad-memory": (["capacity", "--model", MODEL, "--size", "64", "--gpu-memory", "80 parsecs"],
+                            "not a memory size"),
+    "capacity-planned-flag": (["capacity", "--model", MODEL, "--size", "64", "--gpu-memory", "8GiB",
+                               "--replicas", "3"], "unrecognized arguments: --replicas"),
+    "replica-probe-unknown-merge-layer": (["replica-probe", "--model", MODEL, "--size", "64", "--merge-layer", "nope"],
+                                          "unknown merge layer 'nope'"),
+    "evaluate-missing-data": (["evaluate", "--model", MODEL, "--data", "missing", "--out", "report.json"],
+                              "missing"),
+    "evaluate-no-model": (["evaluate", "--data", "missing"], "--model and --data are required"),
+    "evaluate-bad-strategy": (["evaluate", "--model", MODEL, "--data", "x", "--strategies", "fold:3"],
+                              "bad strategy"),
+    "seams-missing-image": (["seams", "--model", MODEL, "--image", "missing.jpg", "--png", "seams.png",
+                             "--out", "seams.json"], "missing.jpg"),
+    "seams-grid-2x3": (["seams", "--model", MODEL, "--image", "x.jpg", "--png", "s.png", "--grid", "2x3"],
+                       "square grids only"),
+    "demo-missing-image": (["demo", "--image", "missing.jpg", "--model-store", "store"], "missing.jpg"),
+    "demo-grid-0x2": (["demo", "--grid", "0x2", "--model-store", "store"], "grid: must be"),
+    "unknown-command": (["serv"], "invalid choice"),
+}
+
+
+def test_every_sub_command_is_covered():
+    covered = {argv[0] for argv, _ in BAD.values()}
+    assert set(cli.COMMANDS) <= covered, f"add bad-argument cases for {set(cli.COMMANDS) - covered}"
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_user_error_exits_2_with_the_prefix_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    argv, message = BAD[case]
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    command = "splitpack" if argv[0] not in cli.COMMANDS else " ".join(["splitpack", *argv[:2]]) \
+        if argv[0] in ("serve", "client") else f"splitpack {argv[0]}"
+    assert code == 2, err
+    assert f"{command}: error: " in err and message in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a failed command left files behind"
+
+
+def test_the_console_command_shows_no_traceback(tmp_path):
+    """The real process: exit status 2, the message on stderr, nothing on stdout, no file written."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "splitpack.cli", "triton-repo", "--model", MODEL, "--merge-layer",
+                           "nope", "--out", "repo"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[-1].startswith("splitpack triton-repo: error: unknown merge layer 'nope'")
+    assert "Traceback" not in done.stderr and not any(tmp_path.iterdir())
+
+
+def test_a_failed_regeneration_keeps_the_previous_model_directory(tmp_path, monkeypatch, capsys):
+    """All or nothing: triton-repo replaces a model directory only once the new one is complete."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["triton-repo", "--model", MODEL, "--merge-layer", "layer1", "--out", "repo",
+                     "--no-check"]) == 0
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "repo").rglob("*"))
+    config = (tmp_path / "repo" / MODEL / "config.pbtxt").read_text()
+    assert cli.main(["triton-repo", "--model", MODEL, "--merge-layer", "nope", "--out", "repo"]) == 2
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "repo").rglob("*")) == before
+    assert (tmp_path / "repo" / MODEL / "config.pbtxt").read_text() == config
+    assert "warning: resnet18: neither --pretrained nor --weights given" in capsys.readouterr().err

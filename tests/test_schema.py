@@ -1,0 +1,142 @@
+"""The one schema of serving parameters (splitpack.serving.config.PARAMS) and everything derived from it:
+the CLI flags of archive / triton-repo / capacity --write-*, the TorchServe model-config.yaml, the Triton
+config.pbtxt and docs/parameters.md. None of these tests needs a server or a model."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from splitpack.cli import build_parser
+from splitpack.serving import config as schema
+from splitpack.serving.config import (DEPLOY, MODEL, PARAMS, Param, ServingConfig, config_class, deploy_settings,
+                                      integer, params_for)
+from splitpack.serving.torchserve.archive import model_config_yaml, read_model_config
+from splitpack.serving.triton.repo import TritonModelSpec, config_parameters, parse_model_config, render_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A value other than the default for every parameter (text, as the CLI and config files carry it).
+NON_DEFAULT = {
+    "model_name": "tv:resnet18", "merge_layer": "layer1,layer2", "grid": "4x4,2x2", "mode": "seed", "topk": "3",
+    "native_resolution": "true", "max_side": "640", "max_pixels": "1000000", "min_side": "32",
+    "data_config": '{"crop_pct": 1.0, "interpolation": "bilinear"}',
+    "replicas": "3", "instance_kind": "gpu", "batch_size": "6", "max_batch_delay_ms": "7", "response_timeout_s": "99",
+}
+
+
+def test_every_parameter_is_declared_once_with_a_parsing_default_and_help():
+    names = [p.name for p in PARAMS]
+    assert len(names) == len(set(names)) and all(re.fullmatch(r"[a-z][a-z0-9_]*", n) for n in names)
+    assert len({p.cli_flag for p in PARAMS}) == len(PARAMS)
+    assert set(NON_DEFAULT) == set(names), "give the new parameter a non-default value in NON_DEFAULT"
+    for p in PARAMS:
+        assert p.help and p.section in (MODEL, DEPLOY) and set(p.servers) <= set(schema.SERVERS)
+        for server in p.servers:
+            default = p.default_for(server)
+            assert default is None or p.read(default) == p.read(p.text(default)), p.name  # defaults survive text
+        assert p.read(NON_DEFAULT[p.name]) != p.default, p.name
+        if p.section == DEPLOY:
+            assert set(p.native) == set(p.servers), f"{p.name}: name each server's own key"
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("grid", "0x2", "grid: must be at least 1x1"), ("grid", "two", "grid"), ("merge_layer", "a,,b", "merge_layer"),
+    ("merge_layer", "auto,layer1", "auto"), ("mode", "fast", "mode: expected one of exact, seed"),
+    ("topk", "0", "topk: must be >= 1"), ("native_resolution", "maybe", "native_resolution"),
+    ("data_config", '{"mean": [1, 2, 3], "foo": 1}', "data_config: unknown key"),
+    ("instance_kind", "tpu", "instance_kind"), ("max_batch_delay_ms", "-1", "max_batch_delay_ms: must be >= 0"),
+])
+def test_bad_values_name_the_parameter(name, bad, message):
+    with pytest.raises(ValueError, match=message):
+        schema.BY_NAME[name].read(bad)
+
+
+def test_merge_layer_and_grid_are_one_plan_written_as_text():
+    unsplit = ServingConfig("resnet18", merge_layer="")
+    assert unsplit.merge_layer == "none" and unsplit.plan is None
+    assert ServingConfig("resnet18", merge_layer=None) == unsplit == ServingConfig("resnet18", merge_layer="None")
+    staged = ServingConfig("resnet18", merge_layer=["layer1", "layer2"], grid=[(4, 4), "2"])
+    assert (staged.merge_layer, staged.grid, str(staged.plan)) == ("layer1,layer2", "4x4,2x2", "layer1@4x4,layer2@2x2")
+    assert ServingConfig("resnet18", merge_layer="layer1,layer2", grid=3).plan.grids == [(3, 3), (3, 3)]
+    assert str(ServingConfig("resnet18", merge_layer="AUTO").plan) == "auto"
+    with pytest.raises(ValueError, match="3 grids given for a plan of 2 stage"):
+        ServingConfig("resnet18", merge_layer="layer1,layer2", grid="4x4,2x2,1x1")
+
+
+def _flags(command: str) -> set[str]:
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {s for a in sub._actions for s in a.option_strings}
+
+
+@pytest.mark.parametrize("command, server, planned", [
+    ("archive", "torchserve", ()), ("triton-repo", "triton", ()), ("capacity", None, "PLANNED"),
+])
+def test_cli_flags_come_from_the_schema(command, server, planned):
+    from splitpack.capacity.deploy import PLANNED
+
+    flags = _flags(command)
+    excluded = PLANNED if planned else ()
+    for p in params_for(server):
+        if p.name in excluded:
+            continue
+        assert p.cli_flag in flags, f"splitpack {command} has no {p.cli_flag}"
+    assert "--export-path" not in flags and "--max-batch-size" not in flags and "--instances" not in flags
+
+
+def test_torchserve_model_config_holds_every_parameter_where_the_schema_says():
+    config = ServingConfig.from_mapping({k: v for k, v in NON_DEFAULT.items() if schema.BY_NAME[k].section == MODEL})
+    deploy = deploy_settings("torchserve", {k: v for k, v in NON_DEFAULT.items()
+                                            if k in {p.name for p in params_for("torchserve", DEPLOY)}})
+    written = yaml.safe_load(yaml.safe_dump(model_config_yaml(config, deploy, "pretrained")))
+    assert set(written["handler"]) == {p.name for p in params_for("torchserve", MODEL)} | {"weights_source"}
+    assert read_model_config(written) == config  # what the handler reads back
+    for p in params_for("torchserve", DEPLOY):
+        for key in re.findall(r"[A-Za-z]+(?= *(?:,|$| \())", p.native["torchserve"]):
+            assert written[key] == deploy[p.name], (p.name, key)
+
+
+def test_triton_config_pbtxt_holds_every_parameter_where_the_schema_says():
+    config = ServingConfig.from_mapping({k: v for k, v in NON_DEFAULT.items() if schema.BY_NAME[k].section == MODEL})
+    deploy = {k: v for k, v in NON_DEFAULT.items() if k in {p.name for p in params_for("triton", DEPLOY)}}
+    spec = TritonModelSpec(config, deploy)
+    parsed = parse_model_config(render_config(spec, num_classes=1000, weights="model.pt"))
+    params = config_parameters(parsed)
+    assert set(params) == {p.name for p in params_for("triton", MODEL)} | {"weights"}
+    assert ServingConfig.from_section(params, "triton") == (config, {"weights": "model.pt"})  # what model.py reads
+    native = {"max_batch_size": parsed.max_batch_size, "instance_group.count": parsed.instance_group[0].count,
+              "instance_group.kind": parsed.instance_group[0].kind,
+              "dynamic_batching.max_queue_delay_microseconds": parsed.dynamic_batching.max_queue_delay_microseconds}
+    assert native == {"max_batch_size": 6, "instance_group.count": 3, "instance_group.kind": 1,  # KIND_GPU
+                      "dynamic_batching.max_queue_delay_microseconds": 7000}
+    assert {p.native["triton"] for p in params_for("triton", DEPLOY)} == set(native)
+    # the comment line regenerates the same model
+    command = parsed and render_config(spec, 1000, "model.pt").splitlines()[0]
+    assert "--merge-layer layer1,layer2 --grid 4x4,2x2 --mode seed" in command and "--replicas 3" in command
+
+
+def test_a_new_parameter_is_one_schema_entry():
+    """What issue 10/12/13 will do (threads, memory_budget, compile): add a Param, and the config class,
+    the flags, the stored text and the docs table all carry it."""
+    threads = Param("threads", integer(0), 0, "torch threads per replica (0: torch's default)")
+    params = PARAMS[:10] + (threads,) + PARAMS[10:]
+    Config = config_class(tuple(p for p in params if p.section == MODEL))
+    config = Config.from_mapping({"model_name": "resnet18", "threads": "2"})
+    assert config.threads == 2 and config.to_text()["threads"] == "2" and Config.from_mapping(config.to_text()) == config
+    parser = argparse.ArgumentParser()
+    schema.add_flags(parser, "triton", params=params)
+    assert schema.given(parser.parse_args(["--threads", "4"]), MODEL, params=params) == {"threads": 4}
+    assert "| `threads` | `--threads` | `0` |" in schema.markdown_table(params)
+
+
+def test_docs_table_is_the_schema():
+    spec = importlib.util.spec_from_file_location("parameters_doc", ROOT / "scripts" / "parameters_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (ROOT / "docs" / "parameters.md").read_text()
+    assert module.render(text) == text, "docs/parameters.md is stale: run scripts/parameters_doc.py"
