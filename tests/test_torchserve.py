@@ -123,7 +123,7 @@ def test_archive_holds_split_settings(model_store):
 @pytest.mark.slow
 def test_every_worker_ready(server):
     status = server.models_status()
-    assert set(status) == {EXACT, UNSPLIT, SEED}
+    assert set(status) == {EXACT, UNSPLIT, SEED, NATIVE}
     assert status[EXACT]["workers"] == ["READY", "READY"]
     assert requests.get(f"{server.inference_url}/ping", timeout=5).json()["status"] == "Healthy"
 

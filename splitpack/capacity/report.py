@@ -24,10 +24,9 @@ def format_plan(plan: dict) -> str:
 
 def plot_plan(plan: dict, path: str) -> None:
     """Left: footprint per configuration, stacked; right: replicas per GPU vs latency ratio."""
-    import matplotlib
+    from splitpack.measure.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [plan["unsplit"]] + plan["candidates"]
     names = ["unsplit"] + [f"{c['merge_layer']}\n{c['grid']} {c['mode']}" for c in plan["candidates"]]

@@ -361,10 +361,9 @@ def _point_label(row: dict) -> str | None:
 
 def plot(report: dict, png: str | Path) -> None:
     """Top-1 change vs memory reduction, one panel per evaluated input size."""
-    import matplotlib
+    from splitpack.measure.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = report["runs"]
     annotate_all = max(len(run["strategies"]) for run in runs) <= 30  # else only resize scales

@@ -135,10 +135,9 @@ def seam_report(result: dict, layers: list[str]) -> dict:
 def plot_seams(result: dict, shown: list[str], curve: list[str], png: str | Path, title: str, grid: int) -> None:
     """One row per shown layer: unsplit | seed | |seed-unsplit| | exact | |exact-unsplit|; then the
     relative error of every curve layer (depth) for seed and exact."""
-    import matplotlib
+    from splitpack.measure.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ref = result["unsplit"]["maps"]
     rows = len(shown)

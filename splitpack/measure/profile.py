@@ -165,10 +165,9 @@ def plot_profiles(profiles: list[Profile], path: str, title: str) -> None:
     previous candidate), their head once per pack. Triangles mark each run's
     peak, dotted lines the merge layers.
     """
-    import matplotlib
+    from splitpack.measure.plot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     reference = [p.label for p in profiles[0].layers]
     position: dict[str, int] = {}

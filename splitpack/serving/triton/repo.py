@@ -169,6 +169,7 @@ def generate_model_dir(spec: TritonModelSpec, repo: Path, check: bool = True) ->
     :class:`splitpack.serving.predictor.Predictor`) and classifies the sample image, so a wrong
     merge layer, grid or weights file fails here with the valid names instead of at server start.
     """
+    require("tritonclient.grpc.model_config_pb2", "triton")  # checks the written config: fail before any work
     model_dir = Path(repo) / spec.model_name
     base, _ = source_model(spec.config.model_name, spec.pretrained, spec.weights)
     config = pin_data_config(spec.config, base)
