@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from splitpack.cli import build_parser
+from splitpack.cli.params import add_flags, given
 from splitpack.serving import config as schema
 from splitpack.serving.config import (DEPLOY, MODEL, PARAMS, Param, ServingConfig, config_class, deploy_settings,
                                       integer, params_for)
@@ -129,8 +130,8 @@ def test_a_new_parameter_is_one_schema_entry():
     config = Config.from_mapping({"model_name": "resnet18", "threads": "2"})
     assert config.threads == 2 and config.to_text()["threads"] == "2" and Config.from_mapping(config.to_text()) == config
     parser = argparse.ArgumentParser()
-    schema.add_flags(parser, "triton", params=params)
-    assert schema.given(parser.parse_args(["--threads", "4"]), MODEL, params=params) == {"threads": 4}
+    add_flags(parser, "triton", params=params)
+    assert given(parser.parse_args(["--threads", "4"]), MODEL, params=params) == {"threads": 4}
     assert "| `threads` | `--threads` | `0` |" in schema.markdown_table(params)
 
 

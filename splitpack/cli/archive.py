@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 from splitpack.cli import common
-from splitpack.serving.config import DEPLOY, MODEL, add_flags, given
+from splitpack.cli.params import add_flags, given
+from splitpack.serving.config import DEPLOY, MODEL
 from splitpack.serving.torchserve.archive import (DEFAULT_MODEL_STORE, HANDLER_SECTION, build_archive,
                                                   read_archive_config, read_model_config)
 

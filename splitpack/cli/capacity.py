@@ -11,7 +11,7 @@ from splitpack.cli import arg_type, common
 from splitpack.core.plan import parse_grid
 from splitpack.capacity.deploy import PLANNED
 from splitpack.measure.units import GiB, MiB, parse_bytes
-from splitpack.serving.config import add_flags, given
+from splitpack.cli.params import add_flags, given
 
 WRITTEN_DEFAULTS = {"instance_kind": "gpu"}  # the plan is for a GPU
 

@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 
 from splitpack.cli import common
-from splitpack.serving.config import DEPLOY, MODEL, ServingConfig, add_flags, given
+from splitpack.cli.params import add_flags, given
+from splitpack.serving.config import DEPLOY, MODEL, ServingConfig
 from splitpack.serving.triton.repo import VERSION, WEIGHTS_FILE, TritonModelSpec, generate_model_dir
 
 

@@ -9,7 +9,7 @@ the servers that use it. Everything else is derived from the declarations:
 * the deployment settings (section ``deploy``: replicas, batching, device kind),
   written into each server's own config keys (:attr:`Param.native`);
 * the CLI flags of ``splitpack archive``, ``splitpack triton-repo`` and
-  ``splitpack capacity --write-*`` (:func:`add_flags`);
+  ``splitpack capacity --write-*`` (:func:`splitpack.cli.params.add_flags`);
 * the parameter table in docs/parameters.md (:func:`markdown_table`; a test
   checks the file against it).
 
@@ -18,7 +18,6 @@ the predictor or the servers then read ``config.<name>``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -144,7 +143,7 @@ class Param:
     choices: tuple[str, ...] | None = None
     server_defaults: Mapping[str, Any] = field(default_factory=dict)  # where a server's default differs
     native: Mapping[str, str] = field(default_factory=dict)  # section deploy: each server's own config key
-    plan_arg: bool = False             # passed to splitpack.core.plan.parse_plan as a keyword
+    plan_arg: bool = False             # passed to splitpack.core.plan.parse_plan as the keyword of this name
 
     @property
     def cli_flag(self) -> str:
@@ -332,37 +331,7 @@ def weights_data_config(model) -> dict:
     return {k: resolved[k] for k in DATA_CONFIG_KEYS if k in resolved}
 
 
-# --- CLI flags and docs ----------------------------------------------------------------------------
-
-def add_flags(parser: argparse.ArgumentParser, server: str | None, *, exclude: tuple[str, ...] = (),
-              defaults: Mapping[str, Any] | None = None, params: tuple[Param, ...] = PARAMS) -> None:
-    """One flag per parameter ``server`` uses (None: either server). A flag left out stays None, so
-    :func:`given` tells what the user set; defaults come from the schema when the settings are built
-    (``defaults``: a command's own, shown in the help instead)."""
-    from splitpack.cli import arg_type
-
-    for p in params_for(server, params=params):
-        if p.name in exclude:
-            continue
-        default = p.text(p.default_for(server))
-        if (defaults or {}).get(p.name) is not None:
-            default = p.text(defaults[p.name])
-        elif server is None and p.server_defaults:
-            default = ", ".join(f"{p.text(p.default_for(s))} ({s})" for s in SERVERS if s in p.servers)
-        help_text = p.help if p.name == "model_name" else f"{p.help} (default: {default or 'none'})"
-        if p.parse is boolean:
-            parser.add_argument(p.cli_flag, dest=p.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-            continue
-        parser.add_argument(p.cli_flag, dest=p.name, type=arg_type(p.read, p.name), default=None,
-                            choices=p.choices, metavar=p.metavar, help=help_text)
-
-
-def given(args: argparse.Namespace, section: str | None = None, params: tuple[Param, ...] = PARAMS) -> dict[str, Any]:
-    """The schema parameters set on the command line (the others are None)."""
-    return {p.name: getattr(args, p.name) for p in params
-            if getattr(args, p.name, None) is not None and (section is None or p.section == section)}
-
+# --- docs ----------------------------------------------------------------------------
 
 def markdown_table(params: tuple[Param, ...] = PARAMS) -> str:
     """The parameter table of docs/parameters.md."""

@@ -218,22 +218,11 @@ class Predictor:
         return rows
 
     def describe(self) -> dict:
-        """Effective settings, for logs."""
-        cfg = self.config
-        return {
-            "model_name": cfg.model_name,
-            "split": cfg.split,
-            "merge_layer": cfg.merge_layer,
-            "grid": cfg.grid,
-            "mode": cfg.mode,
-            "topk": cfg.topk,
-            "native_resolution": cfg.native_resolution,
-            "max_side": cfg.max_side,
-            "max_pixels": cfg.max_pixels,
-            "input_size": list(self.data_config["input_size"]),
-            "num_classes": self.num_classes,
-            "device": str(self.device),
-        }
+        """Effective settings, for logs: every serving parameter (the transform as resolved) and the model's facts."""
+        settings = {k: v for k, v in self.config.to_mapping().items() if k != "data_config"}
+        return settings | {"split": self.config.split, "plan": str(self.config.plan or "unsplit"),
+                           "input_size": list(self.data_config["input_size"]), "num_classes": self.num_classes,
+                           "device": str(self.device)}
 
 
 def _num_classes(model: torch.nn.Module) -> int:
