@@ -118,3 +118,16 @@ def test_a_failed_regeneration_keeps_the_previous_model_directory(tmp_path, monk
     assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "repo").rglob("*")) == before
     assert (tmp_path / "repo" / MODEL / "config.pbtxt").read_text() == config
     assert "warning: resnet18: neither --pretrained nor --weights given" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:resnet18.*RANDOM weights")
+def test_capacity_writes_all_its_outputs_or_none(tmp_path, monkeypatch, capsys):
+    """--write-triton is complete when --write-torchserve fails: nothing of either (nor --png) is left."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    code = cli.main(["capacity", "--model", MODEL, "--size", "64", "--gpu-memory", "8GiB", "--merge-layers", "layer1",
+                     "--repeats", "0", "--quiet", "--write-triton", "repo", "--png", "plan.png",
+                     "--write-torchserve", "blocker/model-config.yaml"])
+    err = capsys.readouterr().err
+    assert code == 2 and "splitpack capacity: error: " in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]

@@ -30,14 +30,31 @@ def planned_settings(plan: dict, settings: Mapping[str, Any] | None, server: str
     return config, deploy
 
 
+def triton_model_name(plan: dict, name: str | None = None) -> str:
+    from splitpack.serving.triton.repo import default_model_name
+
+    return name or default_model_name(plan["model"])
+
+
 def write_triton(plan: dict, repo: str | Path, settings: Mapping[str, Any] | None = None, name: str | None = None,
                  pretrained: bool = False, weights: str | None = None) -> Path:
-    """A Triton model directory for the recommendation: instance_group count = replicas."""
-    from splitpack.serving.triton.repo import TritonModelSpec, generate_model_dir
+    """A Triton model directory ``repo/<name>`` for the recommendation (instance_group count = replicas),
+    all or nothing."""
+    from splitpack.publish import staged_path
+
+    model_dir = Path(repo) / triton_model_name(plan, name)
+    with staged_path(model_dir, directory=True) as stage:
+        write_triton_into(plan, stage, model_dir.name, settings, pretrained=pretrained, weights=weights)
+    return model_dir
+
+
+def write_triton_into(plan: dict, directory: Path, name: str, settings: Mapping[str, Any] | None = None,
+                      pretrained: bool = False, weights: str | None = None) -> None:
+    """The model directory's content, into ``directory`` (existing, empty): for callers that publish it."""
+    from splitpack.serving.triton.repo import TritonModelSpec, write_model_dir
 
     config, deploy = planned_settings(plan, settings, "triton")
-    spec = TritonModelSpec(config, deploy, name=name, pretrained=pretrained, weights=weights)
-    return generate_model_dir(spec, Path(repo))
+    write_model_dir(TritonModelSpec(config, deploy, name=name, pretrained=pretrained, weights=weights), directory)
 
 
 def torchserve_model_config(plan: dict, settings: Mapping[str, Any] | None = None) -> dict:
@@ -51,17 +68,24 @@ def torchserve_model_config(plan: dict, settings: Mapping[str, Any] | None = Non
 
 def write_torchserve(plan: dict, path: str | Path, settings: Mapping[str, Any] | None = None,
                      pretrained: bool = False, weights: str | None = None) -> Path:
-    """``*.mar``: a full archive via ``splitpack archive``; anything else: the model-config.yaml
-    to give torch-model-archiver ``--config-file`` (written all or nothing)."""
+    """``*.mar``: a full archive (as ``splitpack archive`` builds it); anything else: the model-config.yaml
+    to give torch-model-archiver ``--config-file``. All or nothing."""
+    from splitpack.publish import staged_path
+
+    with staged_path(path) as tmp:
+        write_torchserve_into(plan, tmp, settings, pretrained=pretrained, weights=weights)
+    return Path(path)
+
+
+def write_torchserve_into(plan: dict, path: Path, settings: Mapping[str, Any] | None = None,
+                          pretrained: bool = False, weights: str | None = None) -> None:
+    """:func:`write_torchserve` to exactly ``path`` (its name decides the model's), for callers that publish it."""
     import yaml
 
-    from splitpack.publish import write_text
-
-    path = Path(path)
-    if path.suffix == ".mar":
-        from splitpack.serving.torchserve.archive import build_archive
+    if Path(path).suffix == ".mar":
+        from splitpack.serving.torchserve.archive import write_archive
 
         config, deploy = planned_settings(plan, settings, "torchserve")
-        return build_archive(config, deploy, pretrained=pretrained, weights=weights, name=path.stem,
-                             export_path=path.parent, force=True)
-    return write_text(path, yaml.safe_dump(torchserve_model_config(plan, settings), sort_keys=False))
+        write_archive(config, Path(path), deploy, pretrained=pretrained, weights=weights)
+    else:
+        Path(path).write_text(yaml.safe_dump(torchserve_model_config(plan, settings), sort_keys=False))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from pathlib import Path
 
 from splitpack.capacity.footprint import (CONTEXT_OVERHEAD_SOURCE, DEFAULT_ALLOCATOR_SLACK, DEFAULT_CONTEXT_OVERHEAD,
                                           parse_fraction, parse_headroom)
@@ -11,6 +13,7 @@ from splitpack.cli import arg_type, common
 from splitpack.core.plan import parse_grid
 from splitpack.capacity.deploy import PLANNED
 from splitpack.measure.units import GiB, MiB, parse_bytes
+from splitpack.publish import staged_path
 from splitpack.cli.params import add_flags, given
 
 WRITTEN_DEFAULTS = {"instance_kind": "gpu"}  # the plan is for a GPU
@@ -92,19 +95,35 @@ def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitpack.capacity.deploy import write_torchserve, write_triton
-    from splitpack.capacity.report import format_plan, plot_plan
+    from splitpack.capacity.report import format_plan
 
+    for weights in [args.weights] if args.weights else []:
+        if not Path(weights).is_file():  # found out before minutes of measuring
+            raise FileNotFoundError(f"weights file {weights} does not exist")
     plan = plan_capacity(_inputs_from_args(args), quiet=args.quiet)
-    if args.png:
-        common.write_plot(args.png, lambda path: plot_plan(plan, path))
-        plan["png"] = args.png
-    settings = WRITTEN_DEFAULTS | {k: v for k, v in given(args).items() if k not in PLANNED}
-    if args.write_triton:
-        plan["triton_model_dir"] = str(write_triton(plan, args.write_triton, settings, pretrained=args.pretrained,
-                                                    weights=args.weights))
-    if args.write_torchserve:
-        plan["torchserve_config"] = str(write_torchserve(plan, args.write_torchserve, settings,
-                                                         pretrained=args.pretrained, weights=args.weights))
+    _write_outputs(plan, args)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
+
+
+def _write_outputs(plan: dict, args: argparse.Namespace) -> None:
+    """--png, --write-triton, --write-torchserve: each built in a staging place, all moved into place
+    once every one of them is complete (one failing leaves none)."""
+    from splitpack.capacity import deploy
+    from splitpack.capacity.report import plot_plan
+
+    settings = WRITTEN_DEFAULTS | {k: v for k, v in given(args).items() if k not in PLANNED}
+    weights = {"pretrained": args.pretrained, "weights": args.weights}
+    with contextlib.ExitStack() as outputs:
+        if args.write_triton:
+            model_dir = Path(args.write_triton) / deploy.triton_model_name(plan)
+            stage = outputs.enter_context(staged_path(model_dir, directory=True))
+            deploy.write_triton_into(plan, stage, model_dir.name, settings, **weights)
+            plan["triton_model_dir"] = str(model_dir)
+        if args.write_torchserve:
+            deploy.write_torchserve_into(plan, outputs.enter_context(staged_path(args.write_torchserve)), settings,
+                                         **weights)
+            plan["torchserve_config"] = args.write_torchserve
+        if args.png:
+            plot_plan(plan, outputs.enter_context(staged_path(args.png)))
+            plan["png"] = args.png

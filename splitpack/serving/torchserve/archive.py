@@ -87,7 +87,19 @@ def build_archive(config: ServingConfig, deploy: Mapping[str, Any] | None = None
                   weights: str | Path | None = None, base: Mapping[str, Any] | None = None,
                   name: str | None = None, version: str = "1.0", export_path: str | Path = DEFAULT_MODEL_STORE,
                   force: bool = False, check: bool = True) -> Path:
-    """Write ``<export_path>/<name>.mar`` (all or nothing); returns its path.
+    """Write ``<export_path>/<name>.mar`` (all or nothing); returns its path. See :func:`write_archive`."""
+    name = name or archive_name(config.model_name)
+    target = Path(export_path) / f"{name}.mar"
+    with staged_path(target, overwrite=force) as tmp:
+        write_archive(config, tmp, deploy, pretrained=pretrained, weights=weights, base=base, version=version,
+                      check=check)
+    return target
+
+
+def write_archive(config: ServingConfig, target: Path, deploy: Mapping[str, Any] | None = None, *,
+                  pretrained: bool = False, weights: str | Path | None = None, base: Mapping[str, Any] | None = None,
+                  version: str = "1.0", check: bool = True) -> None:
+    """Write the archive file ``target`` (its name, less ``.mar``, is the model's name in TorchServe).
 
     ``deploy``: schema deploy values (replicas, batch_size, ...); missing ones take
     TorchServe's defaults unless ``base`` (a model-config.yaml to start from, the
@@ -97,10 +109,7 @@ def build_archive(config: ServingConfig, deploy: Mapping[str, Any] | None = None
     list of valid ones, not at serve time.
     """
     archiver = console_script("torch-model-archiver", "torchserve")  # fail before any work when it is missing
-    name = name or archive_name(config.model_name)
-    target = Path(export_path) / f"{name}.mar"
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} exists; pass --force to overwrite it")
+    name = Path(target).name.removesuffix(".mar")
     deploy = check_deploy("torchserve", deploy) if base is not None else deploy_settings("torchserve", deploy)
     model, source = source_model(config.model_name, pretrained, weights)
     config = pin_data_config(config, model)
@@ -127,9 +136,7 @@ def build_archive(config: ServingConfig, deploy: Mapping[str, Any] | None = None
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise TorchServeError(f"torch-model-archiver failed ({done.returncode}): {done.stderr or done.stdout}")
-        with staged_path(target) as tmp_target:
-            shutil.move(str(out / f"{name}.mar"), tmp_target)
-    return target
+        shutil.move(str(out / f"{name}.mar"), target)
 
 
 def _handler_source() -> Path:

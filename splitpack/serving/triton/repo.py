@@ -163,27 +163,31 @@ def config_parameters(config) -> dict[str, str]:
 
 
 def generate_model_dir(spec: TritonModelSpec, repo: Path, check: bool = True) -> Path:
-    """Write ``repo/<name>/`` for ``spec`` (all or nothing: a failure leaves no model directory); return it.
+    """Write ``repo/<name>/`` for ``spec`` (all or nothing: a failure leaves no model directory); return it."""
+    model_dir = Path(repo) / spec.model_name
+    with staged_path(model_dir, directory=True) as stage:
+        write_model_dir(spec, stage, check)
+    return model_dir
+
+
+def write_model_dir(spec: TritonModelSpec, directory: Path, check: bool = True) -> None:
+    """Write the model directory's content into ``directory`` (existing and empty).
 
     With ``check`` the model is built exactly as the server will build it (the same
     :class:`splitpack.serving.predictor.Predictor`) and classifies the sample image, so a wrong
     merge layer, grid or weights file fails here with the valid names instead of at server start.
     """
     require("tritonclient.grpc.model_config_pb2", "triton")  # checks the written config: fail before any work
-    model_dir = Path(repo) / spec.model_name
     base, _ = source_model(spec.config.model_name, spec.pretrained, spec.weights)
     config = pin_data_config(spec.config, base)
-    with staged_path(model_dir, directory=True) as stage:
-        version_dir = stage / VERSION
-        version_dir.mkdir()
-        weights = ""
-        if spec.pretrained or spec.weights:
-            torch.save(base.state_dict(), version_dir / WEIGHTS_FILE)
-            weights = WEIGHTS_FILE
-        num_classes = check_settings(config, version_dir / weights if weights else None) if check \
-            else _num_classes(base)
-        text = render_config(spec, num_classes, weights, config)
-        parse_model_config(text)  # a syntax error here would only show up at server start
-        (stage / "config.pbtxt").write_text(text)
-        (version_dir / "model.py").write_text(MODEL_PY)
-    return model_dir
+    version_dir = Path(directory) / VERSION
+    version_dir.mkdir()
+    weights = ""
+    if spec.pretrained or spec.weights:
+        torch.save(base.state_dict(), version_dir / WEIGHTS_FILE)
+        weights = WEIGHTS_FILE
+    num_classes = check_settings(config, version_dir / weights if weights else None) if check else _num_classes(base)
+    text = render_config(spec, num_classes, weights, config)
+    parse_model_config(text)  # a syntax error here would only show up at server start
+    (Path(directory) / "config.pbtxt").write_text(text)
+    (version_dir / "model.py").write_text(MODEL_PY)
