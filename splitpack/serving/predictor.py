@@ -203,7 +203,7 @@ class Predictor:
             try:
                 images.append(self.decode(payload))
             except BadRequest as err:
-                return BadRequest(f"image {i}: {err}") if len(payloads) > 1 else err
+                return type(err)(f"image {i}: {err}") if len(payloads) > 1 else err  # keeps TooLarge's 413
         return images
 
     def _forward(self, images: list[torch.Tensor]) -> list[torch.Tensor | BadRequest | InferenceFailed]:
@@ -218,7 +218,7 @@ class Predictor:
         return rows
 
     def describe(self) -> dict:
-        """Effective settings, for logs: every serving parameter (the transform as resolved) and the model's facts."""
+        """Effective settings, for logs: the serving parameters (but the transform) and the model's facts."""
         settings = {k: v for k, v in self.config.to_mapping().items() if k != "data_config"}
         return settings | {"split": self.config.split, "plan": str(self.config.plan or "unsplit"),
                            "input_size": list(self.data_config["input_size"]), "num_classes": self.num_classes,
