@@ -39,3 +39,30 @@ def test_each_layer_imports_only_the_layers_above_it():
                 if (relative, imported) not in EXCEPTIONS:
                     wrong.append(f"{relative} imports splitpack.{imported}")
     assert not wrong, wrong
+
+
+def test_docs_name_modules_and_files_that_exist():
+    """README.md and docs/*.md point at real files (splitpack/...py) and importable names (splitpack.x.y)."""
+    import importlib
+    import re
+
+    root = PACKAGE.parent
+    missing = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for path in set(re.findall(r"\bsplitpack/[\w/]+\.py\b", text)):
+            if not (root / path).is_file():
+                missing.append(f"{doc.name}: {path}")
+        for dotted in set(re.findall(r"\bsplitpack(?:\.[A-Za-z_]\w*)+", text)):
+            parts = dotted.split(".")
+            for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                    break
+                except ImportError:
+                    continue
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr, None)
+            if obj is None:
+                missing.append(f"{doc.name}: {dotted}")
+    assert not missing, missing

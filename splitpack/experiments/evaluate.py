@@ -5,7 +5,7 @@ For every strategy -- ``unsplit``; ``exact:LAYER:G`` (halo packs, same output);
 shrink the input) -- report top-1/top-5 against the labels, agreement with the
 unsplit top-1, the logit deviation from unsplit, and the peak activation memory,
 measured for every strategy with the same tracker
-(:func:`splitpack.memory.peak_activation_bytes`, batch 1).
+(:func:`splitpack.measure.meter.peak_activation_bytes`, batch 1).
 
 Method 2 of the poster (retrain at the smaller size) needs an ImageNet training
 set and is not reproduced.
