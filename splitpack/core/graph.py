@@ -1,9 +1,18 @@
-"""Graph capture with torch.fx and the cut points where a network can be merged.
+"""Graph capture with torch.fx, node kinds, and the checkpoints where a network can be merged.
 
-A *merge layer* is a module (by qualified name) whose output is the only value
-the rest of the network needs from everything executed before it: the packs
-run the network up to and including that module, and the rest runs once on the
-merged activation.
+Every input-dependent node is one of three kinds, read off shape propagation at
+two input sizes:
+
+* **spatial**: a tensor whose size follows the image (computed region by region);
+* **global**: a tensor of fixed size computed from the whole image, e.g. a
+  squeeze-excitation statistic or the global pooling (computed once, after a
+  pass over all packs has accumulated the reductions it needs);
+* **meta**: a non-tensor value such as ``x.shape`` (computed from the full size).
+
+A *checkpoint* (merge layer) is a module (by qualified name) whose output is the
+only value the rest of the network needs from everything executed before it:
+a spatial activation (a stage writes it pack by pack), or the network's global
+pooling (a stage reduces into it pack by pack).
 """
 from __future__ import annotations
 
@@ -12,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp
+
+Shape = torch.Size | tuple  # a tensor's size, or a tuple of sizes for a tuple-valued node (torch.split)
+SIZE_PROBE = 64  # the second shape-propagation size is this much larger (a multiple of every usual stride)
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
@@ -62,27 +73,52 @@ def describe_op(node: fx.Node, gm: fx.GraphModule) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's parameters (shape propagation must run in it)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 @dataclass
 class TracedModel:
-    """A model's fx graph with its merge-layer candidates."""
+    """A model's fx graph, its node kinds and its checkpoints."""
 
     gm: fx.GraphModule
     nodes: list[fx.Node]
     index: dict[fx.Node, int]
     input_node: fx.Node
-    merge_nodes: dict[str, fx.Node]  # valid merge-layer name -> its output node, execution order
+    checkpoints: dict[str, fx.Node]  # checkpoint name -> its output node, execution order
     input_dependent: set[fx.Node] = field(default_factory=set)
-    reference_shapes: dict[fx.Node, torch.Size] = field(default_factory=dict)  # at the model's default size
+    spatial: set[fx.Node] = field(default_factory=set)
+    reference_shapes: dict[fx.Node, Shape] = field(default_factory=dict)  # at the model's default size
+    dtype: torch.dtype = torch.float32
 
-    def ancestors(self, node: fx.Node) -> list[fx.Node]:
-        """Input-dependent nodes ``node`` needs (itself included), in execution order."""
+    def is_global(self, node: fx.Node) -> bool:
+        """A fixed-size value computed from the image (reductions and everything after them)."""
+        return node in self.input_dependent and node not in self.spatial
+
+    def ancestors(self, node: fx.Node, source: fx.Node | None = None) -> list[fx.Node]:
+        """Input-dependent nodes ``node`` needs (itself included), in execution order, not looking
+        past ``source`` (a checkpoint whose value is given)."""
         seen, stack = {node}, [node]
         while stack:
-            for parent in stack.pop().all_input_nodes:
+            current = stack.pop()
+            if current is source:
+                continue
+            for parent in current.all_input_nodes:
                 if parent not in seen and parent in self.input_dependent:
                     seen.add(parent)
                     stack.append(parent)
         return sorted(seen, key=self.index.__getitem__)
+
+    def checkpoint_name(self, node: fx.Node) -> str:
+        return next(name for name, n in self.checkpoints.items() if n is node)
 
 
 def trace(model: nn.Module) -> TracedModel:
@@ -99,12 +135,14 @@ def trace(model: nn.Module) -> TracedModel:
     for n in nodes:
         if any(p in dependent for p in n.all_input_nodes):
             dependent.add(n)
+    dtype = model_dtype(model)
     c, h, w = reference_input_size(model)
-    shapes = node_shapes(gm, (1, c, h, w))
-    # a second size tells spatial activations from ones whose size is fixed (after global/adaptive pooling)
-    shapes_larger = node_shapes(gm, (1, c, h + 32, w + 32))
-    traced = TracedModel(gm, nodes, index, input_node, {}, dependent, shapes)
-    traced.merge_nodes = _cut_points(traced, tracer.module_calls, shapes, shapes_larger)
+    shapes = node_shapes(gm, (1, c, h, w), dtype)
+    # a second size tells spatial values from fixed-size ones (after global pooling or a reduction)
+    shapes_larger = node_shapes(gm, (1, c, h + SIZE_PROBE, w + SIZE_PROBE), dtype)
+    spatial = {n for n in dependent if n in shapes and shapes[n] != shapes_larger.get(n)}
+    traced = TracedModel(gm, nodes, index, input_node, {}, dependent, spatial, shapes, dtype)
+    traced.checkpoints = _checkpoints(traced, tracer.module_calls)
     return traced
 
 
@@ -113,41 +151,64 @@ def reference_input_size(model: nn.Module) -> tuple[int, int, int]:
     return tuple(cfg.get("input_size", (3, 224, 224)))
 
 
-def node_shapes(gm: fx.GraphModule, input_shape, dtype=torch.float32, device=None) -> dict[fx.Node, torch.Size]:
-    """Full-size output shape of every tensor-valued node, from a fake-tensor run (no real memory)."""
+def _shape_of(value) -> Shape | None:
+    if isinstance(value, torch.Tensor):
+        return value.shape
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(v.shape for v in value)
+    return None
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, Shape] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        shape = _shape_of(out)
+        if shape is not None:
+            self.shapes[n] = shape
+        return out
+
+
+def node_shapes(gm: fx.GraphModule, input_shape, dtype=torch.float32, device=None) -> dict[fx.Node, Shape]:
+    """Full-size output shape of every tensor-valued node, from a fake-tensor run (no real memory,
+    no copy of the parameters). Tuple-valued nodes (``torch.split``) get a tuple of sizes."""
     if device is None:
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with torch.no_grad():
-        with fake_mode:
-            x = torch.empty(input_shape, dtype=dtype, device=device)
-        ShapeProp(gm, fake_mode=fake_mode).propagate(x)
-    shapes = {}
-    for n in gm.graph.nodes:
-        meta = n.meta.pop("tensor_meta", None)
-        if meta is not None and hasattr(meta, "shape"):
-            shapes[n] = meta.shape
-    return shapes
+    recorder = _ShapeRecorder(gm)
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        recorder.run(torch.empty(input_shape, dtype=dtype, device=device))
+    return recorder.shapes
 
 
-def _cut_points(traced: TracedModel, module_calls, shapes, shapes_larger) -> dict[str, fx.Node]:
-    """Modules (called once) whose 4-D, image-sized output is the only value crossing into the rest."""
-    nodes, index = traced.nodes, traced.index
-    # reach[i]: the furthest node that uses any input-dependent node at index <= i
+def _reach(traced: TracedModel) -> list[int]:
+    """reach[i]: the furthest node index that uses any input-dependent node at index <= i."""
     reach, furthest = [], -1
-    for n in nodes:
+    for n in traced.nodes:
         if n in traced.input_dependent:
-            furthest = max(furthest, max((index[u] for u in n.users), default=-1))
+            furthest = max(furthest, max((traced.index[u] for u in n.users), default=-1))
         reach.append(furthest)
+    return reach
+
+
+def _checkpoints(traced: TracedModel, module_calls) -> dict[str, fx.Node]:
+    """Modules (called once) whose output is the only value crossing into the rest: a 4-D spatial
+    activation, or a global pooling (reductions inside the module, no parameters after them)."""
+    reach, index = _reach(traced), traced.index
     candidates = []
     for name, calls in module_calls.items():
         if not name or len(calls) != 1 or calls[0] is None:
             continue
         out = calls[0]
-        shape = shapes.get(out)
-        if out not in traced.input_dependent or shape is None or len(shape) != 4:
+        shape = traced.reference_shapes.get(out)
+        if not isinstance(shape, torch.Size):
             continue
-        if shapes_larger.get(out, shape)[-2:] == shape[-2:]:  # pooled to a fixed size: nothing to tile
+        if out in traced.spatial:
+            if len(shape) != 4:
+                continue
+        elif not (traced.is_global(out) and _pooled_to_one(shape) and is_global_pooling(traced, out, name)):
             continue
         pos = index[out]
         if pos > 0 and reach[pos - 1] > pos:  # an earlier value is still needed after the cut
@@ -156,29 +217,66 @@ def _cut_points(traced: TracedModel, module_calls, shapes, shapes_larger) -> dic
     return {name: out for _, _, name, out in sorted(candidates, key=lambda c: (c[0], c[1]))}
 
 
-def split_graph(traced: TracedModel, merge_node: fx.Node) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Head graph (input -> merge activation) and tail graph (merge activation -> output)."""
-    pos = traced.index[merge_node]
-    gm = traced.gm
+def _pooled_to_one(shape: torch.Size) -> bool:
+    """N x C, or N x C x 1 x 1: one value per channel (adaptive pooling to 7x7 is not global pooling)."""
+    return len(shape) == 2 or (len(shape) == 4 and tuple(shape[-2:]) == (1, 1))
 
-    head = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in traced.nodes[: pos + 1]:
-        env[n] = head.node_copy(n, env.__getitem__)
-    head.output(env[merge_node])
 
+def _inside(node: fx.Node, module_name: str) -> bool:
+    path = module_path(node)
+    return path == module_name or path.startswith(module_name + ".")
+
+
+def _uses_parameters(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op == "call_module":
+        return any(True for _ in gm.get_submodule(node.target).parameters())
+    return any(p.op == "get_attr" for p in node.all_input_nodes)
+
+
+def is_global_pooling(traced: TracedModel, out: fx.Node, module_name: str) -> bool:
+    """``out`` (global) is made inside module ``module_name`` from reductions of spatial values,
+    with nothing parametric after them: the module is a global pooling."""
+    stack, seen, reductions = [out], {out}, 0
+    while stack:
+        node = stack.pop()
+        if not _inside(node, module_name) or _uses_parameters(node, traced.gm):
+            return False
+        parents = [p for p in node.all_input_nodes if p in traced.input_dependent]
+        if any(p in traced.spatial for p in parents):
+            reductions += 1
+            continue
+        for p in parents:
+            if p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return reductions > 0
+
+
+def tail_graph(traced: TracedModel, checkpoint: fx.Node) -> fx.GraphModule:
+    """The rest of the network after ``checkpoint``, as a graph whose input is the checkpoint's value."""
+    pos = traced.index[checkpoint]
     tail = fx.Graph()
-    tenv: dict[fx.Node, fx.Node] = {merge_node: tail.placeholder("merged")}
+    env: dict[fx.Node, fx.Node] = {checkpoint: tail.placeholder("merged")}
 
     def lookup(n: fx.Node) -> fx.Node:
-        if n not in tenv:  # an input-independent value (parameter, constant) made before the cut
-            tenv[n] = tail.node_copy(n, lookup)
-        return tenv[n]
+        if n not in env:  # an input-independent value (parameter, constant) made before the cut
+            env[n] = tail.node_copy(n, lookup)
+        return env[n]
 
     for n in traced.nodes[pos + 1:]:
         if n.op == "placeholder":
             continue
-        tenv[n] = tail.node_copy(n, lookup)
-    return fx.GraphModule(gm, head, "SplitPackHead"), fx.GraphModule(gm, tail, "SplitPackTail")
+        env[n] = tail.node_copy(n, lookup)
+    return fx.GraphModule(traced.gm, tail, "SplitPackTail")
 
 
+def head_graph(traced: TracedModel, checkpoint: fx.Node) -> fx.GraphModule:
+    """The network from the image up to ``checkpoint`` (seed mode runs it on each pack)."""
+    head = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in traced.nodes[: traced.index[checkpoint] + 1]:
+        env[n] = head.node_copy(n, env.__getitem__)
+    head.output(env[checkpoint])
+    return fx.GraphModule(traced.gm, head, "SplitPackHead")

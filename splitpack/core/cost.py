@@ -1,0 +1,73 @@
+"""What a plan costs, read off its program without running it: convolution MACs (halo
+recompute and second passes included) and the size of every checkpoint."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from splitpack.core.graph import Shape, TracedModel
+from splitpack.core.schedule import Program, full_shape
+
+
+def _numel(shape: Shape) -> int:
+    if isinstance(shape, tuple) and shape and isinstance(shape[0], torch.Size):
+        return sum(math.prod(s) for s in shape)
+    return math.prod(shape)
+
+
+def node_macs(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, Shape]) -> int:
+    """Multiply-accumulates of a convolution or linear node for one image at ``shapes``' size."""
+    out = shapes.get(node)
+    if not isinstance(out, torch.Size):
+        return 0
+    per_output = 0
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.Conv2d):
+            per_output = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            per_output = m.in_features
+    elif node.op == "call_function" and node.target in (F.conv2d, F.linear) and len(node.args) > 1:
+        weight = shapes.get(node.args[1]) if isinstance(node.args[1], fx.Node) else None
+        if weight is not None:
+            per_output = math.prod(weight[1:])
+    return per_output * _numel(out) // out[0] if per_output else 0
+
+
+def unsplit_macs(traced: TracedModel, shapes) -> int:
+    return sum(node_macs(n, traced.gm, shapes) for n in traced.nodes)
+
+
+def _area(region) -> int:
+    (h0, h1), (w0, w1) = region
+    return (h1 - h0) * (w1 - w0)
+
+
+def program_macs(traced: TracedModel, program: Program, shapes, tail_nodes: list[fx.Node]) -> int:
+    """MACs of one image through the split program, then the rest of the network."""
+    total = 0
+    for stage in program.stages:
+        hw = {}
+        for pass_ in stage.passes:
+            for pack in pass_.packs:
+                for step in pack.steps:
+                    if step.reduce:
+                        continue
+                    macs = node_macs(step.node, traced.gm, shapes)
+                    if macs:
+                        if step.node not in hw:
+                            h, w = stage.shapes[step.node][stage.layouts[step.node][0]], \
+                                stage.shapes[step.node][stage.layouts[step.node][1]]
+                            hw[step.node] = h * w
+                        total += macs * _area(step.region) // hw[step.node]
+            total += sum(node_macs(n, traced.gm, shapes) for n in pass_.after)
+    return total + sum(node_macs(n, traced.gm, shapes) for n in tail_nodes)
+
+
+def checkpoint_bytes(program: Program, batch: int, dtype: torch.dtype) -> list[int]:
+    """Bytes of each stage's merged checkpoint (full size)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return [math.prod(full_shape(stage.shapes[stage.graph.target], batch)) * itemsize for stage in program.stages]

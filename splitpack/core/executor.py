@@ -1,0 +1,239 @@
+"""Runs a program (splitpack.core.schedule): the reference interpreter of split-pack.
+
+Memory discipline: packs run one at a time and free every intermediate after its
+last use. A checkpoint that the next stage reads is stored as row bands and made
+*on demand*: the next stage pulls rows from the stage that writes them only when a
+pack needs them, and frees the bands that no later pack reads. Stages therefore run
+interleaved, row band by row band, and a checkpoint exists in full only where a
+stage must see all of it (a pass that accumulates a squeeze-excitation statistic).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from splitpack.core.rules import Layout, Region
+from splitpack.core.schedule import Narrow, Program, StageProgram, full_shape
+
+OnNode = Callable[[fx.Node], None] | None
+
+
+class Env(dict):
+    """Values of one scope, falling back to an outer scope (pack -> stage globals -> constants)."""
+
+    def __init__(self, outer: dict):
+        super().__init__()
+        self.outer = outer
+
+    def __missing__(self, key):
+        return self.outer[key]
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or key in self.outer
+
+
+def cut(value: Any, narrows: tuple[Narrow, ...]) -> Any:
+    """Apply ``narrow`` calls to a tensor, or to every part of a tuple of channel splits."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(cut(v, narrows) for v in value)
+    for axis, start, length in narrows:
+        value = value.narrow(axis, start, length)
+    return value
+
+
+def region_narrows(region: Region, layout: Layout) -> tuple[Narrow, ...]:
+    return tuple((axis, lo, hi - lo) for (lo, hi), axis in zip(region, layout))
+
+
+def empty_like_layout(sample: torch.Tensor, shape) -> torch.Tensor:
+    """An empty tensor of ``shape`` with ``sample``'s dtype, device and memory format."""
+    channels_last = sample.dim() == 4 and sample.is_contiguous(memory_format=torch.channels_last) \
+        and not sample.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(tuple(shape), dtype=sample.dtype, device=sample.device, memory_format=fmt)
+
+
+# --------------------------------------------------------------------------- checkpoint storage
+
+class Whole:
+    """A full-size value (the image, or the last checkpoint before the rest of the network)."""
+
+    def __init__(self, value: torch.Tensor | None, layout: Layout, shape=None):
+        self.value, self.layout, self.shape = value, layout, shape
+
+    def read(self, region: Region) -> torch.Tensor:
+        return cut(self.value, region_narrows(region, self.layout))
+
+    def write(self, region: Region, part: torch.Tensor) -> None:
+        if self.value is None:
+            self.value = empty_like_layout(part, self.shape)
+        cut(self.value, region_narrows(region, self.layout)).copy_(part)
+
+    def release_below(self, row: int) -> None:
+        pass
+
+
+class Bands:
+    """A checkpoint stored as row bands (one per grid row of the stage that writes it).
+
+    ``producer`` is the writing stage, suspended between its rows of packs: reading
+    rows that are not written yet resumes it until they are.
+    """
+
+    def __init__(self, rows: list[tuple[int, int]], layout: Layout, shape):
+        self.rows, self.layout, self.shape = rows, layout, shape
+        self.bands: list[torch.Tensor | None] = [None] * len(rows)
+        self.written = 0  # rows [0, written) are complete
+        self.producer: Iterator[int] | None = None
+
+    def ensure(self, row_end: int) -> None:
+        while self.written < row_end:
+            self.written = next(self.producer)
+            if self.written == self.rows[-1][1]:
+                for _ in self.producer:  # let the writer finish (it frees what it read)
+                    pass
+
+    def _band(self, region: Region) -> int:
+        return next(i for i, (lo, hi) in enumerate(self.rows) if lo <= region[0][0] < hi)
+
+    def write(self, region: Region, part: torch.Tensor) -> None:
+        i = self._band(region)
+        lo, hi = self.rows[i]
+        if self.bands[i] is None:
+            shape = list(self.shape)
+            shape[self.layout[0]] = hi - lo
+            self.bands[i] = empty_like_layout(part, shape)
+        local = ((region[0][0] - lo, region[0][1] - lo), region[1])
+        cut(self.bands[i], region_narrows(local, self.layout)).copy_(part)
+
+    def read(self, region: Region) -> torch.Tensor:
+        (r0, r1), cols = region
+        self.ensure(r1)
+        parts = []
+        for (lo, hi), band in zip(self.rows, self.bands):
+            if hi <= r0 or lo >= r1:
+                continue
+            local = ((max(r0, lo) - lo, min(r1, hi) - lo), cols)
+            parts.append(cut(band, region_narrows(local, self.layout)))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.layout[0])
+
+    def release_below(self, row: int) -> None:
+        for i, (lo, hi) in enumerate(self.rows):
+            if hi <= row:
+                self.bands[i] = None
+
+
+# --------------------------------------------------------------------------- running a program
+
+def run_consts(gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Node, Any]:
+    """Parameters and constants the stages read (input-independent nodes), computed once."""
+    values: dict[fx.Node, Any] = {}
+    interp = fx.Interpreter(gm)
+    interp.env = values
+    for n in nodes:
+        values[n] = interp.run_node(n)
+    return values
+
+
+class Executor:
+    """Interprets a program over a batch; ``on_node`` is told about every op as it runs (profiling)."""
+
+    def __init__(self, gm: fx.GraphModule, program: Program, on_node: OnNode = None):
+        self.gm, self.program, self.on_node = gm, program, on_node
+
+    def run(self, x: torch.Tensor, consts: dict[fx.Node, Any]) -> Any:
+        """The last checkpoint's value (full size, or the global pooling's result)."""
+        self.dtype, self.batch, self.consts = x.dtype, x.shape[0], consts
+        source: Whole | Bands = Whole(x, (-2, -1))
+        stages = self.program.stages
+        for i, stage in enumerate(stages):
+            out = self._output(stage, last=i == len(stages) - 1)
+            rows = self._stage(stage, source, out)
+            if isinstance(out, Bands):
+                out.producer = rows  # the next stage pulls rows as its packs need them
+            source = out
+        for _ in rows:  # drive the last stage; it pulls everything before it
+            pass
+        return out.value
+
+    def _output(self, stage: StageProgram, last: bool):
+        graph = stage.graph
+        if not graph.spatial_target:
+            return Whole(None, stage.target_layout)  # a global pooling: set when the stage ends
+        shape = full_shape(stage.shapes[graph.target], self.batch)
+        return Whole(None, stage.target_layout, shape) if last else Bands(stage.bands, stage.target_layout, shape)
+
+    def _stage(self, stage: StageProgram, source, out) -> Iterator[int]:
+        """Runs the stage; after each row of packs of its last pass, yields how many checkpoint rows are done."""
+        graph = stage.graph
+        globals_ = Env(self.consts)
+        self._run_globals(stage, stage.before, globals_)
+        columns = graph.grid[1]
+        for pass_ in stage.passes:
+            sums: dict[fx.Node, list] = {}
+            for i, pack in enumerate(pass_.packs):
+                self._run_pack(stage, pack, source, globals_, sums, out)
+                if pack.release_below is not None:
+                    source.release_below(pack.release_below)
+                if pack.write is not None and (i + 1) % columns == 0:
+                    yield pack.write[0][1]
+            for r in pass_.reductions:
+                total, dtype = sums.pop(r)
+                globals_[r] = stage.rules[r].finalize(total, stage.counts[r], dtype)
+                self._notify(r)
+            self._run_globals(stage, pass_.after, globals_)
+        source.release_below(1 << 62)  # nothing of the previous checkpoint is read any more
+        if not graph.spatial_target:
+            out.value = globals_[graph.target]
+
+    def _run_pack(self, stage: StageProgram, pack, source, globals_: Env, sums: dict, out) -> None:
+        env = Env(globals_)
+        env[stage.graph.source] = source.read(pack.read)
+        for step in pack.steps:
+            values = Env(env)
+            for src, narrows, pads in step.inputs:
+                t = cut(env[src], narrows)
+                values[src] = t if pads is None else F.pad(t, pads, value=step.rule.pad_value)
+            if step.reduce:
+                t = values[step.inputs[0][0]]
+                part = step.rule.partial(t)
+                total = sums.get(step.node)
+                sums[step.node] = [step.rule.combine(total[0] if total else None, part), t.dtype]
+            else:
+                env[step.node] = step.rule.compute(values, step.region) if step.padding is None \
+                    else step.rule.compute(values, step.region, step.padding)
+                self._notify(step.node)
+            del values
+            for p in step.frees:
+                del env[p]
+        if pack.write is not None:
+            out.write(pack.write, env[stage.graph.target])
+
+    def _run_globals(self, stage: StageProgram, nodes: list[fx.Node], globals_: Env) -> None:
+        """Global values (SE gates, pooled features, sizes), computed once from finished reductions.
+        A size query reads a stand-in of the full-size value on the meta device."""
+        if not nodes:
+            return
+        interp = fx.Interpreter(self.gm)
+        for node in nodes:
+            scope = Env(globals_)
+            for p in node.all_input_nodes:
+                if p in stage.graph.spatial:
+                    scope[p] = _stand_in(stage.shapes[p], self.batch, self.dtype)
+            interp.env = scope
+            globals_[node] = interp.run_node(node)
+            self._notify(node)
+
+    def _notify(self, node: fx.Node) -> None:
+        if self.on_node is not None:
+            self.on_node(node)
+
+
+def _stand_in(shape, batch: int, dtype: torch.dtype):
+    """A full-size value on the meta device (no memory): what a size query of a spatial value reads."""
+    if isinstance(shape, tuple) and shape and isinstance(shape[0], torch.Size):
+        return tuple(_stand_in(s, batch, dtype) for s in shape)
+    return torch.empty(full_shape(shape, batch), device="meta", dtype=dtype)

@@ -1,0 +1,209 @@
+"""Sliding-window ops: convolution, max/avg pooling, constant padding."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from splitpack.core.rules.base import (NoRule, Window, arg, pair, register_function, register_module,
+                                       require_nchw, window_dims)
+
+
+def same_total(size: int, k: int, s: int, d: int = 1) -> int:
+    """TF 'SAME' total padding along one dim (timm's get_same_padding), from the input size."""
+    return max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+
+
+def _in_hw(ctx, x) -> tuple[int, int]:
+    return tuple(ctx.shapes[x][-2:])
+
+
+def _out_hw(ctx, node) -> tuple[int, int]:
+    return tuple(ctx.shapes[node][-2:])
+
+
+# --------------------------------------------------------------------------- convolution
+
+def _conv_padding(conv: nn.Conv2d, in_hw: tuple[int, int], tf_same: bool) -> tuple[int, int]:
+    """Padding before the first input element per spatial dim, the way the unsplit conv applies it."""
+    before = []
+    for i in range(2):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        if tf_same:  # timm Conv2dSame: TF 'SAME', from the input size
+            before.append(same_total(in_hw[i], k, s, d) // 2)
+        elif conv.padding == "same":
+            before.append(d * (k - 1) // 2)
+        elif conv.padding == "valid":
+            before.append(0)
+        else:
+            before.append(conv.padding[i])
+    return before[0], before[1]
+
+
+@register_module(nn.Conv2d, "Conv2dSame")
+def _conv(node, ctx, xs, layout, conv: nn.Conv2d) -> Window:
+    require_nchw(layout, "convolution")
+    if conv.padding_mode != "zeros":
+        raise NoRule(f"convolution with padding_mode={conv.padding_mode!r} (only zero padding is split)")
+    before = _conv_padding(conv, _in_hw(ctx, xs[0]), type(conv).__name__ == "Conv2dSame")
+
+    def op(t, out, values, padding=(0, 0)):
+        return F.conv2d(t, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+
+    return Window(node, xs[0], window_dims(conv.kernel_size, conv.stride, conv.dilation, before), 0.0, op)
+
+
+@register_function(F.conv2d)
+def _functional_conv(node, ctx, xs, layout) -> Window:
+    require_nchw(layout, "convolution")
+    if xs != [node.args[0]]:
+        raise NoRule("convolution whose weights depend on the image")
+    stride, padding = arg(node, 3, "stride", 1), arg(node, 4, "padding", 0)
+    dilation, groups = arg(node, 5, "dilation", 1), arg(node, 6, "groups", 1)
+    weight_node, bias_node = node.args[1], arg(node, 2, "bias", None)
+    weight_shape = ctx.shapes[weight_node] if isinstance(weight_node, fx.Node) else weight_node.shape
+    k = tuple(weight_shape[-2:])
+    if isinstance(padding, str):
+        d = pair(dilation)
+        padding = tuple((d[i] * (k[i] - 1)) // 2 for i in range(2)) if padding == "same" else (0, 0)
+
+    def op(t, out, values, padding=(0, 0)):
+        w = values[weight_node] if isinstance(weight_node, fx.Node) else weight_node
+        b = values[bias_node] if isinstance(bias_node, fx.Node) else bias_node
+        return F.conv2d(t, w, b, stride, padding, dilation, groups)
+
+    return Window(node, xs[0], window_dims(k, stride, dilation, padding), 0.0, op)
+
+
+# --------------------------------------------------------------------------- max pooling
+
+def _half(kernel) -> tuple[int, int]:
+    """The most padding ATen's pooling applies itself: half the kernel."""
+    k = pair(kernel)
+    return k[0] // 2, k[1] // 2
+
+
+def _same_before(kernel, stride, dilation, in_hw) -> tuple[int, int]:
+    k, s, d = pair(kernel), pair(stride), pair(dilation)
+    return tuple(same_total(in_hw[i], k[i], s[i], d[i]) // 2 for i in range(2))
+
+
+def max_pool_rule(node, x, kernel, stride, padding, dilation, return_indices=False, same_hw=None) -> Window:
+    """ceil_mode needs nothing: the window of the last output is cut (and padded with -inf) by the executor."""
+    if return_indices:
+        raise NoRule("max pooling with return_indices")
+    stride = stride or kernel
+    if same_hw is not None:
+        padding = _same_before(kernel, stride, dilation, same_hw)
+
+    def op(t, out, values, padding=(0, 0)):
+        return F.max_pool2d(t, kernel, stride, padding, dilation)
+
+    return Window(node, x, window_dims(kernel, stride, dilation, padding), -math.inf, op, pad_limit=_half(kernel))
+
+
+@register_module(nn.MaxPool2d, "MaxPool2dSame")
+def _max_pool(node, ctx, xs, layout, m) -> Window:
+    require_nchw(layout, "max pooling")
+    same = _in_hw(ctx, xs[0]) if type(m).__name__ == "MaxPool2dSame" else None
+    return max_pool_rule(node, xs[0], m.kernel_size, m.stride, m.padding, m.dilation, m.return_indices, same)
+
+
+@register_function(F.max_pool2d)
+def _functional_max_pool(node, ctx, xs, layout) -> Window:
+    require_nchw(layout, "max pooling")
+    return max_pool_rule(node, xs[0], arg(node, 1, "kernel_size"), arg(node, 2, "stride", None),
+                         arg(node, 3, "padding", 0), arg(node, 4, "dilation", 1), arg(node, 6, "return_indices", False))
+
+
+# --------------------------------------------------------------------------- average pooling
+
+def _avg_counts(n_out: int, size: int, k: int, s: int, pad: int, include_pad: bool) -> np.ndarray:
+    """ATen's avg_pool divisor along one dim (pad = native padding of the op)."""
+    o = np.arange(n_out)
+    start = o * s - pad
+    end = np.minimum(start + k, size + pad)
+    pool = end - start
+    if include_pad:
+        return pool
+    return np.minimum(end, size) - np.maximum(start, 0)
+
+
+def avg_pool_rule(node, x, kernel, stride, padding, count_include_pad, divisor_override, in_hw, out_hw,
+                  extra_before=(0, 0), extra_total=(0, 0)) -> Window:
+    """Average pooling = window sum / ATen's divisor map (which depends on the position).
+
+    ``extra_*`` is explicit 'SAME' padding applied before the pool (timm's AvgPool2dSame):
+    it counts as real input for the divisor.
+    """
+    stride = stride or kernel
+    k, s, p = pair(kernel), pair(stride), pair(padding)
+    before = (p[0] + extra_before[0], p[1] + extra_before[1])
+    if divisor_override:
+        rows = np.full(out_hw[0], float(divisor_override))
+        cols = np.ones(out_hw[1])
+    else:
+        rows = _avg_counts(out_hw[0], in_hw[0] + extra_total[0], k[0], s[0], p[0], count_include_pad)
+        cols = _avg_counts(out_hw[1], in_hw[1] + extra_total[1], k[1], s[1], p[1], count_include_pad)
+    divisor = torch.from_numpy(np.outer(rows, cols).astype(np.float64))
+
+    def op(t, out, values, padding=(0, 0)):
+        total = F.avg_pool2d(t, k, s, padding, False, True, divisor_override=1)
+        (r0, r1), (c0, c1) = out
+        return total / divisor[r0:r1, c0:c1].to(device=total.device, dtype=total.dtype)
+
+    return Window(node, x, window_dims(k, s, 1, before), 0.0, op, pad_limit=_half(k))
+
+
+@register_module(nn.AvgPool2d, "AvgPool2dSame")
+def _avg_pool(node, ctx, xs, layout, m) -> Window:
+    require_nchw(layout, "average pooling")
+    in_hw, out_hw = _in_hw(ctx, xs[0]), _out_hw(ctx, node)
+    extra_before, extra_total = (0, 0), (0, 0)
+    if type(m).__name__ == "AvgPool2dSame":
+        k, s = pair(m.kernel_size), pair(m.stride)
+        extra_total = tuple(same_total(in_hw[i], k[i], s[i]) for i in range(2))
+        extra_before = tuple(t // 2 for t in extra_total)
+    return avg_pool_rule(node, xs[0], m.kernel_size, m.stride, m.padding, m.count_include_pad,
+                         m.divisor_override, in_hw, out_hw, extra_before, extra_total)
+
+
+@register_function(F.avg_pool2d)
+def _functional_avg_pool(node, ctx, xs, layout) -> Window:
+    require_nchw(layout, "average pooling")
+    return avg_pool_rule(node, xs[0], arg(node, 1, "kernel_size"), arg(node, 2, "stride", None),
+                         arg(node, 3, "padding", 0), arg(node, 5, "count_include_pad", True),
+                         arg(node, 6, "divisor_override", None), _in_hw(ctx, xs[0]), _out_hw(ctx, node))
+
+
+# --------------------------------------------------------------------------- constant padding
+
+def pad_rule(node, x, pad, value, mode) -> Window:
+    if mode != "constant":
+        raise NoRule(f"padding mode {mode!r} (only constant padding is split)")
+    pad = list(pad)
+    if len(pad) < 4 or any(pad[4:]):
+        if len(pad) != 2:
+            raise NoRule("padding of non-spatial dims")
+        pad = pad + [0, 0]
+    value = 0.0 if value is None else float(value)
+
+    def op(t, out, values):
+        return t  # the executor already cut the window and padded past the border
+
+    return Window(node, x, window_dims(1, 1, 1, (pad[2], pad[0])), value, op, pad_limit=(0, 0))
+
+
+@register_module(nn.ZeroPad2d, nn.ConstantPad2d)
+def _pad_module(node, ctx, xs, layout, m) -> Window:
+    require_nchw(layout, "padding")
+    return pad_rule(node, xs[0], m.padding, getattr(m, "value", 0.0), "constant")
+
+
+@register_function(F.pad)
+def _functional_pad(node, ctx, xs, layout) -> Window:
+    require_nchw(layout, "padding")
+    return pad_rule(node, xs[0], arg(node, 1, "pad"), arg(node, 3, "value", 0.0), arg(node, 2, "mode", "constant"))

@@ -1,0 +1,380 @@
+"""From a staged plan to a program: stages, passes, packs and steps for one input size.
+
+A *stage* runs packs of its source (the image, or the previous checkpoint's
+merged activation) up to its checkpoint. Its ops are spatial (computed region by
+region), reductions (spatial in, global out: accumulated over the tiles each pack
+owns) and global (computed once from finished reductions). A global value that
+gates spatial work again, as in squeeze-excitation, needs its reductions done
+first, so a stage takes several *passes* over its packs: pass p accumulates the
+reductions of level p (those whose inputs need only globals of lower levels), and
+the last pass computes the checkpoint. Every pass recomputes the packs from the
+stage's source; only the source and the checkpoint exist at full size.
+
+The program is plain data: the executor runs it, the cost model sums it, and a
+compiler can turn it into straight-line code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from splitpack.core.graph import Shape, TracedModel
+from splitpack.core.plan import Grid, Plan
+from splitpack.core.rules import NCHW, Layout, MetaQuery, NoRule, OpContext, Reduce, Region, Rule, make_rule, \
+    spatial_dims
+
+Narrow = tuple[int, int, int]  # (axis, start, length)
+Pads = tuple[int, int, int, int]  # F.pad amounts (left, right, top, bottom) past the true border
+
+
+def bounds(size: int, parts: int) -> list[int]:
+    """Split ``size`` into ``parts`` near-equal intervals; returns the boundaries."""
+    return [size * i // parts for i in range(parts + 1)]
+
+
+def tiles(hw: tuple[int, int], grid: Grid) -> list[Region]:
+    """The grid's tiles of an extent, row by row (raster order)."""
+    hb, wb = bounds(hw[0], grid[0]), bounds(hw[1], grid[1])
+    return [((hb[r], hb[r + 1]), (wb[c], wb[c + 1])) for r in range(grid[0]) for c in range(grid[1])]
+
+
+class Unsplittable(Exception):
+    """Carries the node that has no rule (``node``) and the reason (message)."""
+
+    def __init__(self, node: fx.Node, reason: str):
+        super().__init__(reason)
+        self.node = node
+
+
+# --------------------------------------------------------------------------- size-independent structure
+
+@dataclass
+class StageGraph:
+    """One stage's nodes and their pass levels (structure only; rules come per input size)."""
+
+    number: int  # 1-based
+    checkpoint: str
+    grid: Grid
+    source: fx.Node  # the image input, or the previous stage's checkpoint node
+    target: fx.Node  # this stage's checkpoint node
+    nodes: list[fx.Node]  # input-dependent nodes after the source, execution order, ends with target
+    spatial: set[fx.Node]  # spatial nodes of the stage (the source included)
+    reductions: list[fx.Node]
+    metas: set[fx.Node]  # non-tensor values read off spatial ones (x.shape)
+    level: dict[fx.Node, int]  # spatial: highest global level it needs; global: the pass that makes it
+
+    @property
+    def spatial_target(self) -> bool:
+        return self.target in self.spatial
+
+    @property
+    def passes(self) -> int:
+        return self.level[self.target] + (1 if self.spatial_target else 0)
+
+
+def stage_graphs(traced: TracedModel, plan: Plan) -> list[StageGraph]:
+    stages, source = [], traced.input_node
+    for number, stage in enumerate(plan.stages, 1):
+        target = traced.checkpoints[stage.checkpoint]
+        nodes = traced.ancestors(target, source)[1:] if source is not traced.input_node \
+            else traced.ancestors(target)[1:]
+        spatial = {n for n in nodes if n in traced.spatial} | {source}
+        reductions, metas, level = [], set(), {source: 0}
+        for n in nodes:
+            parents = [p for p in n.all_input_nodes if p in level]
+            kind = node_kind(traced, n)
+            if kind == "spatial":
+                level[n] = max((level[p] for p in parents), default=0)
+            elif kind == "reduction":
+                reductions.append(n)
+                level[n] = max(level[p] + (1 if p in spatial else 0) for p in parents)
+            elif kind == "meta":
+                metas.add(n)
+                level[n] = max((level[p] for p in parents if p not in spatial), default=0)
+            else:
+                level[n] = max((level[p] for p in parents), default=0)
+        stages.append(StageGraph(number, stage.checkpoint, stage.grid, source, target, nodes, spatial,
+                                 reductions, metas, level))
+        source = target
+    return stages
+
+
+# --------------------------------------------------------------------------- per-size program
+
+@dataclass
+class Step:
+    """One op of one pack, with its input cuts worked out in advance."""
+
+    node: fx.Node
+    rule: Rule
+    region: Region  # the output region computed (a reduction: the input tile accumulated)
+    inputs: list[tuple[fx.Node, tuple[Narrow, ...], Pads | None]]  # source, narrows, border pads
+    frees: tuple[fx.Node, ...]  # values no later step of the pack reads
+    reduce: bool = False  # accumulate a partial reduction instead of producing a value
+    padding: tuple[int, int] | None = None  # border padding the op applies itself (no padded copy)
+
+
+@dataclass
+class PackProgram:
+    tile: Region  # of the pass's main extent (the checkpoint, or the reductions' inputs)
+    read: Region  # the region of the stage source this pack reads
+    steps: list[Step]
+    write: Region | None = None  # target tile written into the checkpoint (final pass, spatial target)
+    release_below: int | None = None  # source rows no later pack reads (final pass of a banded source)
+
+
+@dataclass
+class PassProgram:
+    packs: list[PackProgram]
+    reductions: list[fx.Node]  # finalised after the pass
+    after: list[fx.Node]  # global values computed once the pass is done
+
+
+@dataclass
+class StageProgram:
+    graph: StageGraph
+    rules: dict[fx.Node, Rule]
+    shapes: dict[fx.Node, Shape]
+    layouts: dict[fx.Node, Layout]
+    before: list[fx.Node]  # global values that need no pass (sizes)
+    passes: list[PassProgram]
+    counts: dict[fx.Node, int]  # pixels each reduction averages over
+    bands: list[tuple[int, int]] = field(default_factory=list)  # checkpoint rows written by each grid row
+
+    @property
+    def source_layout(self) -> Layout:
+        return self.layouts[self.graph.source]
+
+    @property
+    def target_layout(self) -> Layout:
+        return self.layouts.get(self.graph.target, NCHW)
+
+
+@dataclass
+class Program:
+    stages: list[StageProgram]
+    consts: list[fx.Node]  # input-independent values the stages read (parameters, constants)
+
+
+def rule_for(node: fx.Node, ctx: OpContext, kind: str) -> Rule:
+    """The rule of a stage node of ``kind`` "spatial", "reduction" or "meta"; raises Unsplittable."""
+    try:
+        rule = make_rule(node, ctx)
+    except NoRule as err:
+        raise Unsplittable(node, str(err)) from None
+    if kind == "reduction" and not isinstance(rule, Reduce):
+        raise Unsplittable(node, "a fixed-size value computed from a whole feature map (not a reduction over H and W)")
+    if kind == "meta" and not isinstance(rule, MetaQuery):
+        raise Unsplittable(node, "a non-tensor value computed from a feature map")
+    return rule
+
+
+def node_kind(traced: TracedModel, node: fx.Node) -> str | None:
+    """Which rule an input-dependent node needs: "spatial", "reduction", "meta", or None (a global value
+    computed once from other global values)."""
+    if node in traced.spatial:
+        return "spatial"
+    if any(p in traced.spatial for p in node.all_input_nodes):
+        return "reduction" if node in traced.reference_shapes else "meta"
+    return None
+
+
+def stage_rules(traced: TracedModel, stage: StageGraph, shapes, source_layout: Layout) -> tuple[dict, dict]:
+    """Rules of every spatial node, reduction and size query of the stage; raises Unsplittable."""
+    ctx = OpContext(traced.gm, shapes, {stage.source: source_layout}, stage.spatial)
+    rules = {}
+    for node in stage.nodes:
+        kind = node_kind(traced, node)
+        if kind is not None:
+            rules[node] = rule_for(node, ctx, kind)
+    return rules, ctx.layouts
+
+
+def unsplittable_nodes(traced: TracedModel) -> dict[fx.Node, Unsplittable]:
+    """For every input-dependent node exact mode cannot reach, the first op on its way that has no
+    rule (at the model's default size)."""
+    ctx = OpContext(traced.gm, traced.reference_shapes, {traced.input_node: NCHW}, traced.spatial)
+    blocked: dict[fx.Node, Unsplittable] = {}
+    for node in traced.nodes:
+        if node not in traced.input_dependent or node is traced.input_node:
+            continue
+        upstream = next((blocked[p] for p in node.all_input_nodes if p in blocked), None)
+        if upstream is not None:
+            blocked[node] = upstream
+            continue
+        kind = node_kind(traced, node)
+        if kind is not None:
+            try:
+                rule_for(node, ctx, kind)
+            except Unsplittable as err:
+                blocked[node] = err
+    return blocked
+
+
+def _union(a: Region | None, b: Region) -> Region:
+    if a is None:
+        return b
+    return (min(a[0][0], b[0][0]), max(a[0][1], b[0][1])), (min(a[1][0], b[1][0]), max(a[1][1], b[1][1]))
+
+
+def _clamp(window: Region, hw: tuple[int, int]) -> Region:
+    return tuple((max(lo, 0), min(hi, size)) for (lo, hi), size in zip(window, hw))
+
+
+def narrows(have: Region, want: Region, layout: Layout) -> tuple[Narrow, ...]:
+    """``narrow`` calls that cut ``want`` (full-size coordinates) out of a value holding ``have``."""
+    cuts = []
+    for d, axis in enumerate(layout):
+        if want[d] != have[d]:
+            cuts.append((axis, want[d][0] - have[d][0], want[d][1] - want[d][0]))
+    return tuple(cuts)
+
+
+def border_pads(window: Region, clamped: Region) -> Pads | None:
+    """F.pad amounts for the part of ``window`` past the border (NCHW), or None."""
+    (h0, h1), (w0, w1) = window
+    (c_h0, c_h1), (c_w0, c_w1) = clamped
+    pads = (c_w0 - w0, w1 - c_w1, c_h0 - h0, h1 - c_h1)
+    return pads if any(pads) else None
+
+
+class _StageBuilder:
+    def __init__(self, stage: StageGraph, rules, shapes, layouts):
+        self.stage, self.rules, self.shapes, self.layouts = stage, rules, shapes, layouts
+
+    def hw(self, node: fx.Node) -> tuple[int, int]:
+        return spatial_dims(self.shapes[node], self.layouts[node])
+
+    def _grid_tiles(self, node: fx.Node, what: str) -> list[Region]:
+        hw, (rows, cols) = self.hw(node), self.stage.grid
+        if rows > hw[0] or cols > hw[1]:
+            raise ValueError(f"grid {rows}x{cols} of stage {self.stage.number} is finer than {what} "
+                             f"({hw[0]}x{hw[1]}): every pack needs at least one pixel")
+        return tiles(hw, self.stage.grid)
+
+    def pass_program(self, level: int, final: bool) -> PassProgram:
+        stage = self.stage
+        reductions = [r for r in stage.reductions if stage.level[r] == level]
+        seeds: list[tuple[fx.Node, list[Region], bool]] = []  # node, tiles, is-a-reduction-input
+        for r in reductions:
+            x = self.rules[r].spatial_inputs[0]
+            seeds.append((r, self._grid_tiles(x, f"the input of reduction {r.name}"), True))
+        write = final and stage.spatial_target
+        if write:
+            seeds.append((stage.target, self._grid_tiles(stage.target, f"checkpoint {stage.checkpoint!r}"), False))
+        packs = [self._pack(seeds, i, write) for i in range(stage.grid[0] * stage.grid[1])]
+        if final:
+            self._set_releases(packs)
+        after = [n for n in stage.nodes if n not in stage.spatial and n not in stage.reductions
+                 and n not in stage.metas and stage.level[n] == level]
+        return PassProgram(packs, reductions, after)
+
+    def _pack(self, seeds, i: int, write: bool) -> PackProgram:
+        stage, rules = self.stage, self.rules
+        need: dict[fx.Node, Region] = {}
+        owned: dict[fx.Node, Region] = {}  # reduction -> the tile of its input this pack accumulates
+        for node, node_tiles, is_reduction in seeds:
+            if is_reduction:
+                owned[node] = node_tiles[i]
+                x = rules[node].spatial_inputs[0]
+                need[x] = _union(need.get(x), node_tiles[i])
+            else:
+                need[node] = node_tiles[i]
+        for node in reversed(stage.nodes):
+            if node not in need or node not in stage.spatial or node is stage.source:
+                continue
+            rule = rules[node]
+            for k, x in enumerate(rule.spatial_inputs):
+                window = _clamp(rule.input_window(need[node], k), self.hw(x))
+                need[x] = _union(need.get(x), window)
+        steps = []
+        for node in stage.nodes:
+            if node in owned:
+                x = rules[node].spatial_inputs[0]
+                steps.append(Step(node, rules[node], owned[node],
+                                  [(x, narrows(need[x], owned[node], self.layouts[x]), None)], (), reduce=True))
+            elif node in need and node in stage.spatial:
+                steps.append(self._step(node, need))
+        self._set_frees(steps)
+        tile = seeds[0][1][i]
+        return PackProgram(tile, need[stage.source], steps, tile if write else None)
+
+    def _step(self, node: fx.Node, need) -> Step:
+        rule = self.rules[node]
+        inputs, padding = [], None
+        for k, src in enumerate(rule.spatial_inputs):
+            window = rule.input_window(need[node], k)
+            clamped = _clamp(window, self.hw(src))
+            pads = border_pads(window, clamped)
+            if pads is not None and len(rule.spatial_inputs) == 1:
+                padding = rule.native_padding(pads)
+                pads = None if padding is not None else pads
+            inputs.append((src, narrows(need[src], clamped, self.layouts[src]), pads))
+        return Step(node, rule, need[node], inputs, (), padding=padding)
+
+    def _set_frees(self, steps: list[Step]) -> None:
+        last: dict[fx.Node, int] = {}
+        for k, step in enumerate(steps):
+            for src, _, _ in step.inputs:
+                last[src] = k
+        target = self.stage.target
+        for k, step in enumerate(steps):
+            step.frees = tuple(dict.fromkeys(src for src, _, _ in step.inputs if last[src] == k and src is not target))
+
+    def _set_releases(self, packs: list[PackProgram]) -> None:
+        """After each pack, the source rows that no later pack of the final pass reads."""
+        lowest = None
+        for pack in reversed(packs):
+            pack.release_below = lowest
+            start = pack.read[0][0]
+            lowest = start if lowest is None else min(lowest, start)
+
+
+def build_program(traced: TracedModel, stages: list[StageGraph], shapes) -> Program:
+    """The program of ``stages`` for one input size (``shapes``: full-size shapes at batch 1)."""
+    programs, source_layout = [], NCHW
+    for stage in stages:
+        rules, layouts = stage_rules(traced, stage, shapes, source_layout)
+        builder = _StageBuilder(stage, rules, shapes, layouts)
+        passes = [builder.pass_program(level, level == stage.passes) for level in range(1, stage.passes + 1)]
+        before = [n for n in stage.nodes if n not in stage.spatial and n not in stage.reductions
+                  and stage.level[n] == 0]
+        counts = {r: _pixels(shapes, layouts, rules[r]) for r in stage.reductions}
+        program = StageProgram(stage, rules, shapes, layouts, before, passes, counts)
+        if stage.spatial_target:
+            rows = bounds(builder.hw(stage.target)[0], stage.grid[0])
+            program.bands = [(rows[r], rows[r + 1]) for r in range(stage.grid[0])]
+            source_layout = layouts[stage.target]
+        programs.append(program)
+    return Program(programs, _consts(traced, stages))
+
+
+def _pixels(shapes, layouts, rule: Rule) -> int:
+    x = rule.spatial_inputs[0]
+    h, w = spatial_dims(shapes[x], layouts[x])
+    return h * w
+
+
+def _consts(traced: TracedModel, stages: list[StageGraph]) -> list[fx.Node]:
+    """Input-independent nodes the stages read, in an order that computes each after its inputs."""
+    consts, seen = [], set()
+
+    def add(n: fx.Node):
+        if n in seen or n in traced.input_dependent:
+            return
+        seen.add(n)
+        for p in n.all_input_nodes:
+            add(p)
+        consts.append(n)
+
+    for stage in stages:
+        for node in stage.nodes:
+            for p in node.all_input_nodes:
+                add(p)
+    return consts
+
+
+def full_shape(shape: torch.Size, batch: int) -> tuple[int, ...]:
+    return (batch, *tuple(shape)[1:])
