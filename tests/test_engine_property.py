@@ -1,8 +1,10 @@
 """Property: exact split-pack equals the unsplit network on randomly built CNNs.
 
 Hypothesis draws a network from the op list of the engine's rules (convolutions with
-every padding flavour, pooling, norms, activations, residual adds, channel concat,
-upsampling), an odd input size, a grid (non-square included) and a merge layer.
+every padding flavour, pooling, norms, activations, residual adds, channel concat and
+split, upsampling, squeeze-excitation, ECA and CBAM gates, a global pooling), an odd
+input size, and a random staged plan: an increasing subset of the exact checkpoints,
+each stage with its own grid (non-square included).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import splitpack
-from conftest import REL_TOL, randomize_norms, rel_error
+from conftest import F64_TOL, randomize_norms, rel_error
 
 
 class SamePad(nn.Module):
@@ -69,6 +71,73 @@ class ChannelsLastNorm(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class SqueezeExcite(nn.Module):
+    """timm / torchvision style: mean -> conv -> act -> conv -> gate -> multiply."""
+
+    def __init__(self, c, gate, adaptive):
+        super().__init__()
+        self.reduce = nn.Conv2d(c, max(c // 2, 1), 1)
+        self.expand = nn.Conv2d(max(c // 2, 1), c, 1)
+        self.gate = gate
+        self.pool = nn.AdaptiveAvgPool2d(1) if adaptive else None
+
+    def forward(self, x):
+        s = self.pool(x) if self.pool is not None else x.mean((2, 3), keepdim=True)
+        return x * self.gate(self.expand(torch.relu(self.reduce(s))))
+
+
+class Eca(nn.Module):
+    """timm EcaModule: a 1-d conv over the pooled channels, shaped with x.shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv(x.mean((2, 3)).view(x.shape[0], 1, -1))
+        return x * y.view(x.shape[0], -1, 1, 1).sigmoid().expand_as(x)
+
+
+class Cbam(nn.Module):
+    """CBAM: a channel gate from avg and max pooling, then a spatial gate from channel mean/max."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+        self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x):
+        x = x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)) + self.fc(x.amax((2, 3), keepdim=True)))
+        s = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(s))
+
+
+class SplitMerge(nn.Module):
+    """CSP / Res2Net style: split the channels, convolve a part, concatenate."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.first = c // 2
+        self.conv = nn.Conv2d(c - self.first, c - self.first, 3, padding=1)
+
+    def forward(self, x):
+        a, b = torch.split(x, [self.first, x.shape[1] - self.first], dim=1)
+        return torch.cat([a, F.relu(self.conv(b))], dim=1)
+
+
+class GlobalPool(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "avg":
+            return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if self.kind == "max":
+            return x.amax((2, 3))
+        return 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))  # timm's avgmax
+
+
 def _block(kind, c, draw) -> tuple[nn.Module, int]:
     """(module, output channels)."""
     if kind == "conv":
@@ -102,53 +171,74 @@ def _block(kind, c, draw) -> tuple[nn.Module, int]:
         return Upsample(mode, draw(st.booleans()) if mode == "bilinear" else None), c
     if kind == "layernorm":
         return ChannelsLastNorm(c), c
+    if kind == "se":
+        return SqueezeExcite(c, draw(st.sampled_from([nn.Sigmoid(), nn.Hardsigmoid()])), draw(st.booleans())), c
+    if kind == "eca":
+        return Eca(), c
+    if kind == "cbam":
+        return Cbam(c), c
+    if kind == "split" and c >= 2:
+        return SplitMerge(c), c
+    if kind == "split":
+        return nn.Identity(), c
     raise AssertionError(kind)
 
 
 class RandomCNN(nn.Module):
-    def __init__(self, blocks, c):
+    def __init__(self, blocks, c, pool):
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
+        self.pool = GlobalPool(pool)
         self.head = nn.Linear(c, 5)
 
     def forward(self, x):
-        return self.head(self.blocks(x).mean((2, 3)))
+        return self.head(self.pool(self.blocks(x)))
+
+
+KINDS = ["conv", "conv", "same", "maxpool", "avgpool", "bn_act", "residual", "concat", "upsample", "layernorm",
+         "se", "eca", "cbam", "split"]
 
 
 @st.composite
 def networks(draw):
-    kinds = draw(st.lists(st.sampled_from(
-        ["conv", "conv", "same", "maxpool", "avgpool", "bn_act", "residual", "concat", "upsample", "layernorm"]),
-        min_size=2, max_size=7))
+    kinds = draw(st.lists(st.sampled_from(KINDS), min_size=2, max_size=7))
     c, blocks = 3, []
     for kind in kinds:
         block, c = _block(kind, c, draw)
         blocks.append(block)
-    return RandomCNN(blocks, c)
+    return RandomCNN(blocks, c, draw(st.sampled_from(["avg", "max", "avgmax"])))
+
+
+@st.composite
+def staged_plans(draw, layers: list[str]):
+    """An increasing subset of the checkpoints (the pooling only last), one grid per stage."""
+    picks = sorted(set(draw(st.lists(st.integers(0, len(layers) - 1), min_size=1, max_size=3))))
+    names = [layers[i] for i in picks]
+    grids = [(draw(st.integers(1, 5)), draw(st.integers(1, 5))) for _ in names]
+    return names, grids
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(net=networks(), h=st.integers(17, 61).filter(lambda v: v % 2), w=st.integers(17, 61).filter(lambda v: v % 2),
-       rows=st.integers(1, 5), cols=st.integers(1, 5), pick=st.floats(0, 1), seed=st.integers(0, 2**16))
-def test_exact_split_equals_unsplit(net, h, w, rows, cols, pick, seed):
+       data=st.data(), seed=st.integers(0, 2**16))
+def test_exact_split_equals_unsplit(net, h, w, data, seed):
+    """In float64: a wrong halo, border or gate shows at 1e-3 or more, rounding at 1e-15."""
     torch.manual_seed(seed)
-    model = randomize_norms(net, seed)
-    x = torch.randn(2, 3, h, w)
+    model = randomize_norms(net, seed).double()
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
     try:
         with torch.no_grad():
             ref = model(x)
     except RuntimeError:
         assume(False)  # the drawn network shrinks this input to nothing
     layers = splitpack.merge_layers(model, mode="exact")
-    assert layers, "every network built from the supported ops has an exact merge layer"
-    merge = layers[min(int(pick * len(layers)), len(layers) - 1)]
-    wrapped = splitpack.wrap(model, merge, (rows, cols), mode="exact")
+    assert layers == splitpack.merge_layers(model), "every checkpoint of these networks splits exactly"
+    assert layers[-1] == "pool"
+    names, grids = data.draw(staged_plans(layers))
+    wrapped = splitpack.wrap(model, names, grids, mode="exact")
     try:
         out = wrapped(x)
     except splitpack.SplitError as err:
-        assert "finer than the merged activation" in str(err) or "smaller than" in str(err)
+        assert "finer than" in str(err) or "smaller than" in str(err)
         assume(False)
-    assert rel_error(out, ref) <= REL_TOL, f"merge={merge} grid={rows}x{cols}\n{model}"
-    top2 = ref.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * ref.abs().max()
-    assert torch.equal(out.argmax(1)[clear], ref.argmax(1)[clear])
+    assert rel_error(out, ref) <= F64_TOL, f"plan={wrapped.plan}\n{model}"

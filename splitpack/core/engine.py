@@ -147,7 +147,7 @@ class SplitPack(nn.Module):
         if program is None:
             shapes = node_shapes(self._traced.gm, (1, *shape[1:]), dtype, device)
             try:
-                program = build_program(self._traced, self._stages, shapes)
+                program = build_program(self._traced, self._stages, shapes, dtype)
             except Unsplittable as err:
                 raise _unsplittable(self._traced, err, self.merge_layer) from None
             except ValueError as err:  # a grid finer than a feature map at this size

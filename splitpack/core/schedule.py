@@ -181,9 +181,10 @@ def node_kind(traced: TracedModel, node: fx.Node) -> str | None:
     return None
 
 
-def stage_rules(traced: TracedModel, stage: StageGraph, shapes, source_layout: Layout) -> tuple[dict, dict]:
+def stage_rules(traced: TracedModel, stage: StageGraph, shapes, source_layout: Layout,
+                dtype: torch.dtype) -> tuple[dict, dict]:
     """Rules of every spatial node, reduction and size query of the stage; raises Unsplittable."""
-    ctx = OpContext(traced.gm, shapes, {stage.source: source_layout}, stage.spatial)
+    ctx = OpContext(traced.gm, shapes, {stage.source: source_layout}, stage.spatial, dtype)
     rules = {}
     for node in stage.nodes:
         kind = node_kind(traced, node)
@@ -195,7 +196,7 @@ def stage_rules(traced: TracedModel, stage: StageGraph, shapes, source_layout: L
 def unsplittable_nodes(traced: TracedModel) -> dict[fx.Node, Unsplittable]:
     """For every input-dependent node exact mode cannot reach, the first op on its way that has no
     rule (at the model's default size)."""
-    ctx = OpContext(traced.gm, traced.reference_shapes, {traced.input_node: NCHW}, traced.spatial)
+    ctx = OpContext(traced.gm, traced.reference_shapes, {traced.input_node: NCHW}, traced.spatial, traced.dtype)
     blocked: dict[fx.Node, Unsplittable] = {}
     for node in traced.nodes:
         if node not in traced.input_dependent or node is traced.input_node:
@@ -332,11 +333,11 @@ class _StageBuilder:
             lowest = start if lowest is None else min(lowest, start)
 
 
-def build_program(traced: TracedModel, stages: list[StageGraph], shapes) -> Program:
-    """The program of ``stages`` for one input size (``shapes``: full-size shapes at batch 1)."""
+def build_program(traced: TracedModel, stages: list[StageGraph], shapes, dtype: torch.dtype) -> Program:
+    """The program of ``stages`` for one input size and dtype (``shapes``: full-size shapes at batch 1)."""
     programs, source_layout = [], NCHW
     for stage in stages:
-        rules, layouts = stage_rules(traced, stage, shapes, source_layout)
+        rules, layouts = stage_rules(traced, stage, shapes, source_layout, dtype)
         builder = _StageBuilder(stage, rules, shapes, layouts)
         passes = [builder.pass_program(level, level == stage.passes) for level in range(1, stage.passes + 1)]
         before = [n for n in stage.nodes if n not in stage.spatial and n not in stage.reductions

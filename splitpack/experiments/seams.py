@@ -27,9 +27,9 @@ def tap_modules(model: nn.Module, layers: list[str], strict: bool = True) -> dic
     traced = trace(model)
     taps = {}
     for layer in layers:
-        node = traced.merge_nodes.get(layer)
+        node = traced.checkpoints.get(layer)
         if node is None:
-            raise ValueError(f"unknown layer {layer!r}; valid: {', '.join(traced.merge_nodes)}")
+            raise ValueError(f"unknown layer {layer!r}; valid: {', '.join(traced.checkpoints)}")
         users = sorted((u for u in node.users if u.op == "call_module"), key=traced.index.__getitem__)
         if not users and not strict:
             continue

@@ -191,6 +191,7 @@ class OpContext:
     shapes: dict[fx.Node, Shape]
     layouts: dict[fx.Node, Layout]
     spatial: set[fx.Node] = field(default_factory=set)
+    dtype: torch.dtype = torch.float32  # the dtype the program runs in
 
     def is_spatial(self, node: Any) -> bool:
         return isinstance(node, fx.Node) and node in self.spatial

@@ -12,17 +12,19 @@ from splitpack.core.rules.base import NCHW, NoRule, Rule, arg, pair, register_fu
 class Resize(Rule):
     """Nearest / bilinear interpolation by explicit source indices (as ATen computes them)."""
 
-    def __init__(self, node, x, mode, align_corners, scale_factor, in_hw, out_hw):
+    def __init__(self, node, x, mode, align_corners, scale_factor, in_hw, out_hw, dtype=torch.float32):
         super().__init__(node, [x], NCHW)
         if mode not in ("nearest", "bilinear"):
             raise NoRule(f"interpolation mode {mode!r} (nearest and bilinear are split)")
         sf = pair(scale_factor) if scale_factor is not None and not isinstance(scale_factor, float) else (
             (scale_factor, scale_factor) if scale_factor is not None else (None, None))
         self.mode = mode
-        self.index = [self._source(mode, align_corners, sf[i], in_hw[i], out_hw[i]) for i in range(2)]
+        # ATen: nearest indices in float; bilinear weights in the op's accumulate type (double for double)
+        real_type = np.float64 if dtype == torch.float64 else np.float32
+        self.index = [self._source(mode, align_corners, sf[i], in_hw[i], out_hw[i], real_type) for i in range(2)]
 
     @staticmethod
-    def _source(mode, align_corners, scale, n_in, n_out):
+    def _source(mode, align_corners, scale, n_in, n_out, real_type):
         o = np.arange(n_out)
         if mode == "nearest":
             if n_out == n_in:
@@ -31,13 +33,13 @@ class Resize(Rule):
             src = np.minimum(np.floor(o.astype(np.float32) * f).astype(np.int64), n_in - 1)
             return src, src, np.zeros(n_out, np.float32)
         if align_corners:
-            f = np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else np.float32(0)
-            real = f * o.astype(np.float32)
+            f = real_type((n_in - 1) / (n_out - 1)) if n_out > 1 else real_type(0)
+            real = f * o.astype(real_type)
         else:
-            f = np.float32(1.0 / scale) if scale else np.float32(n_in) / np.float32(n_out)
-            real = np.maximum(f * (o.astype(np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+            f = real_type(1.0 / scale) if scale else real_type(n_in) / real_type(n_out)
+            real = np.maximum(f * (o.astype(real_type) + real_type(0.5)) - real_type(0.5), real_type(0))
         i0 = real.astype(np.int64)
-        lam = np.clip(real - i0, 0, 1).astype(np.float32)
+        lam = np.clip(real - i0, 0, 1).astype(real_type)
         i1 = i0 + (i0 < n_in - 1)
         return i0, i1, lam
 
@@ -74,7 +76,7 @@ def _hw(ctx, node):
 def _upsample(node, ctx, xs, layout, m) -> Resize:
     require_nchw(layout, "upsampling")
     scale = m.scale_factor if not m.recompute_scale_factor else None
-    return Resize(node, xs[0], m.mode, m.align_corners, scale, _hw(ctx, xs[0]), _hw(ctx, node))
+    return Resize(node, xs[0], m.mode, m.align_corners, scale, _hw(ctx, xs[0]), _hw(ctx, node), ctx.dtype)
 
 
 @register_function(F.interpolate)
@@ -82,4 +84,4 @@ def _interpolate(node, ctx, xs, layout) -> Resize:
     require_nchw(layout, "interpolation")
     scale = None if arg(node, 5, "recompute_scale_factor", None) else arg(node, 2, "scale_factor", None)
     return Resize(node, xs[0], arg(node, 3, "mode", "nearest"), arg(node, 4, "align_corners", None), scale,
-                  _hw(ctx, xs[0]), _hw(ctx, node))
+                  _hw(ctx, xs[0]), _hw(ctx, node), ctx.dtype)
