@@ -1,0 +1,327 @@
+#!/usr/bin/env python
+"""Load test both servers as an operator runs them, with their DEFAULT settings.
+
+For each server (TorchServe, Triton): build the deployment with the project's own
+commands (tf_efficientnet_lite0, pretrained, exact split-pack 2x2 at blocks.2;
+TorchServe 2 workers x batch 4, Triton 2 instances), start it with
+``splitpack serve ... start`` on 127.0.0.1, then run CLIENTS concurrent clients
+sending real photos for DURATION seconds while one more client sends bad inputs
+(empty, garbage, truncated, a decompression bomb, an over-limit body, ...).
+
+Then the same load, shorter, once per thread setting (``serve ... start --threads N``
+for N in 1..cores) to find the best one; the default must be within 15% of it.
+
+Checks (exit 1 if any fails): 0 failed good requests; every bad input answered
+4xx (TorchServe) / INVALID_ARGUMENT (Triton); default throughput >= 85% of the best
+thread setting's; p99 <= 3 x p50.
+
+    python scripts/loadtest.py                       # both servers, 4 clients x 60 s
+    python scripts/loadtest.py --servers triton --duration 20 --sweep-duration 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "tf_efficientnet_lite0"
+NAME = "lite0"
+SPLIT = ["--merge-layer", "blocks.2", "--grid", "2x2", "--mode", "exact"]
+IMAGENET_SAMPLE = Path("/work/shared/imagenet-sample")
+BAD_CLIENT_PAUSE_S = 0.2
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+def good_images(limit: int = 24) -> list[bytes]:
+    """Real photos of different sizes: the bundled cat plus ImageNet sample JPEGs when present."""
+    from splitpack.serving.predictor import SAMPLE_IMAGE
+
+    images = [SAMPLE_IMAGE.read_bytes()]
+    if IMAGENET_SAMPLE.is_dir():
+        images += [p.read_bytes() for p in sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[: limit - 1]]
+    return images
+
+
+def bad_images(cat: bytes) -> dict[str, bytes]:
+    """Inputs a server must refuse with a client error, by name."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(1000))))
+    return {
+        "empty": b"",
+        "garbage": b"this is not an image" * 10,
+        "truncated": cat[: len(cat) // 2],
+        "bomb": bomb,
+        "over_limit": b"\xff" * (40 << 20),  # over the 32 MiB request limit of both servers
+    }
+
+
+# --- servers ----------------------------------------------------------------------------------
+
+def splitpack_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-m", "splitpack.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"splitpack {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+class TorchServeTarget:
+    name = "torchserve"
+
+    def __init__(self, work: Path):
+        from splitpack.serving.net import free_ports
+
+        self.store, self.run_dir = work / "model_store", work / "ts_run"
+        self.ports = free_ports(5)
+
+    def prepare(self) -> None:
+        splitpack_cli("archive", "--model", MODEL, "--pretrained", "--name", NAME, *SPLIT, "--workers", "2",
+                      "--batch-size", "4", "--export-path", str(self.store), "--force")
+
+    def start(self, threads: int | None) -> None:
+        inference, management, metrics, grpc, _ = self.ports
+        args = ["serve", "torchserve", "start", "--model-store", str(self.store), "--run-dir", str(self.run_dir),
+                "--inference-port", str(inference), "--management-port", str(management),
+                "--metrics-port", str(metrics), "--grpc-port", str(grpc)]
+        splitpack_cli(*args, *(["--threads", str(threads)] if threads else []))
+        from splitpack.serving.torchserve.archive import TorchServe
+
+        self.server = TorchServe.from_run_dir(self.run_dir)
+
+    def stop(self) -> None:
+        splitpack_cli("serve", "torchserve", "stop", "--run-dir", str(self.run_dir), check=False)
+
+    def client(self):
+        import requests
+
+        session = requests.Session()
+        session.headers.update({"Content-Type": "application/octet-stream", **self.server.headers("inference")})
+        url = f"{self.server.inference_url}/predictions/{NAME}"
+
+        def send(body: bytes) -> tuple[str, str]:
+            try:
+                r = session.post(url, data=body, timeout=120)
+            except requests.RequestException as err:
+                return "transport", str(err)[:200]
+            kind = "ok" if r.status_code == 200 else ("client_error" if 400 <= r.status_code < 500 else "error")
+            return kind, f"{r.status_code} {r.text[:200]}"
+        return send
+
+
+class TritonTarget:
+    name = "triton"
+
+    def __init__(self, work: Path):
+        from splitpack.serving.net import free_port
+
+        self.repo, self.run_dir = work / "triton_repo", work / "triton_run"
+        self.port = free_port()
+
+    def prepare(self) -> None:
+        splitpack_cli("triton-repo", "--model", MODEL, "--pretrained", "--name", NAME, *SPLIT, "--instances", "2",
+                      "--out", str(self.repo))
+
+    def start(self, threads: int | None) -> None:
+        args = ["serve", "triton", "start", "--repo", str(self.repo), "--run-dir", str(self.run_dir),
+                "--grpc-port", str(self.port)]
+        splitpack_cli(*args, *(["--threads", str(threads)] if threads else []))
+
+    def stop(self) -> None:
+        splitpack_cli("serve", "triton", "stop", "--run-dir", str(self.run_dir), check=False)
+
+    def client(self):
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        from splitpack.serving.triton.client import image_input
+
+        triton = grpcclient.InferenceServerClient(f"127.0.0.1:{self.port}")
+
+        def send(body: bytes, images: int = 1) -> tuple[str, str]:
+            try:
+                triton.infer(NAME, [image_input([body] * images)], client_timeout=120)
+                return "ok", ""
+            except InferenceServerException as err:
+                status = str(err.status() or "")
+                kind = "client_error" if status in ("StatusCode.INVALID_ARGUMENT", "StatusCode.RESOURCE_EXHAUSTED") \
+                    else "error"
+                return kind, f"{status} {err.message()[:200]}"
+        return send
+
+
+# --- load -------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    server: str
+    threads: str
+    clients: int
+    duration_s: float
+    good_ok: int = 0
+    good_failed: int = 0
+    bad_refused: int = 0
+    bad_other: int = 0
+    throughput_rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else 0.0
+
+
+def load(target, images: list[bytes], bad: dict[str, bytes], clients: int, duration: float, threads: str,
+         with_bad: bool = True) -> Run:
+    """CLIENTS threads send good photos back to back for DURATION s; one more sends bad inputs."""
+    run = Run(target.name, threads, clients, duration)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    start = time.monotonic()
+    deadline = start + duration
+
+    def good_client(offset: int) -> None:
+        send, i = target.client(), offset
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            kind, message = send(images[i % len(images)])
+            elapsed = time.perf_counter() - t0
+            i += 1
+            with lock:
+                if kind == "ok":
+                    run.good_ok += 1
+                    latencies.append(elapsed)
+                else:
+                    run.good_failed += 1
+                    run.failures.append(f"good: {message}")
+
+    def bad_client() -> None:
+        send, cases = target.client(), list(bad.items())
+        i = 0
+        while time.monotonic() < deadline:
+            name, body = cases[i % len(cases)]
+            kind, message = send(body)
+            i += 1
+            with lock:
+                if kind == "client_error":
+                    run.bad_refused += 1
+                else:
+                    run.bad_other += 1
+                    run.failures.append(f"bad {name}: {kind} {message}")
+            time.sleep(BAD_CLIENT_PAUSE_S)
+
+    workers = [threading.Thread(target=good_client, args=(c * 7,)) for c in range(clients)]
+    if with_bad:
+        workers.append(threading.Thread(target=bad_client))
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.monotonic() - start
+    run.duration_s = round(elapsed, 1)
+    run.throughput_rps = round(run.good_ok / elapsed, 2)
+    run.p50_ms = round(percentile(latencies, 0.50) * 1000, 1)
+    run.p99_ms = round(percentile(latencies, 0.99) * 1000, 1)
+    run.max_ms = round(max(latencies, default=0) * 1000, 1)
+    run.failures = run.failures[:10]
+    return run
+
+
+def measure(target, threads: int | None, images, bad, clients, duration, with_bad=True) -> Run:
+    target.start(threads)
+    try:
+        return load(target, images, bad, clients, duration, str(threads or "default"), with_bad)
+    finally:
+        target.stop()
+
+
+def checks(default: Run, best: Run) -> list[str]:
+    problems = []
+    if default.good_failed:
+        problems.append(f"{default.good_failed} good requests failed: {default.failures[:3]}")
+    if default.bad_other:
+        problems.append(f"{default.bad_other} bad inputs not answered with a client error")
+    if default.throughput_rps < 0.85 * best.throughput_rps:
+        problems.append(f"default {default.throughput_rps} req/s < 85% of the best ({best.threads} threads: "
+                        f"{best.throughput_rps} req/s)")
+    if default.p99_ms > 3 * default.p50_ms:
+        problems.append(f"p99 {default.p99_ms} ms > 3 x p50 {default.p50_ms} ms")
+    return problems
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def table(runs: list[Run]) -> str:
+    lines = ["| server | threads | clients x s | good ok | good failed | bad refused | bad other | req/s | "
+             "p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r.server} | {r.threads} | {r.clients} x {r.duration_s:.0f} | {r.good_ok} | {r.good_failed} "
+                     f"| {r.bad_refused} | {r.bad_other} | {r.throughput_rps} | {r.p50_ms} | {r.p99_ms} | {r.max_ms} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", default="torchserve,triton")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=60, help="seconds of the default-settings run")
+    parser.add_argument("--sweep-duration", type=float, default=20, help="seconds per thread setting")
+    parser.add_argument("--sweep", default="", help="thread settings to try (default: 1..cores)")
+    parser.add_argument("--json", metavar="FILE", help="also write the runs as JSON")
+    parser.add_argument("--work-dir", help="where archives, repositories and run folders go (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    cores = len(os.sched_getaffinity(0))
+    sweep = [int(t) for t in args.sweep.split(",")] if args.sweep else list(range(1, cores + 1))
+    images = good_images()
+    bad = bad_images(images[0])
+    targets = {"torchserve": TorchServeTarget, "triton": TritonTarget}
+    runs: list[Run] = []
+    problems: list[str] = []
+    print(f"cores {cores}; load average before: {load_average()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="splitpack-loadtest-", dir=args.work_dir) as work:
+        for server in args.servers.split(","):
+            target = targets[server](Path(work))
+            target.prepare()
+            default = measure(target, None, images, bad, args.clients, args.duration)
+            print(table([default]), flush=True)
+            swept = [measure(target, t, images, bad, args.clients, args.sweep_duration, with_bad=False)
+                     for t in sweep]
+            runs += [default] + swept
+            best = max(swept + [default], key=lambda r: r.throughput_rps)
+            problems += [f"{server}: {p}" for p in checks(default, best)]
+    print(f"load average after: {load_average()}")
+    print(table(runs))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cores": cores, "runs": [asdict(r) for r in runs],
+                                               "problems": problems}, indent=2))
+    for p in problems:
+        print(f"FAIL {p}")
+    print("PASS" if not problems else f"{len(problems)} check(s) failed")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
