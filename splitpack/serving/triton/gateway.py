@@ -21,7 +21,7 @@ import logging
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import grpc
 
@@ -34,6 +34,7 @@ DEAD_INSTANCE = "is not healthy"  # python backend: "Stub process '<instance>' i
 # Transport headers gRPC sets itself; forwarding them is refused or wrong.
 _HOP_HEADERS = ("user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout")
 _MAX_RESPONSE_BYTES = 1 << 30
+_NO_DEADLINE_S = 7 * 24 * 3600
 
 
 def _identity(data: bytes) -> bytes:
@@ -45,7 +46,29 @@ class GatewayLimits:
     """What the gateway refuses before Triton sees the request."""
 
     max_request_bytes: int = 32 << 20  # the same default as TorchServe's max_request_size here
-    dead_instance_retries: int = 4
+    dead_instance_retries: int = 4  # immediate retries, landing on the model's other instances
+    recovery_wait_s: float = 60.0  # then wait (within the caller's deadline) for the reload, once
+
+
+class Recoverer(Protocol):
+    """What the gateway needs from the supervisor."""
+
+    generation: int
+
+    def wake(self, reason: str = "") -> None: ...
+
+    def wait_recovered(self, generation: int, timeout: float) -> bool: ...
+
+
+def remaining_time(context: grpc.ServicerContext) -> float | None:
+    """The caller's deadline for the upstream call; None when the caller set none (grpc then
+    reports an effectively infinite remaining time, which must not be passed on)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE_S else remaining
+
+
+def is_dead_instance(err: grpc.RpcError) -> bool:
+    return err.code() == grpc.StatusCode.INTERNAL and DEAD_INSTANCE in (err.details() or "")
 
 
 def forwarded_metadata(metadata) -> list[tuple[str, str | bytes]]:
@@ -56,11 +79,10 @@ def forwarded_metadata(metadata) -> list[tuple[str, str | bytes]]:
 class Forwarder(grpc.GenericRpcHandler):
     """Every method of Triton's gRPC service, forwarded as opaque bytes to ``upstream``."""
 
-    def __init__(self, upstream: grpc.Channel, limits: GatewayLimits,
-                 on_dead_instance: Callable[[str], None] | None = None):
+    def __init__(self, upstream: grpc.Channel, limits: GatewayLimits, supervisor: Recoverer | None = None):
         self.upstream = upstream
         self.limits = limits
-        self.on_dead_instance = on_dead_instance or (lambda details: None)
+        self.supervisor = supervisor
         self._calls: dict[str, Callable] = {}
         self._lock = threading.Lock()
 
@@ -81,23 +103,37 @@ class Forwarder(grpc.GenericRpcHandler):
 
     def _unary(self, method: str):
         call = self._callable(method)
-        attempts = 1 + (self.limits.dead_instance_retries if method == INFER else 0)
+        retry = method == INFER
 
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
             metadata = forwarded_metadata(context.invocation_metadata())
-            for attempt in range(attempts):
-                try:
-                    return call(request, metadata=metadata, timeout=context.time_remaining())
-                except grpc.RpcError as err:
-                    details = err.details() or ""
-                    if DEAD_INSTANCE in details and err.code() == grpc.StatusCode.INTERNAL:
-                        self.on_dead_instance(details)
-                        if attempt + 1 < attempts:
-                            continue
-                    context.abort(err.code(), details)
-            raise AssertionError("unreachable")
+            try:
+                return call(request, metadata=metadata, timeout=remaining_time(context))
+            except grpc.RpcError as err:
+                if not (retry and is_dead_instance(err)):
+                    context.abort(err.code(), err.details() or "")
+                return self._retry_dead_instance(call, request, metadata, context, err)
 
         return handle
+
+    def _retry_dead_instance(self, call, request: bytes, metadata, context, err: grpc.RpcError) -> bytes:
+        """Retry on the other instances at once; if they are dead too, wait once for the reload."""
+        generation = self.supervisor.generation if self.supervisor else 0
+        if self.supervisor:
+            self.supervisor.wake(err.details() or "")
+        for attempt in range(self.limits.dead_instance_retries + 1):
+            if attempt == self.limits.dead_instance_retries:
+                if not self.supervisor:
+                    break
+                wait = min(self.limits.recovery_wait_s, remaining_time(context) or self.limits.recovery_wait_s)
+                self.supervisor.wait_recovered(generation, wait)
+            try:
+                return call(request, metadata=metadata, timeout=remaining_time(context))
+            except grpc.RpcError as again:
+                err = again
+                if not is_dead_instance(err):
+                    break
+        context.abort(err.code(), err.details() or "")
 
     def _stream(self, method: str):
         call = self._callable(method, streaming=True)
@@ -105,7 +141,7 @@ class Forwarder(grpc.GenericRpcHandler):
         def handle(requests, context: grpc.ServicerContext):
             metadata = forwarded_metadata(context.invocation_metadata())
             try:
-                yield from call(requests, metadata=metadata, timeout=context.time_remaining())
+                yield from call(requests, metadata=metadata, timeout=remaining_time(context))
             except grpc.RpcError as err:
                 context.abort(err.code(), err.details() or "")
 
@@ -116,7 +152,7 @@ class Gateway:
     """A gRPC server on ``address`` forwarding to Triton at ``upstream_url`` within ``limits``."""
 
     def __init__(self, address: str, upstream_url: str, limits: GatewayLimits | None = None,
-                 on_dead_instance: Callable[[str], None] | None = None, threads: int = 32):
+                 supervisor: Recoverer | None = None, threads: int = 32):
         self.limits = limits or GatewayLimits()
         self.channel = grpc.insecure_channel(upstream_url, options=[
             ("grpc.max_send_message_length", self.limits.max_request_bytes),
@@ -124,7 +160,7 @@ class Gateway:
         ])
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway"),
-            handlers=[Forwarder(self.channel, self.limits, on_dead_instance)],
+            handlers=[Forwarder(self.channel, self.limits, supervisor)],
             options=[("grpc.max_receive_message_length", self.limits.max_request_bytes),
                      ("grpc.max_send_message_length", _MAX_RESPONSE_BYTES),
                      ("grpc.so_reuseport", 0)],

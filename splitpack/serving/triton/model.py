@@ -68,6 +68,7 @@ class SplitPackTritonModel:
         self.name = args["model_name"]
         self.instance = args.get("model_instance_name", self.name)
         config, artifacts = ServingConfig.from_section(config_parameters(self.model_config), "triton")
+        self.threads = self._apply_threads()
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         weights = resolve_weights(artifacts.get("weights", ""), version_dir)
         with warnings.catch_warnings(record=True) as caught:
@@ -79,7 +80,15 @@ class SplitPackTritonModel:
             self.log_warn(str(w.message))
         self._check_outputs()
         self.metrics = self._memory_metrics()
-        self.log_info(f"{self.instance} ready: {json.dumps(self.predictor.describe())}")
+        self.log_info(f"{self.instance} ready: {json.dumps(self.predictor.describe() | self.threads)}")
+
+    def _apply_threads(self) -> dict:
+        """Torch threads for this instance (its stub is its own process): the server's share
+        (SPLITPACK_THREADS, set by `splitpack serve triton start`) or cores / instances."""
+        from splitpack.serving.threads import apply_threads, resolve_threads
+
+        instances = sum(int(g.get("count", 1)) for g in self.model_config.get("instance_group", [])) or 1
+        return apply_threads(resolve_threads(None, instances))
 
     def _check_outputs(self) -> None:
         """config.pbtxt dims must match the model; a mismatch is a generation mistake."""
