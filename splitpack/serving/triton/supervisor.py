@@ -89,23 +89,50 @@ def instance_names(repo: Path, model: str) -> list[str]:
     return names
 
 
-def live_instances(server_pid: int) -> Counter:
-    """How many live stub processes tritonserver ``server_pid`` runs per instance name."""
+def live_stubs(server_pid: int) -> list[tuple[str, str, int]]:
+    """(instance name, shared-memory region, pid) of every live stub process of tritonserver ``server_pid``."""
     import psutil
 
-    counts: Counter = Counter()
+    stubs = []
     try:
         children = psutil.Process(server_pid).children()
     except psutil.Error:
-        return counts
+        return stubs
     for child in children:
         try:
             cmdline = child.cmdline()
             if cmdline and cmdline[0].endswith(STUB_BINARY) and child.status() != psutil.STATUS_ZOMBIE:
-                counts[cmdline[-2]] += 1  # ... <parent pid> <instance name> <runtime>
-        except psutil.Error:
+                # <stub> <model.py> <shm region> <sizes...> <parent pid> <lib> <ipc handle> <instance> <runtime>
+                stubs.append((cmdline[-2], cmdline[2], child.pid))
+        except (psutil.Error, IndexError):
             continue
-    return counts
+    return stubs
+
+
+def stop_processes(pids: list[int]) -> None:
+    """SIGKILL whichever of ``pids`` (stubs of a replaced model version) still runs."""
+    import psutil
+
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            if process.status() != psutil.STATUS_ZOMBIE and process.cmdline()[0].endswith(STUB_BINARY):
+                log.warning("stopping stub %d left behind by the replaced model version", pid)
+                process.kill()
+        except (psutil.Error, IndexError):
+            continue
+
+
+def remove_shm_regions(names: set[str]) -> int:
+    """Unlink the python backend's /dev/shm regions of a stopped server (a killed stub's region is
+    never unlinked by the backend). Returns how many were removed."""
+    removed = 0
+    for name in names:
+        path = Path("/dev/shm") / name
+        if name.startswith("triton_python_backend_shm_region_") and path.exists():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 # --- the watchdog -------------------------------------------------------------------------
@@ -128,6 +155,10 @@ class Supervisor:
     models: list[str]
     admin_key: str | None
     interval_s: float = 1.0
+    # Triton 2.51 never finishes unloading a version with a dead instance while that instance
+    # had requests (the backend waits forever for the dead stub to acknowledge "finalize"), so
+    # the old version's surviving stubs would stay (~0.8 GB each): stopped after this grace.
+    old_stub_grace_s: float = 15.0
     events_file: Path | None = None
     recoveries: list[Recovery] = field(default_factory=list)
 
@@ -137,6 +168,7 @@ class Supervisor:
         self.recovered = threading.Condition()
         self.generation = 0
         self.expected = {m: instance_names(self.repo, m) for m in self.models}
+        self.shm_regions: set[str] = set()  # every region a stub used, removed after the server stops
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
 
     def start(self) -> "Supervisor":
@@ -168,7 +200,9 @@ class Supervisor:
                 log.exception("supervisor check failed")
 
     def dead_instances(self) -> dict[str, list[str]]:
-        live = live_instances(self.server.process.pid)
+        stubs = live_stubs(self.server.process.pid)
+        self.shm_regions.update(region for _, region, _ in stubs)
+        live = Counter(name for name, _, _ in stubs)
         dead = {m: [n for n in names if live[n] == 0] for m, names in self.expected.items()}
         return {m: names for m, names in dead.items() if names}
 
@@ -179,8 +213,12 @@ class Supervisor:
     def recover(self, model: str, dead: list[str]) -> Recovery:
         log.warning("model %s: instance(s) %s have no live stub process; reloading", model, ", ".join(dead))
         start = time.monotonic()
+        old = [pid for name, _, pid in live_stubs(self.server.process.pid) if name in self.expected[model]]
         try:
             self._reload(model)
+            reaper = threading.Timer(self.old_stub_grace_s, stop_processes, args=(old,))
+            reaper.daemon = True
+            reaper.start()
             recovery = Recovery(model, dead, round(time.monotonic() - start, 2), True)
             log.warning("model %s recovered in %.1f s", model, recovery.seconds)
         except Exception as err:  # noqa: BLE001
@@ -318,6 +356,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     supervisor.stop()
     gateway.stop()
     server.stop()
+    remove_shm_regions(supervisor.shm_regions)
     if code == 0:
         state.write(state="stopped")
     return code
