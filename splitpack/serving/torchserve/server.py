@@ -1,14 +1,20 @@
-"""Run TorchServe on loopback from a model store of split-pack archives.
+"""Run TorchServe from a model store of split-pack archives, locked down by default.
 
 ``splitpack serve torchserve start|stop|status`` runs TorchServe with a
-generated config.properties: every address on 127.0.0.1, token auth off, no
-per-model pip installs, TMPDIR/TEMP, pid file and logs under a project run
-folder (``.run/torchserve``). ``start`` returns once every model has its
-workers READY (the management API, not /ping, which says Healthy while a model
-fails to load) and fails with the model's own error when one cannot load.
+generated config.properties: every address on 127.0.0.1 (``bind``), token
+authorization ON (keys in ``<run-dir>/key_file.json``, mode 0600; turning it off
+is refused unless every address is loopback), no model registration over HTTP,
+no per-model pip installs, a 32 MiB request limit, and TMPDIR/TEMP, pid file and
+logs under a project run folder (``.run/torchserve``). Each worker gets its share
+of the cores (:mod:`splitpack.serving.threads`). ``start`` returns once every
+model has its workers READY (the management API, not /ping, which says Healthy
+while a model fails to load) and answers a real inference
+(:mod:`splitpack.serving.health`), and fails with the model's own error when one
+cannot load.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -19,9 +25,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitpack.serving.extras import console_script, require
+from splitpack.serving.health import ProbeResult, probe_image, timed_probe
+from splitpack.serving.threads import default_threads, thread_env
 from splitpack.serving.torchserve.archive import DEFAULT_MODEL_STORE, TorchServeError, read_archive_config
 
 DEFAULT_RUN_DIR = Path(".run") / "torchserve"
+LOOPBACK = "127.0.0.1"
+# TorchServe's keys expire after 60 minutes by default, and every request with an expired key
+# then fails until someone rotates it (POST /token with the API key): a year here, rotate on purpose.
+TOKEN_EXPIRATION_MIN = 525_600
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+def check_exposure(bind: str, token_auth: bool) -> None:
+    """Refuse to serve beyond this machine without token authorization (a ValueError: a user error)."""
+    if not token_auth and not is_loopback(bind):
+        raise ValueError(f"refusing to bind TorchServe to {bind} without token authorization: anyone who can "
+                         "reach it could scale or query models; drop --no-token-auth or bind to 127.0.0.1")
 
 
 @dataclass
@@ -37,27 +63,29 @@ def config_properties(
     model_store: Path,
     ports: Ports,
     *,
-    token_auth: bool = False,
+    bind: str = LOOPBACK,
+    token_auth: bool = True,
     enable_model_api: bool = False,
     max_request_mb: int = 32,
     metrics_config: Path | None = None,
 ) -> str:
-    """config.properties for a local TorchServe: loopback only, offline, prometheus metrics.
+    """config.properties: every address on ``bind``, offline, prometheus metrics, token auth.
 
     ``metrics_config``: a metrics.yaml declaring splitpack's gauges (prometheus mode drops
     undeclared model metrics).
     """
     lines = {
-        "inference_address": f"http://127.0.0.1:{ports.inference}",
-        "management_address": f"http://127.0.0.1:{ports.management}",
-        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
-        "grpc_inference_address": "127.0.0.1",
+        "inference_address": f"http://{bind}:{ports.inference}",
+        "management_address": f"http://{bind}:{ports.management}",
+        "metrics_address": f"http://{bind}:{ports.metrics}",
+        "grpc_inference_address": bind,
         "grpc_inference_port": ports.grpc_inference,
-        "grpc_management_address": "127.0.0.1",
+        "grpc_management_address": bind,
         "grpc_management_port": ports.grpc_management,
         "model_store": str(model_store),
-        # Local use: no keys. Production: true + keys from key_file.json (docs/torchserve.md).
+        # Keys in key_file.json (docs/operations.md); off only on loopback (check_exposure).
         "disable_token_authorization": str(not token_auth).lower(),
+        "token_expiration_min": TOKEN_EXPIRATION_MIN,
         "enable_model_api": str(enable_model_api).lower(),
         "install_py_dep_per_model": "false",  # offline; the worker uses this environment
         "metrics_mode": "prometheus",
@@ -85,6 +113,7 @@ class TorchServe:
     run_dir: Path = DEFAULT_RUN_DIR
     model_store: Path = DEFAULT_MODEL_STORE
     ports: Ports = field(default_factory=Ports)
+    threads: int | None = field(default=None, init=False)  # per worker, set by start()
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir).resolve()
@@ -149,10 +178,13 @@ class TorchServe:
             return None
 
     # lifecycle
-    def start(self, models: list[str] | None = None, *, timeout_s: float = 300, token_auth: bool = False,
-              enable_model_api: bool = False, max_request_mb: int = 32, stop_on_failure: bool = True) -> dict:
+    def start(self, models: list[str] | None = None, *, timeout_s: float = 300, token_auth: bool = True,
+              bind: str = LOOPBACK, threads: int | None = None, enable_model_api: bool = False,
+              max_request_mb: int = 32, stop_on_failure: bool = True) -> dict:
         """Start TorchServe with ``models`` (archive names; None = every .mar in the store) and
-        wait until every model has all its workers READY. Returns :meth:`models_status`."""
+        wait until every model has all its workers READY and answers a probe. Returns
+        :meth:`models_status`. ``threads``: per worker (default: the cores / all workers)."""
+        check_exposure(bind, token_auth)
         if self.pid() is not None:
             raise TorchServeError(f"TorchServe already running from {self.run_dir} (pid {self.pid()}); stop it first")
         names = models or [read_archive_config(m)[0] for m in sorted(self.model_store.glob("*.mar"))]
@@ -170,7 +202,7 @@ class TorchServe:
 
         metrics_file = self.run_dir / "metrics.yaml"
         metrics_file.write_text(torchserve_metrics_yaml())
-        self.config_file.write_text(config_properties(self.model_store, self.ports, token_auth=token_auth,
+        self.config_file.write_text(config_properties(self.model_store, self.ports, bind=bind, token_auth=token_auth,
                                                       enable_model_api=enable_model_api,
                                                       max_request_mb=max_request_mb, metrics_config=metrics_file))
         model_args = [n if n.endswith(".mar") or "=" in n else f"{n}={n}.mar" for n in names]
@@ -182,18 +214,55 @@ class TorchServe:
             cmd.append("--enable-model-api")
         # Output to a file, not a pipe: the JVM inherits it and would keep a pipe open forever.
         start_log = self.log_dir / "torchserve_start.out"
+        self.threads = threads or default_threads(self.total_workers(names))
         with open(start_log, "w") as out:
-            code = subprocess.run(cmd, cwd=self.run_dir, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL).returncode
+            code = subprocess.run(cmd, cwd=self.run_dir, env=self.env() | thread_env(self.threads),
+                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
         if code != 0 or self.pid() is None:
             raise TorchServeError(f"torchserve --start failed ({code}): {start_log.read_text()}")
         expected = [n.split("=", 1)[0].removesuffix(".mar") for n in names]
         try:
-            return self.wait_ready(expected, timeout_s=timeout_s)
+            status = self.wait_ready(expected, timeout_s=timeout_s)
+            self.check_serving(expected)
+            return status
         except TorchServeError:
             if stop_on_failure:
                 self.stop()
             raise
+
+    def total_workers(self, names: list[str]) -> int:
+        """Worker processes the server will run for ``names`` (minWorkers of each archive)."""
+        total = 0
+        for name in names:
+            archive = name.split("=", 1)[-1]
+            mar = self.model_store / (archive if archive.endswith(".mar") else f"{archive}.mar")
+            try:
+                total += int(read_archive_config(mar)[1].get("minWorkers") or 1)
+            except (OSError, KeyError, ValueError):
+                total += 1
+        return total
+
+    def check_serving(self, names: list[str]) -> None:
+        """READY workers can still fail every request (a model that cannot load answers 503 at
+        once, see the handler): one real inference per model, or the model's reason."""
+        failed = [r for r in self.probe(names) if not r.ok]
+        if failed:
+            raise TorchServeError("; ".join(f"model {r.model!r} does not serve: {r.detail}" for r in failed))
+
+    def probe(self, names: list[str] | None = None, timeout: float = 60.0) -> list[ProbeResult]:
+        """One real inference (the bundled cat photo) per model (default: every registered model)."""
+        requests = require("requests", "torchserve")
+        names = list(self.models_status()) if names is None else names
+        image, headers = probe_image(), {"Content-Type": "application/octet-stream", **self.headers("inference")}
+
+        def top1(name: str) -> str:
+            r = requests.post(f"{self.inference_url}/predictions/{name}", data=image, headers=headers, timeout=timeout)
+            if r.status_code != 200:
+                raise TorchServeError(f"HTTP {r.status_code}: {_error_message(r)}")
+            predictions = r.json().get("predictions") or []
+            return predictions[0]["label"] if predictions else ""
+
+        return [timed_probe(n, lambda n=n: top1(n)) for n in names]
 
     def wait_ready(self, names: list[str], *, timeout_s: float = 300) -> dict:
         """Poll the management API until each model has its minWorkers READY; fail fast with the
@@ -291,6 +360,13 @@ class TorchServe:
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         return True
+
+
+def _error_message(response) -> str:
+    try:
+        return str(response.json().get("message", response.text))
+    except ValueError:
+        return response.text
 
 
 def _port_free(port: int) -> bool:

@@ -21,19 +21,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitpack.serving.health import ProbeResult, probe_image, timed_probe
 from splitpack.serving.triton.gateway import GatewayLimits
 from splitpack.serving.triton.server import DEFAULT_GRPC_PORT, DEFAULT_RUN_DIR, TritonServerError, read_pid
 from splitpack.serving.triton.supervisor import StateFile, admin_headers, read_admin_key
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[3]  # the folder holding the splitpack package
-
-
-@dataclass
-class ProbeResult:
-    model: str
-    ok: bool
-    ms: float
-    detail: str
 
 
 @dataclass
@@ -190,21 +183,15 @@ class TritonDeployment:
         """One real inference (the bundled cat photo) per model, through the gateway."""
         import tritonclient.grpc as grpcclient
 
-        from splitpack.serving.predictor import SAMPLE_IMAGE
         from splitpack.serving.triton.client import classify
 
-        image = SAMPLE_IMAGE.read_bytes()
-        results = []
+        image = probe_image()
         with grpcclient.InferenceServerClient(self.url) as client:
-            for model in models or self.state().get("models", []):
-                start = time.perf_counter()
-                try:
-                    top = classify(client, model, [image], timeout=timeout)[0].top_k
-                    ok, detail = bool(top), (top[0]["label"] if top else "empty answer")
-                except Exception as err:  # noqa: BLE001 -- any failure is the probe's answer
-                    ok, detail = False, str(getattr(err, "message", lambda: err)())
-                results.append(ProbeResult(model, ok, round((time.perf_counter() - start) * 1000, 1), detail))
-        return results
+            def top1(model: str) -> str:
+                top = classify(client, model, [image], timeout=timeout)[0].top_k
+                return top[0]["label"] if top else ""
+
+            return [timed_probe(m, lambda m=m: top1(m)) for m in models or self.state().get("models", [])]
 
 
 def _tail(path: Path, lines: int = 30) -> str:
