@@ -93,8 +93,8 @@ class TorchServeTarget:
         self.ports = free_ports(5)
 
     def prepare(self) -> None:
-        splitpack_cli("archive", "--model", MODEL, "--pretrained", "--name", NAME, *SPLIT, "--workers", "2",
-                      "--batch-size", "4", "--export-path", str(self.store), "--force")
+        splitpack_cli("archive", "--model", MODEL, "--pretrained", "--name", NAME, *SPLIT, "--replicas", "2",
+                      "--batch-size", "4", "--out", str(self.store), "--force")
 
     def start(self, threads: int | None) -> None:
         inference, management, metrics, grpc, _ = self.ports
@@ -136,7 +136,7 @@ class TritonTarget:
         self.port = free_port()
 
     def prepare(self) -> None:
-        splitpack_cli("triton-repo", "--model", MODEL, "--pretrained", "--name", NAME, *SPLIT, "--instances", "2",
+        splitpack_cli("triton-repo", "--model", MODEL, "--pretrained", "--name", NAME, *SPLIT, "--replicas", "2",
                       "--out", str(self.repo))
 
     def start(self, threads: int | None) -> None:

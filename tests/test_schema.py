@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NON_DEFAULT = {
     "model_name": "tv:resnet18", "merge_layer": "layer1,layer2", "grid": "4x4,2x2", "mode": "seed", "topk": "3",
     "native_resolution": "true", "max_side": "640", "max_pixels": "1000000", "min_side": "32",
+    "max_image_bytes": "1000", "threads": "2",
     "data_config": '{"crop_pct": 1.0, "interpolation": "bilinear"}',
     "replicas": "3", "instance_kind": "gpu", "batch_size": "6", "max_batch_delay_ms": "7", "response_timeout_s": "99",
 }
@@ -50,7 +51,9 @@ def test_every_parameter_is_declared_once_with_a_parsing_default_and_help():
     ("merge_layer", "auto,layer1", "auto"), ("mode", "fast", "mode: expected one of exact, seed"),
     ("topk", "0", "topk: must be >= 1"), ("native_resolution", "maybe", "native_resolution"),
     ("data_config", '{"mean": [1, 2, 3], "foo": 1}', "data_config: unknown key"),
-    ("instance_kind", "tpu", "instance_kind"), ("max_batch_delay_ms", "-1", "max_batch_delay_ms: must be >= 0"),
+    ("instance_kind", "tpu", "instance_kind"), ("threads", "0", "threads: must be >= 1"),
+    ("threads", "many", "threads: expected an integer"), ("max_image_bytes", "0", "max_image_bytes: must be >= 1"),
+    ("max_batch_delay_ms", "-1", "max_batch_delay_ms: must be >= 0"),
 ])
 def test_bad_values_name_the_parameter(name, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -122,17 +125,28 @@ def test_triton_config_pbtxt_holds_every_parameter_where_the_schema_says():
 
 
 def test_a_new_parameter_is_one_schema_entry():
-    """What issue 10/12/13 will do (threads, memory_budget, compile): add a Param, and the config class,
+    """What issue 12/13 will do (memory_budget, compile): add a Param, and the config class,
     the flags, the stored text and the docs table all carry it."""
-    threads = Param("threads", integer(0), 0, "torch threads per replica (0: torch's default)")
-    params = PARAMS[:10] + (threads,) + PARAMS[10:]
+    budget = Param("memory_budget", integer(0), 0, "peak activation bytes per replica (0: no budget)")
+    params = PARAMS[:10] + (budget,) + PARAMS[10:]
     Config = config_class(tuple(p for p in params if p.section == MODEL))
-    config = Config.from_mapping({"model_name": "resnet18", "threads": "2"})
-    assert config.threads == 2 and config.to_text()["threads"] == "2" and Config.from_mapping(config.to_text()) == config
+    config = Config.from_mapping({"model_name": "resnet18", "memory_budget": "2"})
+    assert config.memory_budget == 2 and config.to_text()["memory_budget"] == "2"
+    assert Config.from_mapping(config.to_text()) == config
     parser = argparse.ArgumentParser()
     add_flags(parser, "triton", params=params)
-    assert given(parser.parse_args(["--threads", "4"]), MODEL, params=params) == {"threads": 4}
-    assert "| `threads` | `--threads` | `0` |" in schema.markdown_table(params)
+    assert given(parser.parse_args(["--memory-budget", "4"]), MODEL, params=params) == {"memory_budget": 4}
+    assert "| `memory_budget` | `--memory-budget` | `0` |" in schema.markdown_table(params)
+
+
+def test_threads_is_auto_or_a_count():
+    """Issue 10's parameter: auto (the server's share of the cores) unless a model sets its own."""
+    assert ServingConfig("resnet18").threads == "auto" and ServingConfig("resnet18", threads="").threads == "auto"
+    config = ServingConfig.from_mapping({"model_name": "resnet18", "threads": "3"})
+    assert config.threads == 3 and ServingConfig.from_mapping(config.to_text()) == config
+    parser = argparse.ArgumentParser()
+    add_flags(parser, "torchserve")
+    assert given(parser.parse_args(["--threads", "2"]), MODEL) == {"threads": 2}
 
 
 def test_docs_table_is_the_schema():

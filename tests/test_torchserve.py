@@ -76,7 +76,8 @@ def server(model_store, tmp_path_factory):
 
 
 def predict(server, model: str, body: bytes, timeout: float = 60) -> requests.Response:
-    return requests.post(f"{server.inference_url}/predictions/{model}", data=body, headers=OCTET, timeout=timeout)
+    return requests.post(f"{server.inference_url}/predictions/{model}", data=body,
+                         headers=OCTET | server.headers("inference"), timeout=timeout)
 
 
 def probabilities(response: requests.Response) -> dict[int, float]:
@@ -93,9 +94,11 @@ def test_config_properties_binds_loopback_only(tmp_path):
     for key in ("inference_address", "management_address", "metrics_address"):
         assert props[key].startswith("http://127.0.0.1:")
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
-    assert props["disable_token_authorization"] == "true"
+    assert props["disable_token_authorization"] == "false"  # token auth on by default
     assert props["install_py_dep_per_model"] == "false"
-    assert "disable_token_authorization=false" in config_properties(tmp_path, Ports(), token_auth=True)
+    assert "disable_token_authorization=true" in config_properties(tmp_path, Ports(), token_auth=False)
+    exposed = config_properties(tmp_path, Ports(1, 2, 3, 4, 5), bind="0.0.0.0")
+    assert "inference_address=http://0.0.0.0:1" in exposed and "grpc_management_address=0.0.0.0" in exposed
 
 
 def test_archive_refuses_unknown_merge_layer(tmp_path, capsys):
@@ -125,7 +128,8 @@ def test_every_worker_ready(server):
     status = server.models_status()
     assert set(status) == {EXACT, UNSPLIT, SEED, NATIVE}
     assert status[EXACT]["workers"] == ["READY", "READY"]
-    assert requests.get(f"{server.inference_url}/ping", timeout=5).json()["status"] == "Healthy"
+    assert requests.get(f"{server.inference_url}/ping", headers=server.headers("inference"),
+                        timeout=5).json()["status"] == "Healthy"
 
 
 @pytest.mark.slow

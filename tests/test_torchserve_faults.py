@@ -27,14 +27,14 @@ pytestmark = pytest.mark.slow
 
 def archive(store, name: str, *extra: str) -> None:
     args = ["archive", "--model", "tf_efficientnet_lite0", "--pretrained", "--name", name,
-            "--export-path", str(store), *extra]
+            "--out", str(store), *extra]
     assert cli.main(args) == 0
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    archive(store, MODEL, "--merge-layer", "blocks.2", "--grid", "2x2", "--workers", "2", "--batch-size", "4")
+    archive(store, MODEL, "--merge-layer", "blocks.2", "--grid", "2x2", "--replicas", "2", "--batch-size", "4")
     return store
 
 
@@ -176,7 +176,7 @@ def test_killed_worker_is_replaced_under_load(server):
 
 def test_model_that_cannot_load_fails_start_and_its_requests_fast(tmp_path):
     store = tmp_path / "store"
-    archive(store, "broken", "--merge-layer", "blocks.no_such_layer", "--no-validate")
+    archive(store, "broken", "--merge-layer", "blocks.no_such_layer", "--no-check")
     ts = TorchServe(run_dir=tmp_path / "run", model_store=store, ports=Ports(*free_ports(5)))
     with pytest.raises(TorchServeError, match="blocks.no_such_layer") as failed:
         ts.start(timeout_s=300, stop_on_failure=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from splitpack.serving.config import ServingConfig
 from splitpack.serving.net import free_port
 from splitpack.serving.predictor import SAMPLE_IMAGE
 from splitpack.serving.triton.client import classify, image_input
@@ -30,8 +31,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
-    generate_model_dir(TritonModelSpec("tf_efficientnet_lite0", merge_layer="blocks.2", grid="2x2", name=MODEL,
-                                       pretrained=True, instances=2), repo)
+    config = ServingConfig("tf_efficientnet_lite0", merge_layer="blocks.2", grid="2x2")
+    generate_model_dir(TritonModelSpec(config, {"replicas": 2}, name=MODEL, pretrained=True), repo)
     return repo
 
 
@@ -187,8 +188,8 @@ def test_killed_instance_is_replaced_under_load(deployment):
 
 def test_broken_model_fails_start_with_the_reason(repo, tmp_path):
     broken = tmp_path / "repo"
-    generate_model_dir(TritonModelSpec("tf_efficientnet_lite0", merge_layer="blocks.no_such_layer", name="broken"),
-                       broken, check=False)
+    generate_model_dir(TritonModelSpec(ServingConfig("tf_efficientnet_lite0", merge_layer="blocks.no_such_layer"),
+                                       name="broken"), broken, check=False)
     triton = TritonDeployment(broken, grpc_port=free_port(), run_dir=tmp_path / "run")
     started = time.monotonic()
     with pytest.raises(TritonServerError) as failed:

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
               f"(logs: {server.log_dir})")
         requests = require("requests", "torchserve")
         response = requests.post(f"{server.inference_url}/predictions/{DEMO_NAME}", data=image.read_bytes(),
-                                 headers={"Content-Type": "application/octet-stream"}, timeout=120)
+                                 headers={"Content-Type": "application/octet-stream", **server.headers("inference")},
+                                 timeout=120)
         if response.status_code != 200:
             raise ServerError(f"request failed: HTTP {response.status_code}: {response.text}")
         print(f"{image.name} -> top-5:")

@@ -30,6 +30,7 @@ MODEL = "model"    # the predictor's settings: handler: section / config.pbtxt p
 DEPLOY = "deploy"  # the server's own settings: workers/instances, batching, device kind
 MODES = ("exact", "seed")
 UNSPLIT = "none"   # how an unsplit model's merge_layer is written ("" is read the same)
+AUTO = "auto"
 INSTANCE_KINDS = ("auto", "cpu", "gpu")
 # timm data-config keys a deployment may pin (they describe how the weights were trained).
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -82,6 +83,16 @@ def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
         return word
     parse.__name__ = "one of " + ", ".join(options)
     return parse
+
+
+def threads_value(value: Any) -> int | str:
+    """``auto`` (or empty) = the server's share of the cores (splitpack.serving.threads); else an integer >= 1."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return AUTO
+    return integer(1)(value)
+
+
+threads_value.__name__ = "auto or an integer >= 1"
 
 
 def merge_layer_text(value: Any) -> str:
@@ -195,6 +206,12 @@ PARAMS: tuple[Param, ...] = (
     Param("max_pixels", integer(1), 50_000_000,
           "reject images declaring more pixels (checked before decoding)", metavar="PIXELS"),
     Param("min_side", integer(1), 16, "native resolution: reject images with a shorter side", metavar="PIXELS"),
+    Param("max_image_bytes", integer(1), 32 << 20,
+          "reject an encoded image larger than this before decoding it (HTTP 413 / INVALID_ARGUMENT)",
+          metavar="BYTES"),
+    Param("threads", threads_value, AUTO,
+          "torch threads per replica (its own process); auto = the cores / every replica of the server",
+          metavar="N|auto"),
     Param("data_config", data_config, None,
           "timm data-config overrides (JSON: mean, std, crop_pct, interpolation, input_size, crop_mode); "
           "archive and triton-repo pin the weights' own", metavar="JSON"),

@@ -90,7 +90,7 @@ class Predictor:
     def decode(self, data: bytes) -> torch.Tensor:
         """Encoded image bytes -> normalized CHW float tensor. Raises BadRequest
         (splitpack.serving.decode: limits first, then 16-bit, palette, CMYK, alpha, EXIF, first frame)."""
-        image = decode_image(data, max_pixels=self.config.max_pixels)
+        image = decode_image(data, max_pixels=self.config.max_pixels, max_bytes=self.config.max_image_bytes)
         if self.config.native_resolution:
             return self._native_transform(image)
         return self._eval_transform(image)

@@ -72,6 +72,12 @@ def resolve_threads(configured: int | None, processes: int, env: dict | None = N
     return default_threads(processes)
 
 
+def configure_threads(configured: int | str | None, replicas: int) -> dict[str, int]:
+    """What a worker/instance calls first: its model's ``threads`` (``auto`` = the server's share, else
+    the cores / ``replicas``), applied to torch. Returns what took effect, for the log."""
+    return apply_threads(resolve_threads(None if configured in (None, "", "auto") else int(configured), replicas))
+
+
 def apply_threads(threads: int) -> dict[str, int]:
     """Set torch's intra-op threads (and 1 inter-op thread) in this process; returns what took effect."""
     import torch

@@ -21,6 +21,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from splitpack.serving.config import ServingConfig
 from splitpack.serving.metrics import report_to_torchserve, update_memory_gauges
 from splitpack.serving.predictor import BadRequest, InferenceFailed, Predictor
+from splitpack.serving.threads import configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,20 @@ class SplitPackHandler(BaseHandler):
     """Image classification with split-pack; settings from model-config.yaml ``handler:``."""
 
     def initialize(self, context):
+        """Load the model; if that fails, stay up answering every request at once with HTTP 503 and
+        the reason (TorchServe would restart a crashing worker forever while its requests wait)."""
         # Not BaseHandler.initialize: it would try to load our state dict as TorchScript.
         self.context = context
         self.manifest = context.manifest
+        self.load_error: str | None = None
+        try:
+            self._load(context)
+        except Exception as err:  # noqa: BLE001 -- reported to every caller and in the model log
+            self.load_error = f"model {context.model_name!r} failed to load: {type(err).__name__}: {err}"
+            logger.error("splitpack handler: %s; every request is answered 503", self.load_error, exc_info=True)
+        self.initialized = True
+
+    def _load(self, context) -> None:
         properties = context.system_properties
         gpu_id = properties.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
@@ -54,19 +66,26 @@ class SplitPackHandler(BaseHandler):
         else:
             self.device = torch.device("cpu")
 
-        section = dict((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})
-        config, artifacts = ServingConfig.from_section(section, "torchserve")
+        model_yaml = getattr(context, "model_yaml_config", None) or {}
+        config, artifacts = ServingConfig.from_section(dict(model_yaml.get("handler") or {}), "torchserve")
+        threads = configure_threads(config.threads, int(model_yaml.get("minWorkers") or 1))
         serialized = self.manifest["model"].get("serializedFile")
         weights = os.path.join(properties.get("model_dir"), serialized) if serialized else None
 
         self.predictor = Predictor(config, weights=weights, device=self.device)
         self.predictor.warmup()
         self.model = self.predictor.model
-        settings = self.predictor.describe() | {"weights": serialized or "random",
-                                                "weights_source": artifacts.get("weights_source", "file"),
-                                                "batch_size": properties.get("batch_size")}
+        settings = self.predictor.describe() | threads | {
+            "weights": serialized or "random", "weights_source": artifacts.get("weights_source", "file"),
+            "batch_size": properties.get("batch_size")}
         logger.info("splitpack handler ready: %s", json.dumps(settings))
-        self.initialized = True
+
+    def handle(self, data, context):
+        if self.load_error is None:
+            return super().handle(data, context)
+        for idx in range(len(data)):
+            context.set_response_status(503, self.load_error, idx)
+        return [{"code": 503, "type": "ModelLoadFailed", "message": self.load_error} for _ in data]
 
     def preprocess(self, data):
         """Rows -> each request's encoded image, or the BadRequest of a row without one."""

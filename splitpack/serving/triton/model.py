@@ -23,6 +23,7 @@ import numpy as np
 from splitpack.serving.config import ServingConfig
 from splitpack.serving.metrics import update_memory_gauges
 from splitpack.serving.predictor import BadRequest, InferenceFailed, Predictor
+from splitpack.serving.threads import configure_threads
 from splitpack.serving.triton.repo import INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, config_parameters
 
 
@@ -50,6 +51,11 @@ def format_top_k(entries: list[dict]) -> list[bytes]:
     return [f"{e['probability']:.6f}:{e['index']}:{e['label']}".encode() for e in entries]
 
 
+def _instances(model_config: dict) -> int:
+    """Instances of this model (each its own stub process), from config.pbtxt's instance_group."""
+    return sum(int(g.get("count", 1)) for g in model_config.get("instance_group", [])) or 1
+
+
 def _output_dims(model_config: dict, name: str) -> list[int]:
     for output in model_config.get("output", []):
         if output["name"] == name:
@@ -68,7 +74,7 @@ class SplitPackTritonModel:
         self.name = args["model_name"]
         self.instance = args.get("model_instance_name", self.name)
         config, artifacts = ServingConfig.from_section(config_parameters(self.model_config), "triton")
-        self.threads = self._apply_threads()
+        self.threads = configure_threads(config.threads, _instances(self.model_config))
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         weights = resolve_weights(artifacts.get("weights", ""), version_dir)
         with warnings.catch_warnings(record=True) as caught:
@@ -81,14 +87,6 @@ class SplitPackTritonModel:
         self._check_outputs()
         self.metrics = self._memory_metrics()
         self.log_info(f"{self.instance} ready: {json.dumps(self.predictor.describe() | self.threads)}")
-
-    def _apply_threads(self) -> dict:
-        """Torch threads for this instance (its stub is its own process): the server's share
-        (SPLITPACK_THREADS, set by `splitpack serve triton start`) or cores / instances."""
-        from splitpack.serving.threads import apply_threads, resolve_threads
-
-        instances = sum(int(g.get("count", 1)) for g in self.model_config.get("instance_group", [])) or 1
-        return apply_threads(resolve_threads(None, instances))
 
     def _check_outputs(self) -> None:
         """config.pbtxt dims must match the model; a mismatch is a generation mistake."""
