@@ -166,6 +166,8 @@ def test_written_torchserve_config_sets_workers_and_split_settings(small_plan, t
     serving = ServingConfig.from_mapping(handler)
     assert serving.model_name == "resnet18" and serving.merge_layer == (rec["merge_layer"] or "none")
     assert config["deviceType"] == "cpu"
+    assert serving.threads == "auto"  # each worker takes its share of the cores it runs on
+    assert deploy.torchserve_model_config(small_plan, {"threads": 2})["handler"]["threads"] == 2
     assert deploy.torchserve_model_config(small_plan, {"instance_kind": "gpu"})["deviceType"] == "gpu"
     with pytest.raises(ValueError, match="batch_size: set by the plan"):
         deploy.torchserve_model_config(small_plan, {"batch_size": 3})
@@ -175,7 +177,7 @@ def test_written_torchserve_config_sets_workers_and_split_settings(small_plan, t
 def test_written_triton_config_sets_instance_count(small_plan, tmp_path):
     from splitpack.serving.triton.repo import config_parameters, read_model_config
 
-    model_dir = deploy.write_triton(small_plan, tmp_path / "repo", {"instance_kind": "cpu", "topk": 3},
+    model_dir = deploy.write_triton(small_plan, tmp_path / "repo", {"instance_kind": "cpu", "topk": 3, "threads": 1},
                                     name="resnet18_plan")
     config = read_model_config(model_dir / "config.pbtxt")
     rec = small_plan["recommended"]
@@ -183,6 +185,7 @@ def test_written_triton_config_sets_instance_count(small_plan, tmp_path):
     assert config.max_batch_size == small_plan["batch_size"]
     params = config_parameters(config)
     assert params["merge_layer"] == (rec["merge_layer"] or "none") and params["topk"] == "3"
+    assert params["threads"] == "1"
     assert (model_dir / "1" / "model.py").is_file()
 
 
