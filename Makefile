@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench loadtest clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) scripts/bench_suite.py | tee benchmarks/table.md
+
+# Both servers with default settings, 4 clients x 60 s + a bad-input client, thread sweep (BENCHMARKS.md).
+loadtest: setup
+	$(PY) scripts/loadtest.py --json benchmarks/loadtest.json
 
 clean:
 	rm -rf .run logs model_store/*.mar

@@ -5,8 +5,9 @@ For each server (TorchServe, Triton): build the deployment with the project's ow
 commands (tf_efficientnet_lite0, pretrained, exact split-pack 2x2 at blocks.2;
 TorchServe 2 workers x batch 4, Triton 2 instances), start it with
 ``splitpack serve ... start`` on 127.0.0.1, then run CLIENTS concurrent clients
-sending real photos for DURATION seconds while one more client sends bad inputs
-(empty, garbage, truncated, a decompression bomb, an over-limit body, ...).
+sending real photos for DURATION seconds (after a WARMUP_S warm-up that is not
+counted: the first batches of each replica) while one more client sends bad inputs
+(empty, garbage, truncated, a decompression bomb, an over-limit body).
 
 Then the same load, shorter, once per thread setting (``serve ... start --threads N``
 for N in 1..cores) to find the best one; the default must be within 15% of it.
@@ -39,6 +40,7 @@ NAME = "lite0"
 SPLIT = ["--merge-layer", "blocks.2", "--grid", "2x2", "--mode", "exact"]
 IMAGENET_SAMPLE = Path("/work/shared/imagenet-sample")
 BAD_CLIENT_PAUSE_S = 0.2
+WARMUP_S = 5.0  # every client sends for this long before the measured window (first batches of each replica)
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ class TorchServeTarget:
                 "--inference-port", str(inference), "--management-port", str(management),
                 "--metrics-port", str(metrics), "--grpc-port", str(grpc)]
         splitpack_cli(*args, *(["--threads", str(threads)] if threads else []))
-        from splitpack.serving.torchserve.archive import TorchServe
+        from splitpack.serving.torchserve.server import TorchServe
 
         self.server = TorchServe.from_run_dir(self.run_dir)
 
@@ -197,12 +199,19 @@ def load(target, images: list[bytes], bad: dict[str, bytes], clients: int, durat
     run = Run(target.name, threads, clients, duration)
     latencies: list[float] = []
     lock = threading.Lock()
-    start = time.monotonic()
-    deadline = start + duration
+    window: dict[str, float] = {}
+    # the measured window opens when the last client finished its warm-up (the barrier's action)
+    warm = threading.Barrier(clients + 1, action=lambda: window.update(
+        start=time.monotonic(), deadline=time.monotonic() + duration))
+    warmup_end = time.monotonic() + WARMUP_S
 
     def good_client(offset: int) -> None:
         send, i = target.client(), offset
-        while time.monotonic() < deadline:
+        while time.monotonic() < warmup_end:  # not counted
+            send(images[i % len(images)])
+            i += 1
+        warm.wait()
+        while time.monotonic() < window["deadline"]:
             t0 = time.perf_counter()
             kind, message = send(images[i % len(images)])
             elapsed = time.perf_counter() - t0
@@ -218,7 +227,7 @@ def load(target, images: list[bytes], bad: dict[str, bytes], clients: int, durat
     def bad_client() -> None:
         send, cases = target.client(), list(bad.items())
         i = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < window["deadline"]:
             name, body = cases[i % len(cases)]
             kind, message = send(body)
             i += 1
@@ -231,13 +240,15 @@ def load(target, images: list[bytes], bad: dict[str, bytes], clients: int, durat
             time.sleep(BAD_CLIENT_PAUSE_S)
 
     workers = [threading.Thread(target=good_client, args=(c * 7,)) for c in range(clients)]
-    if with_bad:
-        workers.append(threading.Thread(target=bad_client))
     for w in workers:
         w.start()
+    warm.wait()
+    if with_bad:
+        workers.append(threading.Thread(target=bad_client))
+        workers[-1].start()
     for w in workers:
         w.join()
-    elapsed = time.monotonic() - start
+    elapsed = time.monotonic() - window["start"]
     run.duration_s = round(elapsed, 1)
     run.throughput_rps = round(run.good_ok / elapsed, 2)
     run.p50_ms = round(percentile(latencies, 0.50) * 1000, 1)

@@ -127,10 +127,18 @@ class TritonDeployment:
                                             stderr=subprocess.STDOUT, start_new_session=True)
         self.pid_file.write_text(f"{self.process.pid}\n")
         try:
-            return self._wait_ready(timeout)
+            state = self._wait_ready(timeout)
+            self._check_serving(state["models"])
+            return state
         except BaseException:
             self.stop()
             raise
+
+    def _check_serving(self, models: list[str]) -> None:
+        """Ready models can still fail every request: one real inference per model, or the reason."""
+        failed = [r for r in self.probe(models) if not r.ok]
+        if failed:
+            raise TritonServerError("; ".join(f"model {r.model!r} does not serve: {r.detail}" for r in failed))
 
     def _wait_ready(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
