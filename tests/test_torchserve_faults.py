@@ -79,7 +79,7 @@ def test_each_worker_runs_its_share_of_the_cores(server):
     expected = max(1, len(os.sched_getaffinity(0)) // 2)
     assert server.threads == expected
     log = (server.log_dir / "model_log.log").read_text(errors="replace")
-    applied = re.findall(r'"threads": (\d+), "interop_threads": (\d+)', log)
+    applied = re.findall(r'"torch_threads": (\d+), "torch_interop_threads": (\d+)', log)
     assert applied == [(str(expected), "1")] * 2
 
 

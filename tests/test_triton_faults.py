@@ -86,7 +86,7 @@ def test_serves_with_one_thread_per_instance_by_default(deployment):
     expected = max(1, len(os.sched_getaffinity(0)) // 2)
     assert state["threads"] == expected
     # each instance (its own stub process) logs what took effect
-    applied = re.findall(r'"threads\W+(\d+)\W+interop_threads\W+(\d+)', deployment.log_text())
+    applied = re.findall(r'torch_threads\W+(\d+)\W+torch_interop_threads\W+(\d+)', deployment.log_text())
     assert applied == [(str(expected), "1")] * 2
     with client_for(deployment) as client:
         assert classify(client, MODEL, [cat()])[0].top_k[0]["index"] in range(281, 286)

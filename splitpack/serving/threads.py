@@ -87,4 +87,4 @@ def apply_threads(threads: int) -> dict[str, int]:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only settable before the first inter-op work; keep what is there
         pass
-    return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+    return {"torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
