@@ -105,9 +105,11 @@ def test_refuses_to_bind_beyond_loopback_without_token(tmp_path, store):
     assert ts.pid() is None and not (tmp_path / "run" / "config.properties").exists()
 
 
-def test_probe_runs_a_real_inference(server):
+def test_probe_runs_a_real_inference(server, capsys):
     [result] = server.probe()
     assert result.model == MODEL and result.ok and "cat" in result.detail
+    assert cli.main(["serve", "torchserve", "status", "--probe", "--run-dir", str(server.run_dir)]) == 0
+    assert f"{MODEL}: ok" in capsys.readouterr().out
 
 
 def test_256_mib_request_is_refused_before_it_is_buffered(server):
@@ -174,7 +176,7 @@ def test_killed_worker_is_replaced_under_load(server):
     assert server.models_status([MODEL])[MODEL]["workers"] == ["READY", "READY"]
 
 
-def test_model_that_cannot_load_fails_start_and_its_requests_fast(tmp_path):
+def test_model_that_cannot_load_fails_start_and_its_requests_fast(tmp_path, capsys):
     store = tmp_path / "store"
     archive(store, "broken", "--merge-layer", "blocks.no_such_layer", "--no-check")
     ts = TorchServe(run_dir=tmp_path / "run", model_store=store, ports=Ports(*free_ports(5)))
@@ -189,5 +191,8 @@ def test_model_that_cannot_load_fails_start_and_its_requests_fast(tmp_path):
         print(f"request to a model that cannot load: HTTP {r.status_code} in {elapsed:.2f} s: {r.text[:200]}")
         assert r.status_code == 503 and "blocks.no_such_layer" in r.text
         assert elapsed < 5
+        # a probe reports it: exit 1, the reason on its line
+        assert cli.main(["serve", "torchserve", "status", "--probe", "--run-dir", str(ts.run_dir)]) == 1
+        assert "broken: FAILED" in capsys.readouterr().out
     finally:
         ts.stop()

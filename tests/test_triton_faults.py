@@ -92,9 +92,15 @@ def test_serves_with_one_thread_per_instance_by_default(deployment):
         assert classify(client, MODEL, [cat()])[0].top_k[0]["index"] in range(281, 286)
 
 
-def test_probe_runs_a_real_inference(deployment):
+def test_probe_runs_a_real_inference(deployment, capsys):
+    from splitpack import cli
+
     [result] = deployment.probe()
     assert result.model == MODEL and result.ok and "cat" in result.detail
+    status = ["serve", "triton", "status", "--probe", "--run-dir", str(deployment.run_dir)]
+    assert cli.main(status) == 0  # the exit code a Kubernetes exec probe reads
+    assert f"{MODEL}: ok" in capsys.readouterr().out
+    assert cli.main(status[:4] + ["--run-dir", str(deployment.run_dir.parent / "elsewhere")]) == 3  # not running
 
 
 def test_256_mib_request_is_refused_before_the_server_buffers_it(deployment):

@@ -47,7 +47,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def report_status(running: bool, summary: dict, probe, args: argparse.Namespace) -> int:
     """``status [--probe]``: print what runs (and the probe per model); the exit code probes read."""
     if not running:
-        print(json.dumps({"running": False}) if args.json else "not running")
+        error = summary.get("error")
+        print(json.dumps({"running": False, "error": error}) if args.json else
+              "not running" + (f" (last start failed: {error})" if error else ""))
         return health.NOT_RUNNING
     results = probe() if args.probe else []
     if args.json:
@@ -141,7 +143,8 @@ def serve_triton(args: argparse.Namespace) -> int:
         state = deployment.state()
         summary = {"pid": pid, "state": state.get("state"), "models": state.get("models", []),
                    "grpc": f"127.0.0.1:{state.get('grpc_port')}", "threads": state.get("threads"),
-                   "recoveries": deployment.recoveries()}
+                   "recoveries": deployment.recoveries(),
+                   "error": state.get("error") if state.get("state") == "failed" else None}
         if pid is not None:  # probe the port the deployment really listens on
             deployment.grpc_port = state.get("grpc_port", args.grpc_port)
         return report_status(pid is not None, summary, deployment.probe, args)
