@@ -185,6 +185,7 @@ class Run:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     max_ms: float = 0.0
+    load_1min: float = 0.0  # the machine's load average when the run ended (others' jobs included)
     failures: list[str] = field(default_factory=list)
 
 
@@ -254,13 +255,14 @@ def load(target, images: list[bytes], bad: dict[str, bytes], clients: int, durat
     run.p50_ms = round(percentile(latencies, 0.50) * 1000, 1)
     run.p99_ms = round(percentile(latencies, 0.99) * 1000, 1)
     run.max_ms = round(max(latencies, default=0) * 1000, 1)
+    run.load_1min = round(os.getloadavg()[0], 2)
     run.failures = run.failures[:10]
     return run
 
 
 def measure(target, threads: int | None, images, bad, clients, duration, with_bad=True) -> Run:
-    target.start(threads)
     try:
+        target.start(threads)
         return load(target, images, bad, clients, duration, str(threads or "default"), with_bad)
     finally:
         target.stop()
@@ -286,10 +288,11 @@ def load_average() -> str:
 
 def table(runs: list[Run]) -> str:
     lines = ["| server | threads | clients x s | good ok | good failed | bad refused | bad other | req/s | "
-             "p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "p50 ms | p99 ms | max ms | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r.server} | {r.threads} | {r.clients} x {r.duration_s:.0f} | {r.good_ok} | {r.good_failed} "
-                     f"| {r.bad_refused} | {r.bad_other} | {r.throughput_rps} | {r.p50_ms} | {r.p99_ms} | {r.max_ms} |")
+                     f"| {r.bad_refused} | {r.bad_other} | {r.throughput_rps} | {r.p50_ms} | {r.p99_ms} | {r.max_ms} "
+                     f"| {r.load_1min} |")
     return "\n".join(lines)
 
 
