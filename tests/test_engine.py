@@ -253,3 +253,29 @@ def test_bad_mode_and_grid():
         splitpack.wrap(model, "layer1", grid=0)
     with pytest.raises(ValueError, match="merge_layer is required"):
         splitpack.wrap(model, "")
+
+
+class _InPlaceAfterCheckpoint(nn.Module):
+    """A stage that starts with a non-idempotent in-place op on its source (and on the image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = x.mul_(2.0)  # in place on the image
+        y = self.a(x)
+        y += 1.0
+        return self.b(y).mean((2, 3))
+
+
+def test_in_place_ops_on_a_stage_source_apply_once():
+    model = _InPlaceAfterCheckpoint().eval()
+    x = torch.randn(1, 3, 33, 31)
+    with torch.no_grad():
+        ref = model(x.clone())
+    split = splitpack.wrap(model, "a,b", "3x3,2x2")
+    image = x.clone()
+    assert rel_error(split(image), ref) <= 1e-5
+    assert torch.equal(image, x)  # packs read a copy: never applied once per pack to shared pixels

@@ -191,7 +191,8 @@ class Executor:
 
     def _run_pack(self, stage: StageProgram, pack, source, globals_: Env, sums: dict, out) -> None:
         env = Env(globals_)
-        env[stage.graph.source] = source.read(pack.read)
+        read = source.read(pack.read)
+        env[stage.graph.source] = read.clone() if pack.copy_read else read
         for step in pack.steps:
             values = Env(env)
             for src, narrows, pads in step.inputs:

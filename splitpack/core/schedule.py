@@ -23,7 +23,7 @@ from torch import fx
 from splitpack.core.graph import Shape, TracedModel
 from splitpack.core.plan import Grid, Plan
 from splitpack.core.rules import NCHW, Layout, MetaQuery, NoRule, OpContext, Reduce, Region, Rule, make_rule, \
-    spatial_dims
+    mutates_input, spatial_dims
 
 Narrow = tuple[int, int, int]  # (axis, start, length)
 Pads = tuple[int, int, int, int]  # F.pad amounts (left, right, top, bottom) past the true border
@@ -123,6 +123,7 @@ class PackProgram:
     steps: list[Step]
     write: Region | None = None  # target tile written into the checkpoint (final pass, spatial target)
     release_below: int | None = None  # source rows no later pack reads (final pass of a banded source)
+    copy_read: bool = False  # an in-place op writes to the source: read a copy, not a view shared by packs
 
 
 @dataclass
@@ -242,8 +243,8 @@ def border_pads(window: Region, clamped: Region) -> Pads | None:
 
 
 class _StageBuilder:
-    def __init__(self, stage: StageGraph, rules, shapes, layouts):
-        self.stage, self.rules, self.shapes, self.layouts = stage, rules, shapes, layouts
+    def __init__(self, gm: fx.GraphModule, stage: StageGraph, rules, shapes, layouts):
+        self.gm, self.stage, self.rules, self.shapes, self.layouts = gm, stage, rules, shapes, layouts
 
     def hw(self, node: fx.Node) -> tuple[int, int]:
         return spatial_dims(self.shapes[node], self.layouts[node])
@@ -300,7 +301,8 @@ class _StageBuilder:
                 steps.append(self._step(node, need))
         self._set_frees(steps)
         tile = seeds[0][1][i]
-        return PackProgram(tile, need[stage.source], steps, tile if write else None)
+        copy_read = any(mutates_input(step.node, self.gm) is stage.source for step in steps)
+        return PackProgram(tile, need[stage.source], steps, tile if write else None, copy_read=copy_read)
 
     def _step(self, node: fx.Node, need) -> Step:
         rule = self.rules[node]
@@ -338,7 +340,7 @@ def build_program(traced: TracedModel, stages: list[StageGraph], shapes, dtype: 
     programs, source_layout = [], NCHW
     for stage in stages:
         rules, layouts = stage_rules(traced, stage, shapes, source_layout, dtype)
-        builder = _StageBuilder(stage, rules, shapes, layouts)
+        builder = _StageBuilder(traced.gm, stage, rules, shapes, layouts)
         passes = [builder.pass_program(level, level == stage.passes) for level in range(1, stage.passes + 1)]
         before = [n for n in stage.nodes if n not in stage.spatial and n not in stage.reductions
                   and stage.level[n] == 0]

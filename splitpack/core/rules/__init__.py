@@ -5,8 +5,8 @@ pointwise ops and layout changes, interpolation, and reductions.
 """
 from splitpack.core.rules import pointwise, reduce, resize, window  # noqa: F401  (registration)
 from splitpack.core.rules.base import (NCHW, Layout, MetaQuery, NoRule, OpContext, Pointwise, Reduce, Region, Rule,
-                                       Window, make_rule, register_function, register_method, register_module,
+                                       Window, make_rule, mutates_input, register_function, register_method, register_module,
                                        spatial_dims)
 
 __all__ = ["NCHW", "Layout", "MetaQuery", "NoRule", "OpContext", "Pointwise", "Reduce", "Region", "Rule", "Window",
-           "make_rule", "register_function", "register_method", "register_module", "spatial_dims"]
+           "make_rule", "mutates_input", "register_function", "register_method", "register_module", "spatial_dims"]

@@ -232,6 +232,23 @@ def register_method(*names: str):
     return add
 
 
+_IN_PLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "relu_", "sigmoid_", "tanh_"}
+
+
+def mutates_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The input an in-place op writes to (``x += y``, ``x.mul_(g)``, ``ReLU(inplace=True)``), or None."""
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_method" and str(node.target).endswith("_"):
+        return first
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if name in _IN_PLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
+            return first
+    if node.op == "call_module" and getattr(gm.get_submodule(node.target), "inplace", False) is True:
+        return first
+    return None
+
+
 def spatial_args(node: fx.Node, ctx: OpContext) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if n in ctx.spatial]
 
