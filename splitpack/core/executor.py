@@ -172,10 +172,11 @@ class Executor:
         globals_ = Env(self.consts)
         self._run_globals(stage, stage.before, globals_)
         columns = graph.grid[1]
+        kept = Env(globals_) if stage.keep else None  # one pack whose values live from pass to pass
         for pass_ in stage.passes:
             sums: dict[fx.Node, list] = {}
             for i, pack in enumerate(pass_.packs):
-                self._run_pack(stage, pack, source, globals_, sums, out)
+                self._run_pack(stage, pack, source, globals_, sums, out, kept)
                 if pack.release_below is not None:
                     source.release_below(pack.release_below)
                 if pack.write is not None and (i + 1) % columns == 0:
@@ -189,10 +190,11 @@ class Executor:
         if not graph.spatial_target:
             out.value = globals_[graph.target]
 
-    def _run_pack(self, stage: StageProgram, pack, source, globals_: Env, sums: dict, out) -> None:
-        env = Env(globals_)
-        read = source.read(pack.read)
-        env[stage.graph.source] = read.clone() if pack.copy_read else read
+    def _run_pack(self, stage: StageProgram, pack, source, globals_: Env, sums: dict, out, kept: Env | None) -> None:
+        env = kept if kept is not None else Env(globals_)
+        if not dict.__contains__(env, stage.graph.source):
+            read = source.read(pack.read)
+            env[stage.graph.source] = read.clone() if pack.copy_read else read
         for step in pack.steps:
             values = Env(env)
             for src, narrows, pads in step.inputs:

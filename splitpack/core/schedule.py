@@ -143,6 +143,7 @@ class StageProgram:
     passes: list[PassProgram]
     counts: dict[fx.Node, int]  # pixels each reduction averages over
     bands: list[tuple[int, int]] = field(default_factory=list)  # checkpoint rows written by each grid row
+    keep: bool = False  # one pack: its values stay alive from pass to pass instead of being recomputed
 
     @property
     def source_layout(self) -> Layout:
@@ -256,7 +257,8 @@ class _StageBuilder:
                              f"({hw[0]}x{hw[1]}): every pack needs at least one pixel")
         return tiles(hw, self.stage.grid)
 
-    def pass_program(self, level: int, final: bool) -> PassProgram:
+    def pass_program(self, level: int, final: bool, carried: set[fx.Node] | None = None) -> PassProgram:
+        """``carried``: values a single-pack stage kept from its earlier passes (not recomputed)."""
         stage = self.stage
         reductions = [r for r in stage.reductions if stage.level[r] == level]
         seeds: list[tuple[fx.Node, list[Region], bool]] = []  # node, tiles, is-a-reduction-input
@@ -266,14 +268,14 @@ class _StageBuilder:
         write = final and stage.spatial_target
         if write:
             seeds.append((stage.target, self._grid_tiles(stage.target, f"checkpoint {stage.checkpoint!r}"), False))
-        packs = [self._pack(seeds, i, write) for i in range(stage.grid[0] * stage.grid[1])]
+        packs = [self._pack(seeds, i, write, carried or set()) for i in range(stage.grid[0] * stage.grid[1])]
         if final:
             self._set_releases(packs)
         after = [n for n in stage.nodes if n not in stage.spatial and n not in stage.reductions
                  and n not in stage.metas and stage.level[n] == level]
         return PassProgram(packs, reductions, after)
 
-    def _pack(self, seeds, i: int, write: bool) -> PackProgram:
+    def _pack(self, seeds, i: int, write: bool, carried: set[fx.Node]) -> PackProgram:
         stage, rules = self.stage, self.rules
         need: dict[fx.Node, Region] = {}
         owned: dict[fx.Node, Region] = {}  # reduction -> the tile of its input this pack accumulates
@@ -297,9 +299,9 @@ class _StageBuilder:
                 x = rules[node].spatial_inputs[0]
                 steps.append(Step(node, rules[node], owned[node],
                                   [(x, narrows(need[x], owned[node], self.layouts[x]), None)], (), reduce=True))
-            elif node in need and node in stage.spatial:
+            elif node in need and node in stage.spatial and node not in carried:
                 steps.append(self._step(node, need))
-        self._set_frees(steps)
+        self.set_frees(steps)
         tile = seeds[0][1][i]
         copy_read = any(mutates_input(step.node, self.gm) is stage.source for step in steps)
         return PackProgram(tile, need[stage.source], steps, tile if write else None, copy_read=copy_read)
@@ -317,7 +319,7 @@ class _StageBuilder:
             inputs.append((src, narrows(need[src], clamped, self.layouts[src]), pads))
         return Step(node, rule, need[node], inputs, (), padding=padding)
 
-    def _set_frees(self, steps: list[Step]) -> None:
+    def set_frees(self, steps: list[Step]) -> None:
         last: dict[fx.Node, int] = {}
         for k, step in enumerate(steps):
             for src, _, _ in step.inputs:
@@ -341,11 +343,17 @@ def build_program(traced: TracedModel, stages: list[StageGraph], shapes, dtype: 
     for stage in stages:
         rules, layouts = stage_rules(traced, stage, shapes, source_layout, dtype)
         builder = _StageBuilder(traced.gm, stage, rules, shapes, layouts)
-        passes = [builder.pass_program(level, level == stage.passes) for level in range(1, stage.passes + 1)]
+        keep = stage.grid == (1, 1) and stage.passes > 1
+        passes, carried = [], set()
+        for level in range(1, stage.passes + 1):
+            passes.append(builder.pass_program(level, level == stage.passes, carried if keep else None))
+            carried |= {step.node for step in passes[-1].packs[0].steps if not step.reduce} | {stage.source}
+        if keep:  # free each value after its last use in any pass
+            builder.set_frees([step for pass_ in passes for step in pass_.packs[0].steps])
         before = [n for n in stage.nodes if n not in stage.spatial and n not in stage.reductions
                   and stage.level[n] == 0]
         counts = {r: _pixels(shapes, layouts, rules[r]) for r in stage.reductions}
-        program = StageProgram(stage, rules, shapes, layouts, before, passes, counts)
+        program = StageProgram(stage, rules, shapes, layouts, before, passes, counts, keep=keep)
         if stage.spatial_target:
             rows = bounds(builder.hw(stage.target)[0], stage.grid[0])
             program.bands = [(rows[r], rows[r + 1]) for r in range(stage.grid[0])]
