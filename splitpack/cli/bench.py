@@ -33,4 +33,10 @@ def run(args: argparse.Namespace) -> int:
           f"{result['split_peak_bytes'] / 2**20:.1f} MiB  ({result['memory_ratio']:.2f}x lower)")
     print(f"  latency {result['baseline_ms']:.1f} ms -> {result['split_ms']:.1f} ms "
           f"({result['latency_ratio']:.2f}x)   max abs error {result['max_abs_error']:.2e}")
+    if result["macs_ratio"] is not None:
+        print(f"  convolution MACs {result['macs_unsplit'] / 1e9:.2f} G -> {result['macs_split'] / 1e9:.2f} G "
+              f"({result['macs_ratio']:.2f}x: halos and second passes)")
+        for stage in result["stages"]:
+            print(f"    {stage['checkpoint']} @{stage['grid']}: {stage['passes']} pass(es), checkpoint "
+                  f"{stage['checkpoint_bytes'] / 2**20:.2f} MiB")
     return 0

@@ -12,8 +12,8 @@ MODES = ("exact", "seed")
 
 
 def grid_arg(text: str) -> str:
-    """``--grid``: one grid ``RxC`` (or ``N`` for NxN), normalised to ``RxC``."""
-    return grid_text(parse_grid(text))
+    """``--grid``: one grid ``RxC`` (or ``N`` for NxN), or one per stage (``4x4,2x2``), normalised to ``RxC``."""
+    return ",".join(grid_text(parse_grid(g)) for g in text.split(","))
 
 
 def positive_int(text: str) -> int:
@@ -37,8 +37,10 @@ def add_split(parser: argparse.ArgumentParser, *, merge_layer: bool = True, merg
     """``--merge-layer``, ``--grid RxC`` and ``--mode``."""
     if merge_layer:
         parser.add_argument("--merge-layer", required=merge_required,
-                            help="module name to merge the packs at (splitpack.merge_layers lists them)")
-    parser.add_argument("--grid", type=arg_type(grid_arg, "grid"), default="2x2", help="packs as RxC (default: 2x2)")
+                            help="module name to merge the packs at (splitpack.merge_layers lists them), or a "
+                                 "staged plan: one per stage, comma-separated (maxpool,layer3.0,global_pool)")
+    parser.add_argument("--grid", type=arg_type(grid_arg, "grid"), default="2x2",
+                        help="packs as RxC, or one grid per stage (4x4,2x2) (default: 2x2)")
     parser.add_argument("--mode", choices=MODES, default="exact",
                         help="exact (halo, output equals the unsplit model; default) or seed (no halo)")
 

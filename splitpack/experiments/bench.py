@@ -6,7 +6,6 @@ import time
 import torch
 
 from splitpack.core.engine import wrap
-from splitpack.core.plan import grid_text, parse_grid
 from splitpack.measure.meter import peak_activation_bytes
 from splitpack.models import create_model
 
@@ -34,7 +33,8 @@ def latencies_ms(fns, x, repeats: int) -> list[float]:
 
 def bench(model_name: str, size: int, merge_layer: str, grid, mode: str = "exact", batch_size: int = 1,
           repeats: int = 3, device: str = "cpu", dtype: torch.dtype = torch.float32, model=None) -> dict:
-    """One comparison, baseline and split measured in this process on the same input."""
+    """One comparison, baseline and split measured in this process on the same input; with the plan's
+    cost report (convolution MACs split vs unsplit, passes and size of every checkpoint)."""
     model = model if model is not None else create_model(model_name)
     model = model.to(device=device, dtype=dtype)
     torch.manual_seed(0)
@@ -46,12 +46,13 @@ def bench(model_name: str, size: int, merge_layer: str, grid, mode: str = "exact
     baseline_peak = peak_activation_bytes(model, x)
     split_peak = peak_activation_bytes(split, x)
     baseline_ms, split_ms = latencies_ms([model, split], x, repeats)
+    cost = split.cost(x.shape, dtype) if mode == "exact" else None
     return {
         "model": model_name,
         "size": size,
         "batch_size": batch_size,
-        "merge_layer": merge_layer,
-        "grid": grid_text(parse_grid(grid)),
+        "merge_layer": split.plan.merge_layer_text,
+        "grid": split.plan.grid_text,
         "mode": mode,
         "device": str(x.device),
         "dtype": str(dtype).replace("torch.", ""),
@@ -63,4 +64,8 @@ def bench(model_name: str, size: int, merge_layer: str, grid, mode: str = "exact
         "baseline_ms": baseline_ms,
         "split_ms": split_ms,
         "latency_ratio": split_ms / baseline_ms,
+        "macs_unsplit": cost["macs_unsplit"] if cost else None,
+        "macs_split": cost["macs_split"] if cost else None,
+        "macs_ratio": cost["macs_ratio"] if cost else None,
+        "stages": cost["stages"] if cost else None,  # checkpoint, grid, passes, checkpoint_bytes
     }
