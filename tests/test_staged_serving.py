@@ -42,7 +42,7 @@ def expected(weights) -> torch.Tensor:
 
 
 def _close(probabilities, expected: torch.Tensor) -> bool:
-    got = torch.tensor(probabilities, dtype=torch.float32)
+    got = torch.as_tensor(probabilities, dtype=torch.float32)
     return ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
 
 
@@ -60,7 +60,8 @@ def test_torchserve_serves_the_staged_plan(weights, expected, tmp_path):
     try:
         ts.start(timeout_s=240)
         response = requests.post(f"{ts.inference_url}/predictions/{NAME}", data=SAMPLE_IMAGE.read_bytes(),
-                                 headers={"Content-Type": "application/octet-stream"}, timeout=120)
+                                 headers={"Content-Type": "application/octet-stream", **ts.headers("inference")},
+                                 timeout=120)
         assert response.status_code == 200, response.text
         rows = response.json()["predictions"]
         got = torch.zeros(1000)
