@@ -6,6 +6,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
+from splitpack.core.compile import compile_mode, compiled_runner
 from splitpack.core.cost import checkpoint_bytes, program_macs, unsplit_macs
 from splitpack.core.executor import Executor, empty_like_layout, run_consts
 from splitpack.core.graph import TracedModel, describe_op, head_graph, module_path, node_shapes, tail_graph, trace
@@ -68,10 +69,12 @@ class _NotifyingInterpreter(fx.Interpreter):
 class SplitPack(nn.Module):
     """``model`` run with split-pack inference; see :func:`wrap`."""
 
-    def __init__(self, model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact"):
+    def __init__(self, model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
+                 cuda_graphs: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.compile_mode = compile_mode(compile)
         plan = parse_plan(merge_layer, grid)
         if plan is None:
             raise ValueError("merge_layer is required: a checkpoint name, a list of them, or 'auto'")
@@ -94,6 +97,8 @@ class SplitPack(nn.Module):
         self.__dict__["_head"] = head_graph(traced, last) if mode == "seed" else None
         self._programs: dict[tuple, Program] = {}
         self._seed_layouts: dict[tuple, tuple[list[int], list[int]]] = {}
+        # per-size straight-line programs (splitpack.core.compile), None = interpret the plan
+        self.__dict__["compiled"] = compiled_runner(self, self.compile_mode, cuda_graphs)
 
     @property
     def merge_layer(self) -> str:
@@ -118,9 +123,16 @@ class SplitPack(nn.Module):
         if x.shape[-2] < rows or x.shape[-1] < cols:
             raise SplitError(f"image of {x.shape[-2]}x{x.shape[-1]} pixels is smaller than the {rows}x{cols} grid")
         with torch.no_grad():
-            # the list is the merged activation's only owner, so the tail can free it after its last use
-            box = [self._run_exact(x) if self.mode == "exact" else self._run_seed(x)]
-            return self._run_tail(box)
+            if self.compiled is not None and self.on_layer is None:
+                return self.compiled(x)
+            return self.interpret(x)
+
+    def interpret(self, x: torch.Tensor):
+        """The reference path: the plan interpreted op by op, then the rest of the network (no checks).
+        Compiled programs are recordings of it."""
+        # the list is the merged activation's only owner, so the tail can free it after its last use
+        box = [self._run_exact(x) if self.mode == "exact" else self._run_seed(x)]
+        return self._run_tail(box)
 
     def _notify(self, node: fx.Node) -> None:
         """Tell ``on_layer`` about every merge-layer candidate whose output ``node`` is."""
@@ -237,7 +249,8 @@ class SplitPack(nn.Module):
 
 # --------------------------------------------------------------------------- public API
 
-def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact") -> SplitPack:
+def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
+         cuda_graphs: bool = False) -> SplitPack:
     """Run ``model`` with split-pack inference.
 
     ``merge_layer`` is a checkpoint (module name), a staged plan (a list or comma string of
@@ -247,8 +260,14 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact") -> Spl
     network runs once. ``mode="exact"`` gives each pack the halo its receptive field needs, so
     ``wrap(model, ...)(x)`` equals ``model(x)``; ``mode="seed"`` runs each pack on its own (the
     poster's method; seams).
+
+    ``compile`` (exact mode): False interprets the plan op by op (the reference path);
+    ``"program"`` records each input size's plan once into a straight-line program and runs
+    that; True (``"inductor"``) runs that program through ``torch.compile``. ``cuda_graphs``
+    replays each size and batch bucket from a captured CUDA graph (CUDA inputs; see
+    :mod:`splitpack.core.cudagraphs`). Outputs are the same as the interpreter's.
     """
-    return SplitPack(model, merge_layer, grid, mode)
+    return SplitPack(model, merge_layer, grid, mode, compile=compile, cuda_graphs=cuda_graphs)
 
 
 def merge_layers(model: nn.Module, mode: str | None = None) -> list[str]:

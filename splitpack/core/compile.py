@@ -1,0 +1,139 @@
+"""Plan compilation: each input size's program, run once by the interpreter, recorded into a straight-line program.
+
+The interpreter (:mod:`splitpack.core.executor`) decides at run time, op by op,
+what to cut, pad, compute, accumulate, write into a band and free; for one input
+size all of it is fixed. :func:`record` runs the interpreter (and the rest of the
+network after the last checkpoint) and keeps what it did (:mod:`splitpack.core.tape`):
+an fx ``GraphModule`` of aten calls in exactly the interpreter's order -- the
+demand-driven interleaving of stages and passes, band allocation, the ``copy_``
+of each pack's tile into its band, partial reductions, globals, the tail. Its
+generated Python drops every value right after its last use; the interpreter
+frees at the same points or later (it releases a band after the pack that read
+it last, the program right after that read), so the program's peak memory is
+at most the interpreter's.
+
+Height, width, dtype, device and memory format are fixed in a program, the batch
+size is not: one program serves every batch of an input size, like the plan it
+comes from. :class:`CompiledPlans` caches programs per size and can run them
+through ``torch.compile`` (:data:`MODES`); CUDA graphs are in
+:mod:`splitpack.core.cudagraphs`.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import fx
+
+from splitpack.core.tape import memory_format, record_batch_free
+
+if TYPE_CHECKING:
+    from splitpack.core.engine import SplitPack
+
+OFF, PROGRAM, INDUCTOR = "off", "program", "inductor"
+MODES = (OFF, PROGRAM, INDUCTOR)
+_ALIASES = {"false": OFF, "none": OFF, "no": OFF, "0": OFF, "": OFF, "true": INDUCTOR, "yes": INDUCTOR,
+            "1": INDUCTOR, "graph": PROGRAM}
+
+
+def compile_mode(value: Any) -> str:
+    """``compile=`` -> one of :data:`MODES`: False/None/"off" interprets the plan (the reference path),
+    "program" runs the recorded straight-line program, True/"inductor" that program through torch.compile."""
+    if value is None or isinstance(value, bool):
+        return INDUCTOR if value else OFF
+    word = str(value).strip().lower()
+    word = _ALIASES.get(word, word)
+    if word not in MODES:
+        raise ValueError(f"compile: expected one of {', '.join(MODES)} (or true/false), got {value!r}")
+    return word
+
+
+def size_key(x: torch.Tensor) -> tuple:
+    """What a recorded program is specific to: everything about the input but its batch size."""
+    return tuple(x.shape[1:]), x.dtype, x.device, memory_format(x) == torch.channels_last
+
+
+def record(split: "SplitPack", x: torch.Tensor) -> fx.GraphModule:
+    """The straight-line program of ``split`` (exact mode) for inputs of ``x``'s size, any batch size:
+    the interpreter's run, plan and rest of the network, recorded op by op (:mod:`splitpack.core.tape`).
+    ``x`` is only looked at; the recording runs on zeros."""
+    if split.mode != "exact":
+        raise ValueError("compiled programs are recorded from exact mode's plan; seed mode is interpreted")
+    split.program(x.shape, x.dtype, x.device)  # built outside the recording (shape propagation is not replayed)
+    with torch.no_grad():
+        return record_batch_free(split.interpret, x)
+
+
+@dataclass
+class CompiledPlan:
+    """One input size's program, and what it cost to make."""
+
+    graph: fx.GraphModule  # the recorded straight-line program
+    run: Callable[[torch.Tensor], Any]  # graph, or graph through torch.compile
+    record_s: float
+    first_call_s: dict[int, float] = field(default_factory=dict)  # batch -> seconds of its first call
+
+    @property
+    def ops(self) -> int:
+        return sum(1 for n in self.graph.graph.nodes if n.op == "call_function")
+
+
+class CompiledPlans:
+    """A SplitPack's compiled programs, one per input size (LRU, like its plans)."""
+
+    def __init__(self, split: "SplitPack", mode: str, capacity: int = 8, compile_options: dict | None = None):
+        if compile_mode(mode) == OFF:
+            raise ValueError("CompiledPlans needs compile mode 'program' or 'inductor'")
+        self.split, self.mode, self.capacity = split, compile_mode(mode), capacity
+        self.compile_options = dict(compile_options or {})
+        self._plans: OrderedDict[tuple, CompiledPlan] = OrderedDict()
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        plan = self.plan(x)
+        if x.shape[0] in plan.first_call_s:
+            return plan.run(x)
+        start = time.perf_counter()
+        out = plan.run(x)
+        plan.first_call_s[x.shape[0]] = time.perf_counter() - start  # torch.compile compiles here
+        return out
+
+    def plan(self, x: torch.Tensor) -> CompiledPlan:
+        key = size_key(x)
+        plan = self._plans.pop(key, None)
+        if plan is None:
+            start = time.perf_counter()
+            graph = record(self.split, x)
+            plan = CompiledPlan(graph, self._runner(graph), time.perf_counter() - start)
+            while len(self._plans) >= self.capacity:
+                self._plans.popitem(last=False)
+        self._plans[key] = plan
+        return plan
+
+    def _runner(self, graph: fx.GraphModule) -> Callable:
+        if self.mode == PROGRAM:
+            return graph
+        return torch.compile(graph, **self.compile_options)
+
+    def report(self) -> list[dict]:
+        """Per cached size: recording seconds, op count, first-call seconds per batch (compilation included)."""
+        return [{"size": list(key[0]), "dtype": str(key[1]).removeprefix("torch."), "device": str(key[2]),
+                 "channels_last": key[3], "mode": self.mode, "ops": plan.ops, "record_s": plan.record_s,
+                 "first_call_s": dict(plan.first_call_s)} for key, plan in self._plans.items()]
+
+
+def compiled_runner(split: "SplitPack", mode: str, cuda_graphs: bool = False) -> Callable | None:
+    """What runs ``split``'s forward: None (the interpreter), its compiled programs, or CUDA graphs of them."""
+    mode = compile_mode(mode)
+    if mode == OFF and not cuda_graphs:
+        return None
+    if split.mode != "exact":
+        raise ValueError("compile and cuda_graphs need mode='exact' (seed mode is interpreted)")
+    plans = CompiledPlans(split, PROGRAM if mode == OFF else mode)
+    if not cuda_graphs:
+        return plans
+    from splitpack.core.cudagraphs import GraphedPlans
+
+    return GraphedPlans(plans)
