@@ -8,6 +8,7 @@ each stage with its own grid (non-square included).
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
@@ -218,11 +219,13 @@ def staged_plans(draw, layers: list[str]):
     return names, grids
 
 
+@pytest.mark.parametrize("compile_", [False, "program"], ids=["interpreter", "program"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(net=networks(), h=st.integers(17, 61).filter(lambda v: v % 2), w=st.integers(17, 61).filter(lambda v: v % 2),
        data=st.data(), seed=st.integers(0, 2**16))
-def test_exact_split_equals_unsplit(net, h, w, data, seed):
-    """In float64: a wrong halo, border or gate shows at 1e-3 or more, rounding at 1e-15."""
+def test_exact_split_equals_unsplit(compile_, net, h, w, data, seed):
+    """In float64: a wrong halo, border or gate shows at 1e-3 or more, rounding at 1e-15. Run by the
+    interpreter (the reference) and by the straight-line program recorded from it (splitpack.core.compile)."""
     torch.manual_seed(seed)
     model = randomize_norms(net, seed).double()
     x = torch.randn(2, 3, h, w, dtype=torch.float64)
@@ -235,7 +238,7 @@ def test_exact_split_equals_unsplit(net, h, w, data, seed):
     assert layers == splitpack.merge_layers(model), "every checkpoint of these networks splits exactly"
     assert layers[-1] == "pool"
     names, grids = data.draw(staged_plans(layers))
-    wrapped = splitpack.wrap(model, names, grids, mode="exact")
+    wrapped = splitpack.wrap(model, names, grids, mode="exact", compile=compile_)
     try:
         out = wrapped(x)
     except splitpack.SplitError as err:
