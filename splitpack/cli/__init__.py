@@ -37,6 +37,7 @@ COMMANDS = {
     "replica-probe": "splitpack.cli.replica_probe",
     "evaluate": "splitpack.cli.evaluate",
     "seams": "splitpack.cli.seams",
+    "export": "splitpack.cli.export",
 }
 USER_ERROR_STATUS = 2
 FAILURE_STATUS = 1
