@@ -21,6 +21,8 @@ BAD = {
                                   "unknown merge layer 'nope'"),
     "bench-grid-0x2": (["bench", "--model", MODEL, "--size", "64", "--merge-layer", "layer1", "--grid", "0x2"],
                        "grid: must be at least 1x1"),
+    "bench-compile-seed": (["bench", "--model", MODEL, "--size", "64", "--merge-layer", "layer1", "--mode", "seed",
+                            "--compile", "program"], "compile and cuda_graphs need mode='exact'"),
     "bench-bad-size": (["bench", "--model", MODEL, "--size", "0", "--merge-layer", "layer1"], "must be >= 1"),
     "archive-unknown-merge-layer": (["archive", "--model", MODEL, "--merge-layer", "nope", "--out", "store"],
                                     "unknown merge layer 'nope'"),

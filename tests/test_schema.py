@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # A value other than the default for every parameter (text, as the CLI and config files carry it).
 NON_DEFAULT = {
-    "model_name": "tv:resnet18", "merge_layer": "layer1,layer2", "grid": "4x4,2x2", "mode": "seed", "topk": "3",
+    "model_name": "tv:resnet18", "merge_layer": "layer1,layer2", "grid": "4x4,2x2", "mode": "seed", "compile": "program",
+    "cuda_graphs": "true", "topk": "3",
     "native_resolution": "true", "max_side": "640", "max_pixels": "1000000", "min_side": "32",
     "max_image_bytes": "1000", "threads": "2",
     "data_config": '{"crop_pct": 1.0, "interpolation": "bilinear"}',
@@ -51,7 +52,8 @@ def test_every_parameter_is_declared_once_with_a_parsing_default_and_help():
     ("merge_layer", "auto,layer1", "auto"), ("mode", "fast", "mode: expected one of exact, seed"),
     ("topk", "0", "topk: must be >= 1"), ("native_resolution", "maybe", "native_resolution"),
     ("data_config", '{"mean": [1, 2, 3], "foo": 1}', "data_config: unknown key"),
-    ("instance_kind", "tpu", "instance_kind"), ("threads", "0", "threads: must be >= 1"),
+    ("instance_kind", "tpu", "instance_kind"), ("compile", "fast", "compile: expected one of off, program, inductor"),
+    ("cuda_graphs", "sometimes", "cuda_graphs: expected a boolean"), ("threads", "0", "threads: must be >= 1"),
     ("threads", "many", "threads: expected an integer"), ("max_image_bytes", "0", "max_image_bytes: must be >= 1"),
     ("max_batch_delay_ms", "-1", "max_batch_delay_ms: must be >= 0"),
 ])

@@ -257,3 +257,15 @@ def test_image_split_pack_cannot_run_is_a_bad_request(split_native, cat_bytes):
     results = split_native.serve([cat_bytes, tiny, cat_bytes])
     assert isinstance(results[1], BadRequest) and "cannot be served with split-pack 2x3" in str(results[1])
     torch.testing.assert_close(results[0], results[2])
+
+
+def test_compiled_split_is_recorded_at_load_and_serves_the_same(predictor, cat_bytes):
+    """compile: program in the settings: the program for the model's input size is recorded when the model
+    loads (batch 1 and 2), reported in describe(), and requests get the interpreter's answers."""
+    compiled = _predictor(merge_layer=MERGE_LAYER, grid=(2, 2), compile="program")
+    (report,) = compiled.compile_report
+    assert report["size"] == [3, 224, 224] and report["mode"] == "program" and set(report["first_call_s"]) == {1, 2}
+    assert compiled.describe()["compiled"] == compiled.compile_report and compiled.describe()["compile"] == "program"
+    x = predictor.decode(cat_bytes)
+    torch.testing.assert_close(compiled.predict([x, x, x]), predictor.predict([x, x, x]), atol=1e-5, rtol=0)
+    assert len(compiled.model.compiled.report()) == 1  # batch 3 ran the same program

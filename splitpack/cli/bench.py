@@ -7,6 +7,7 @@ import json
 import torch
 
 from splitpack.cli import arg_type, common
+from splitpack.core.compile import MODES as COMPILE_MODES
 from splitpack.experiments.bench import bench
 
 
@@ -18,12 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed runs, interleaved (best reported; default: 3)")
     common.add_device(parser)
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                        help="exact mode: off (interpret the plan), program (the recorded straight-line program) "
+                             "or inductor (that program through torch.compile); default: off")
     common.add_json(parser, "one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
     result = bench(args.model, args.size, args.merge_layer, args.grid, args.mode, args.batch_size, args.repeats,
-                   args.device, getattr(torch, args.dtype))
+                   args.device, getattr(torch, args.dtype), compile=args.compile)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -39,4 +43,7 @@ def run(args: argparse.Namespace) -> int:
         for stage in result["stages"]:
             print(f"    {stage['checkpoint']} @{stage['grid']}: {stage['passes']} pass(es), checkpoint "
                   f"{stage['checkpoint_bytes'] / 2**20:.2f} MiB")
+    for plan in result["compiled"] or ():
+        first = ", ".join(f"batch {b}: {s:.1f} s" for b, s in plan["first_call_s"].items())
+        print(f"  compile={plan['mode']}: {plan['ops']} ops recorded in {plan['record_s']:.1f} s; first call {first}")
     return 0

@@ -10,7 +10,7 @@ import torch
 
 from splitpack.cli import arg_type, common
 from splitpack.cli.params import add_flags, given
-from splitpack.serving.config import DEPLOY, MODEL_PARAMS, deploy_settings, grid_list_text
+from splitpack.serving.config import DEPLOY, MODEL_PARAMS, deploy_settings
 
 FORMATS = ("torchscript", "exported-program", "triton-libtorch")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input height = width the artifact runs at (any batch size)")
     parser.add_argument("--merge-layer", required=True,
                         help="merge layer(s): a module name or a comma list, one per stage (exact mode)")
-    parser.add_argument("--grid", type=arg_type(grid_list_text, "grid"), default="2x2",
+    parser.add_argument("--grid", type=arg_type(common.grid_arg, "grid"), default="2x2",
                         help="packs as RxC, or one grid per stage (4x4,2x2; default: 2x2)")
     parser.add_argument("--format", choices=FORMATS, required=True,
                         help="torchscript (torch.jit.load), exported-program (torch.export.load, a .pt2 file) or "

@@ -31,20 +31,34 @@ def latencies_ms(fns, x, repeats: int) -> list[float]:
     return best
 
 
+def peak_meter_for(compile_mode: str, device: str):
+    """(meter, its name): the op tracker, or -- for code torch.compile generated on the CPU, whose buffers
+    it cannot see -- the CPU allocator's events (both sides of a comparison use the same one)."""
+    if compile_mode == "inductor" and torch.device(device).type == "cpu":
+        from splitpack.measure.allocations import peak_allocated_bytes
+
+        return peak_allocated_bytes, "cpu-allocator"
+    return peak_activation_bytes, "activation-tracker"
+
+
 def bench(model_name: str, size: int, merge_layer: str, grid, mode: str = "exact", batch_size: int = 1,
-          repeats: int = 3, device: str = "cpu", dtype: torch.dtype = torch.float32, model=None) -> dict:
+          repeats: int = 3, device: str = "cpu", dtype: torch.dtype = torch.float32, model=None,
+          compile="off") -> dict:
     """One comparison, baseline and split measured in this process on the same input; with the plan's
-    cost report (convolution MACs split vs unsplit, passes and size of every checkpoint)."""
+    cost report (convolution MACs split vs unsplit, passes and size of every checkpoint). ``compile``:
+    how the split model runs (splitpack.core.compile); its recording/compilation happens in the first,
+    untimed call and is reported."""
     model = model if model is not None else create_model(model_name)
     model = model.to(device=device, dtype=dtype)
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, size, size, device=device, dtype=dtype)
-    split = wrap(model, merge_layer, grid, mode)
+    split = wrap(model, merge_layer, grid, mode, compile=compile)
     with torch.inference_mode():
         ref = model(x)
         out = split(x)
-    baseline_peak = peak_activation_bytes(model, x)
-    split_peak = peak_activation_bytes(split, x)
+    meter, meter_name = peak_meter_for(split.compile_mode, device)
+    baseline_peak = meter(model, x)
+    split_peak = meter(split, x)
     baseline_ms, split_ms = latencies_ms([model, split], x, repeats)
     cost = split.cost(x.shape, dtype) if mode == "exact" else None
     return {
@@ -68,4 +82,7 @@ def bench(model_name: str, size: int, merge_layer: str, grid, mode: str = "exact
         "macs_split": cost["macs_split"] if cost else None,
         "macs_ratio": cost["macs_ratio"] if cost else None,
         "stages": cost["stages"] if cost else None,  # checkpoint, grid, passes, checkpoint_bytes
+        "compile": split.compile_mode,
+        "compiled": split.compiled.report() if split.compiled is not None else None,
+        "peak_measured_by": meter_name,
     }

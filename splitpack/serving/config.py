@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from splitpack.core.compile import MODES as COMPILE_MODES, compile_mode
 from splitpack.core.plan import AutoPlan, Plan, grid_text, parse_grid, parse_plan
 
 SERVERS = ("torchserve", "triton")
@@ -215,6 +216,13 @@ PARAMS: tuple[Param, ...] = (
     Param("data_config", data_config, None,
           "timm data-config overrides (JSON: mean, std, crop_pct, interpolation, input_size, crop_mode); "
           "archive and triton-repo pin the weights' own", metavar="JSON"),
+    Param("compile", compile_mode, "off",
+          "exact mode: off interprets the plan op by op; program runs each input size's plan recorded as one "
+          "straight-line program; inductor runs that program through torch.compile (recorded and compiled at "
+          "model load for the model's input size)", choices=COMPILE_MODES),
+    Param("cuda_graphs", boolean, False,
+          "GPU replicas, exact mode: replay each input size and batch bucket (1, 2, 4, 8) from a CUDA graph "
+          "captured at model load; CPU replicas and larger batches run without"),
     # -- deploy: the servers' own settings -------------------------------------------------------------
     Param("replicas", integer(1), 1, "model replicas (processes) per server", section=DEPLOY,
           native={"torchserve": "minWorkers, maxWorkers", "triton": "instance_group.count"}, metavar="N"),
