@@ -30,13 +30,15 @@ def plan_cli(*argv: str) -> tuple[int, dict | None, str]:
 
 
 def assert_self_consistent(plan: dict) -> None:
-    gpu, headroom = plan["gpu_memory_bytes"], plan["headroom_bytes"]
+    gpu, headroom, shared = plan["gpu_memory_bytes"], plan["headroom_bytes"], plan["shared_bytes"]
     assert plan["usable_bytes"] == gpu - headroom
+    assert shared == (0 if plan["backend"] == "python" else plan["unsplit"]["footprint"]["context_overhead_bytes"]
+                      + plan["weight_sharing"] * plan["unsplit"]["footprint"]["weights_bytes"])
     for row in [plan["unsplit"]] + plan["candidates"]:
         fp = row["footprint"]
         assert fp["replica_bytes"] == sum(fp[k] for k in FOOTPRINT_PARTS)
         assert row["replica_bytes"] == fp["replica_bytes"]  # no NVML measurement on the CPU
-        assert row["replicas"] == math.floor((gpu - headroom) / row["replica_bytes"])
+        assert row["replicas"] == math.floor((gpu - headroom - shared) / (row["replica_bytes"] - shared))
         assert fp["allocator_slack_bytes"] == math.ceil(fp["peak_activation_bytes"] * plan["assumptions"]["allocator_slack"])
     assert plan["replica_bytes_unsplit"] == plan["unsplit"]["replica_bytes"]
     assert plan["replicas_unsplit"] == plan["unsplit"]["replicas"]
@@ -74,6 +76,39 @@ def test_headroom_percent_or_size():
 def test_replicas_formula():
     assert footprint.replicas_that_fit(80, 8, 10) == 7
     assert footprint.replicas_that_fit(80, 8, 100) == 0
+    # libtorch: 4 of every replica's 10 (context) paid once: (72 - 4) // 6
+    assert footprint.replicas_that_fit(80, 8, 10, shared=4) == 11
+    assert footprint.replicas_that_fit(80, 8, 100, shared=4) == 0 and footprint.replicas_that_fit(80, 8, 4, 4) == 0
+
+
+def test_shared_bytes_per_backend():
+    fp = footprint.Footprint(context_overhead_bytes=500, weights_bytes=100, persistent_bytes=1, io_bytes=2,
+                             peak_activation_bytes=300, allocator_slack_bytes=30)
+    assert footprint.shared_bytes(fp, "python") == 0
+    assert footprint.shared_bytes(fp, "libtorch") == 500
+    assert footprint.shared_bytes(fp, "libtorch", weight_sharing=True) == 600
+    with pytest.raises(ValueError, match="libtorch backend"):
+        footprint.shared_bytes(fp, "python", weight_sharing=True)
+    with pytest.raises(ValueError, match="backend: expected one of python, libtorch"):
+        footprint.shared_bytes(fp, "onnx")
+
+
+def test_libtorch_backend_fits_more_instances_of_the_same_footprint(small_plan):
+    """One process and context for all instances: the same measured footprints, more replicas; weight sharing
+    adds more. small_plan is the python backend: one process per replica."""
+    assert small_plan["backend"] == "python" and small_plan["shared_bytes"] == 0
+    plans = {}
+    for extra in ((), ("--weight-sharing",)):
+        code, plans[extra], err = plan_cli("--model", "resnet18", "--size", "224", "--batch-size", "2",
+                                           "--gpu-memory", "2GiB", "--merge-layers", "maxpool", "--repeats", "0",
+                                           "--backend", "libtorch", *extra)
+        assert code == 0, err
+        assert_self_consistent(plans[extra])
+    shared, sharing = plans[()], plans[("--weight-sharing",)]
+    assert shared["backend"] == "libtorch" and shared["shared_bytes"] == footprint.DEFAULT_CONTEXT_OVERHEAD
+    assert shared["unsplit"]["footprint"] == small_plan["unsplit"]["footprint"]
+    assert small_plan["replicas_unsplit"] < shared["replicas_unsplit"] < sharing["replicas_unsplit"]
+    assert "one process for all instances" in shared["assumptions"]["formula"]
 
 
 def test_pick_candidates_prefers_the_earliest_near_the_best():

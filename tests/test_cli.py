@@ -85,6 +85,10 @@ BAD = {
                            "--replicas applies to --format triton-libtorch only"),
     "export-grid-finer-than-map": (["export", "--model", MODEL, "--size", "32", "--merge-layer", "layer4", "--grid",
                                     "4x4", "--format", "torchscript", "--out", "model.pt"], "finer than"),
+    "capacity-sharing-python": (["capacity", "--model", MODEL, "--size", "64", "--gpu-memory", "8GiB",
+                                 "--weight-sharing"], "--weight-sharing is a setting of --backend libtorch"),
+    "capacity-libtorch-write": (["capacity", "--model", MODEL, "--size", "64", "--gpu-memory", "8GiB", "--backend",
+                                 "libtorch", "--write-triton", "repo"], "splitpack export --format triton-libtorch"),
     "unknown-command": (["serv"], "invalid choice"),
 }
 

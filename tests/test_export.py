@@ -46,9 +46,10 @@ def load_elsewhere(fmt: str, artifact: Path, inputs: list[torch.Tensor], workdir
 
 
 CASES = [
-    ("torchscript", "resnet18", "layer1,layer3,global_pool", "3x2,2x2,2x1", "model.pt"),
-    ("exported-program", "resnet18", "layer2,global_pool", "2x2,2x1", "model.pt2"),
-    ("torchscript", "efficientnet_b0", "blocks.2,global_pool", "2x2,2x2", "model.pt"),  # SE: three passes
+    # timm's test models: the same blocks as their big siblings, a few channels (quick to script and export)
+    ("torchscript", "test_resnet", "layer1,layer3,global_pool", "3x2,2x2,2x1", "model.pt"),
+    ("exported-program", "test_resnet", "layer2,global_pool", "2x2,2x1", "model.pt2"),
+    ("torchscript", "test_efficientnet", "blocks.2,global_pool", "2x2,2x2", "model.pt"),  # SE: three passes
 ]
 
 
@@ -73,15 +74,15 @@ def test_artifact_loads_without_splitpack_and_equals_the_unsplit_model(tmp_path,
 def test_triton_libtorch_model_directory(tmp_path, monkeypatch, capsys):
     """Written for Triton's pytorch_libtorch backend (not run here: the bundled Triton has only the python
     backend): its config.pbtxt parses as Triton's ModelConfig, its model.pt loads without splitpack."""
-    model = splitpack.create_model("resnet18").eval()
+    model = splitpack.create_model("test_resnet").eval()
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["export", "--model", "resnet18", "--size", str(SIZE), "--merge-layer", "layer2,global_pool",
+    assert cli.main(["export", "--model", "test_resnet", "--size", str(SIZE), "--merge-layer", "layer2,global_pool",
                      "--grid", "2x2,2x1", "--format", "triton-libtorch", "--out", "repo", "--batch-size", "4",
                      "--replicas", "3", "--instance-kind", "gpu", "--weight-sharing", "--weights", "weights.pt"]) == 0
-    model_dir = tmp_path / "repo" / "resnet18_libtorch"
+    model_dir = tmp_path / "repo" / "test_resnet_libtorch"
     assert sorted(p.relative_to(tmp_path / "repo").as_posix() for p in model_dir.rglob("*")) == \
-        ["resnet18_libtorch/1", "resnet18_libtorch/1/model.pt", "resnet18_libtorch/config.pbtxt"]
+        ["test_resnet_libtorch/1", "test_resnet_libtorch/1/model.pt", "test_resnet_libtorch/config.pbtxt"]
     config = read_model_config(model_dir / "config.pbtxt")
     assert (config.platform, config.max_batch_size) == ("pytorch_libtorch", 4)
     assert [(i.name, list(i.dims)) for i in config.input] == [("INPUT__0", [3, SIZE, SIZE])]

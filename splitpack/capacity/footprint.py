@@ -18,6 +18,16 @@ instance, each with its own CUDA context)::
   the peak (reserved vs allocated); default 10%.
 
 replicas = floor((gpu_memory - headroom) / replica_bytes).
+
+That is the ``python`` backend (:data:`BACKENDS`): TorchServe workers and Triton
+python-backend instances are processes. In Triton's ``libtorch`` backend
+(``pytorch_libtorch``, a model exported with ``splitpack export``) every instance
+of a model runs in Triton's one process with one CUDA context, and with
+``ENABLE_WEIGHT_SHARING`` the instances on a device share one copy of the
+weights; what is paid once per GPU (:func:`shared_bytes`) comes off the top::
+
+    shared   = context_overhead (+ weights, with weight sharing)
+    replicas = floor((gpu_memory - headroom - shared) / (replica_bytes - shared))
 """
 from __future__ import annotations
 
@@ -69,8 +79,31 @@ def parse_fraction(text: str | float) -> float:
     return value
 
 
-def replicas_that_fit(gpu_bytes: int, headroom_bytes: int, replica_bytes: int) -> int:
-    return max(0, (gpu_bytes - headroom_bytes) // replica_bytes) if replica_bytes > 0 else 0
+PYTHON, LIBTORCH = "python", "libtorch"
+BACKENDS = (PYTHON, LIBTORCH)  # one process per replica; Triton's pytorch_libtorch: one process for all instances
+BACKEND_HELP = {
+    PYTHON: "one process and CUDA context per replica (TorchServe workers, Triton python backend)",
+    LIBTORCH: "Triton pytorch_libtorch: all instances in one process with one CUDA context (splitpack export)",
+}
+
+
+def replicas_that_fit(gpu_bytes: int, headroom_bytes: int, replica_bytes: int, shared: int = 0) -> int:
+    """How many replicas of ``replica_bytes`` fit, when ``shared`` of them is paid once for all."""
+    per_replica = replica_bytes - shared
+    usable = gpu_bytes - headroom_bytes - shared
+    return max(0, usable // per_replica) if per_replica > 0 and usable > 0 else 0
+
+
+def shared_bytes(fp: "Footprint", backend: str, weight_sharing: bool = False) -> int:
+    """The part of one replica's footprint paid once per GPU, not once per replica, under ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if weight_sharing and backend != LIBTORCH:
+        raise ValueError("weight sharing (ENABLE_WEIGHT_SHARING) is a setting of the libtorch backend; "
+                         "python-backend replicas are processes with their own weights")
+    if backend == PYTHON:
+        return 0
+    return fp.context_overhead_bytes + (fp.weights_bytes if weight_sharing else 0)
 
 
 def module_bytes(module: nn.Module) -> int:

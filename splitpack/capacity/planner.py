@@ -22,11 +22,15 @@ from typing import Any
 import torch
 
 from splitpack.capacity.footprint import (ALLOCATOR_SLACK_SOURCE, CONTEXT_OVERHEAD_SOURCE, DEFAULT_ALLOCATOR_SLACK,
-                                          DEFAULT_CONTEXT_OVERHEAD, Footprint, Measurement, footprint, measure,
-                                          replicas_that_fit)
+                                          DEFAULT_CONTEXT_OVERHEAD, LIBTORCH, PYTHON, Footprint, Measurement,
+                                          footprint, measure, replicas_that_fit, shared_bytes)
 from splitpack.core.plan import grid_text
 
-FORMULA = "replicas = floor((gpu_memory_bytes - headroom_bytes) / replica_bytes)"
+FORMULAS = {
+    PYTHON: "replicas = floor((gpu_memory_bytes - headroom_bytes) / replica_bytes)",
+    LIBTORCH: "replicas = floor((gpu_memory_bytes - headroom_bytes - shared_bytes) / (replica_bytes - shared_bytes)), "
+              "shared_bytes = context_overhead (+ weights with weight sharing): one process for all instances",
+}
 
 
 @dataclass
@@ -48,9 +52,14 @@ class PlanInputs:
     max_latency_ratio: float | None = None
     device: str = "cpu"
     measure_replicas: bool = False  # GPU: measure each configuration as a separate replica process (NVML)
+    backend: str = PYTHON  # splitpack.capacity.footprint.BACKENDS: what one replica shares with the others
+    weight_sharing: bool = False  # libtorch: the instances share one copy of the weights
 
-    def replicas(self, replica_bytes: int) -> int:
-        return replicas_that_fit(self.gpu_memory_bytes, self.headroom_bytes, replica_bytes)
+    def replicas(self, replica_bytes: int, shared: int = 0) -> int:
+        return replicas_that_fit(self.gpu_memory_bytes, self.headroom_bytes, replica_bytes, shared)
+
+    def shared(self, fp: Footprint) -> int:
+        return shared_bytes(fp, self.backend, self.weight_sharing)
 
 
 @dataclass
@@ -100,7 +109,7 @@ def _candidate(p: PlanInputs, key: tuple, m: Measurement, base_latency: float | 
                estimate: int | None = None) -> Candidate:
     fp = footprint(m, p.context_overhead_bytes, p.allocator_slack)
     ratio = (m.latency_s / base_latency) if (m.latency_s is not None and base_latency) else None
-    return Candidate(*key, fp, p.replicas(fp.total), m.latency_s, ratio, estimate, m.measured_by)
+    return Candidate(*key, fp, p.replicas(fp.total, p.shared(fp)), m.latency_s, ratio, estimate, m.measured_by)
 
 
 def _layers_to_measure(p: PlanInputs, search, valid: list[str], grid, mode: str,
@@ -188,6 +197,8 @@ def plan_capacity(p: PlanInputs, quiet: bool = False) -> dict[str, Any]:
         "model": p.model, "size": p.size, "batch_size": p.batch_size, "device": str(device),
         "gpu_memory_bytes": p.gpu_memory_bytes, "gpu_memory_source": p.gpu_memory_source,
         "headroom_bytes": p.headroom_bytes, "usable_bytes": p.gpu_memory_bytes - p.headroom_bytes,
+        "backend": p.backend, "weight_sharing": p.weight_sharing,
+        "shared_bytes": p.shared(unsplit.footprint),  # the same for every candidate (same weights)
         "replica_bytes_unsplit": unsplit.replica_bytes,
         "replica_bytes_split": best.replica_bytes if best else None,
         "replicas_unsplit": unsplit.replicas,
@@ -208,7 +219,7 @@ def plan_capacity(p: PlanInputs, quiet: bool = False) -> dict[str, Any]:
             "dtype": "float32",
             "latency_repeats": p.repeats,
             "max_latency_ratio": p.max_latency_ratio,
-            "formula": FORMULA,
+            "formula": FORMULAS[p.backend],
         },
         "notes": notes,
     }

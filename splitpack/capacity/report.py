@@ -8,7 +8,7 @@ from splitpack.measure.units import GiB, format_bytes
 def format_plan(plan: dict) -> str:
     lines = [f"{plan['model']} @{plan['size']} batch {plan['batch_size']}: GPU {format_bytes(plan['gpu_memory_bytes'])} "
              f"({plan['gpu_memory_source']}), headroom {format_bytes(plan['headroom_bytes'])}, "
-             f"usable {format_bytes(plan['usable_bytes'])}",
+             f"usable {format_bytes(plan['usable_bytes'])}" + _backend_text(plan),
              f"{'configuration':<36} {'per replica':>12} {'activations':>12} {'replicas':>9} {'latency':>8}"]
     for r in [plan["unsplit"]] + plan["candidates"]:
         name = "unsplit" if r["merge_layer"] is None else f"{r['merge_layer']} {r['grid']} {r['mode']}"
@@ -20,6 +20,14 @@ def format_plan(plan: dict) -> str:
     lines.append(f"recommended: {what}: {rec['replicas']} replicas per GPU ({rec['reason']})")
     lines += [f"note: {n}" for n in plan["notes"]]
     return "\n".join(lines)
+
+
+def _backend_text(plan: dict) -> str:
+    if plan.get("backend", "python") == "python":
+        return ""
+    sharing = " with weight sharing" if plan["weight_sharing"] else ""
+    return (f"; backend {plan['backend']}{sharing}: {format_bytes(plan['shared_bytes'])} paid once for all "
+            f"instances (one process)")
 
 
 def plot_plan(plan: dict, path: str) -> None:

@@ -6,8 +6,8 @@ import contextlib
 import json
 from pathlib import Path
 
-from splitpack.capacity.footprint import (CONTEXT_OVERHEAD_SOURCE, DEFAULT_ALLOCATOR_SLACK, DEFAULT_CONTEXT_OVERHEAD,
-                                          parse_fraction, parse_headroom)
+from splitpack.capacity.footprint import (BACKEND_HELP, BACKENDS, CONTEXT_OVERHEAD_SOURCE, DEFAULT_ALLOCATOR_SLACK,
+                                          DEFAULT_CONTEXT_OVERHEAD, PYTHON, parse_fraction, parse_headroom)
 from splitpack.capacity.planner import PlanInputs, plan_capacity
 from splitpack.cli import arg_type, common
 from splitpack.core.plan import parse_grid
@@ -50,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure-replicas", action="store_true",
                         help="with --device cuda: run each configuration as a real replica process and plan "
                              "with NVML's per-process memory instead of the modelled footprint")
+    parser.add_argument("--backend", choices=BACKENDS, default=PYTHON,
+                        help="what replicas share: " + "; ".join(f"{k}: {v}" for k, v in BACKEND_HELP.items())
+                             + " (default: python)")
+    parser.add_argument("--weight-sharing", action="store_true",
+                        help="--backend libtorch: the instances share one copy of the weights (ENABLE_WEIGHT_SHARING)")
     common.add_json(parser, "the plan")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--png", help="write a plot of the plan here")
@@ -84,6 +89,7 @@ def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         context_source = f"--context-overhead {args.context_overhead}"
     if args.measure_replicas and not str(args.device).startswith("cuda"):
         raise ValueError("--measure-replicas needs --device cuda (it measures replica processes with NVML)")
+    _check_backend(args)
     return PlanInputs(
         model=args.model, size=args.size, batch_size=args.batch_size, gpu_memory_bytes=gpu_bytes,
         gpu_memory_source=source, headroom_bytes=parse_headroom(args.headroom, gpu_bytes),
@@ -91,7 +97,22 @@ def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         modes=list(dict.fromkeys(args.modes)), max_candidates=args.max_candidates, context_overhead_bytes=context,
         context_overhead_source=context_source, allocator_slack=args.allocator_slack, repeats=args.repeats,
         max_latency_ratio=args.max_latency_ratio, device=args.device, measure_replicas=args.measure_replicas,
+        backend=args.backend, weight_sharing=args.weight_sharing,
     )
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    if args.backend == PYTHON:
+        if args.weight_sharing:
+            raise ValueError("--weight-sharing is a setting of --backend libtorch (python-backend replicas are "
+                             "processes with their own weights)")
+        return
+    if args.measure_replicas:
+        raise ValueError("--measure-replicas starts one process per replica: --backend python only")
+    if args.write_triton or args.write_torchserve:
+        raise ValueError("--write-triton/--write-torchserve deploy the python backend; for --backend libtorch "
+                         "write the model directory with `splitpack export --format triton-libtorch` and the "
+                         "recommended plan and replicas")
 
 
 def run(args: argparse.Namespace) -> int:
