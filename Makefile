@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench loadtest clean
+.PHONY: setup demo test test-fast bench bench-compile loadtest clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ test-fast: setup
 
 bench: setup
 	$(PY) scripts/bench_suite.py | tee benchmarks/table.md
+
+# Issue 13: split/unsplit latency interpreted, as a recorded program and through torch.compile; peak memory.
+bench-compile: setup
+	uptime
+	$(PY) scripts/bench_compile.py --out benchmarks/compile.json | tee benchmarks/compile.md
+	uptime
 
 # Both servers with default settings, 4 clients x 60 s + a bad-input client, thread sweep (BENCHMARKS.md).
 loadtest: setup
