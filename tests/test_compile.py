@@ -67,7 +67,16 @@ def test_program_keeps_the_interpreters_peak_memory(models):
     assert 0.8 * reference <= program_peak <= 1.02 * reference
     assert program_peak < 0.5 * peak_activation_bytes(model, x)  # still split
     by_allocator = peak_allocated_bytes(interpreted, x)
+    assert by_allocator >= reference  # the allocator also sees buffers inside kernels
     assert 0.8 * by_allocator <= peak_allocated_bytes(compiled, x) <= 1.02 * by_allocator
+
+
+def test_allocator_meter_sees_what_the_tracker_sees(models):
+    """The CPU allocator's events (what measures torch.compile's code, which the tracker cannot see) agree
+    with the op tracker on an eager model: at least its bytes, plus kernel temporaries."""
+    model, x = models("resnet18"), torch.randn(1, 3, 96, 96)
+    tracked, allocated = peak_activation_bytes(model, x), peak_allocated_bytes(model, x)
+    assert 0 < tracked <= allocated <= 2 * tracked
 
 
 def test_programs_are_per_size_dtype_and_layout_and_share_the_parameters(models):

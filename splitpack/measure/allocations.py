@@ -5,6 +5,10 @@
 without dispatching, so the tracker cannot see them. The profiler can: with
 ``profile_memory=True`` it records every allocation and free of the CPU
 allocator (``[memory]`` events with signed byte counts), whoever asked for it.
+They are read from the profiler's raw results (``kineto_results.events()``):
+the ``FunctionEvent`` list folds each allocation into the op that made it and
+keeps only the unattributed ones (mostly frees) as ``[memory]`` events, which
+sums to nothing useful.
 The running sum of those events, at its maximum, is the peak: bytes allocated
 during the call and not yet freed, so tensors that existed before the call
 (parameters, the input) are not counted, as with the tracker.
@@ -25,7 +29,8 @@ MEMORY_EVENT = "[memory]"
 
 
 def _peak(events) -> int:
-    changes = sorted((e.time_range.start, e.cpu_memory_usage) for e in events if e.name == MEMORY_EVENT)
+    """The running sum of the allocator's signed byte counts, in time order, at its maximum."""
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == MEMORY_EVENT)
     current = peak = 0
     for _, delta in changes:
         current += delta
@@ -39,4 +44,4 @@ def peak_allocated_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> i
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn(*args, **kwargs)
         del out
-    return _peak(prof.events())
+    return _peak(prof.profiler.kineto_results.events())
