@@ -89,6 +89,12 @@ BAD = {
                                  "--weight-sharing"], "--weight-sharing is a setting of --backend libtorch"),
     "capacity-libtorch-write": (["capacity", "--model", MODEL, "--size", "64", "--gpu-memory", "8GiB", "--backend",
                                  "libtorch", "--write-triton", "repo"], "splitpack export --format triton-libtorch"),
+    "plan-bad-budget": (["plan", "--model", MODEL, "--size", "64", "--budget", "2 parsecs"], "not a memory size"),
+    "plan-overhead-below-1": (["plan", "--model", MODEL, "--size", "64", "--max-overhead", "0.9"],
+                              "a MACs ratio >= 1"),
+    "plan-out-not-png": (["plan", "--model", MODEL, "--size", "64", "--out", "front.txt"], "a .png file"),
+    "plan-impossible-budget": (["plan", "--model", MODEL, "--size", "64", "--budget", "1KiB", "--out", "front.png"],
+                               "is below the smallest peak activation memory achievable"),
     "unknown-command": (["serv"], "invalid choice"),
 }
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # A value other than the default for every parameter (text, as the CLI and config files carry it).
 NON_DEFAULT = {
     "model_name": "tv:resnet18", "merge_layer": "layer1,layer2", "grid": "4x4,2x2", "mode": "seed", "compile": "program",
-    "cuda_graphs": "true", "topk": "3",
+    "cuda_graphs": "true", "topk": "3", "memory_budget": "512MiB", "max_overhead": "1.5",
     "native_resolution": "true", "max_side": "640", "max_pixels": "1000000", "min_side": "32",
     "max_image_bytes": "1000", "threads": "2",
     "data_config": '{"crop_pct": 1.0, "interpolation": "bilinear"}',
@@ -56,6 +56,8 @@ def test_every_parameter_is_declared_once_with_a_parsing_default_and_help():
     ("cuda_graphs", "sometimes", "cuda_graphs: expected a boolean"), ("threads", "0", "threads: must be >= 1"),
     ("threads", "many", "threads: expected an integer"), ("max_image_bytes", "0", "max_image_bytes: must be >= 1"),
     ("max_batch_delay_ms", "-1", "max_batch_delay_ms: must be >= 0"),
+    ("memory_budget", "2 parsecs", "memory_budget: not a memory size"), ("memory_budget", "0", "memory_budget"),
+    ("max_overhead", "0.9", "max_overhead: must be >= 1"), ("max_overhead", "fast", "max_overhead: expected a MACs"),
 ])
 def test_bad_values_name_the_parameter(name, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -70,6 +72,10 @@ def test_merge_layer_and_grid_are_one_plan_written_as_text():
     assert (staged.merge_layer, staged.grid, str(staged.plan)) == ("layer1,layer2", "4x4,2x2", "layer1@4x4,layer2@2x2")
     assert ServingConfig("resnet18", merge_layer="layer1,layer2", grid=3).plan.grids == [(3, 3), (3, 3)]
     assert str(ServingConfig("resnet18", merge_layer="AUTO").plan) == "auto"
+    auto = ServingConfig.from_mapping({"model_name": "resnet18", "merge_layer": "auto", "memory_budget": "2GiB",
+                                       "max_overhead": "1.5x"})
+    assert (auto.plan.memory_budget, auto.plan.max_overhead) == (2 * 1024**3, 1.5)
+    assert ServingConfig.from_mapping(auto.to_text()) == auto  # config.pbtxt text reads back
     with pytest.raises(ValueError, match="3 grids given for a plan of 2 stage"):
         ServingConfig("resnet18", merge_layer="layer1,layer2", grid="4x4,2x2,1x1")
 
@@ -127,18 +133,18 @@ def test_triton_config_pbtxt_holds_every_parameter_where_the_schema_says():
 
 
 def test_a_new_parameter_is_one_schema_entry():
-    """What issue 12/13 will do (memory_budget, compile): add a Param, and the config class,
-    the flags, the stored text and the docs table all carry it."""
-    budget = Param("memory_budget", integer(0), 0, "peak activation bytes per replica (0: no budget)")
-    params = PARAMS[:10] + (budget,) + PARAMS[10:]
+    """What issues 12 and 13 did (memory_budget, compile): add a Param, and the config class, the flags, the stored text
+    and the docs table all carry it."""
+    level = Param("compile_level", integer(0), 0, "compilation level (0: interpreted)")
+    params = PARAMS[:10] + (level,) + PARAMS[10:]
     Config = config_class(tuple(p for p in params if p.section == MODEL))
-    config = Config.from_mapping({"model_name": "resnet18", "memory_budget": "2"})
-    assert config.memory_budget == 2 and config.to_text()["memory_budget"] == "2"
+    config = Config.from_mapping({"model_name": "resnet18", "compile_level": "2"})
+    assert config.compile_level == 2 and config.to_text()["compile_level"] == "2"
     assert Config.from_mapping(config.to_text()) == config
     parser = argparse.ArgumentParser()
     add_flags(parser, "triton", params=params)
-    assert given(parser.parse_args(["--memory-budget", "4"]), MODEL, params=params) == {"memory_budget": 4}
-    assert "| `memory_budget` | `--memory-budget` | `0` |" in schema.markdown_table(params)
+    assert given(parser.parse_args(["--compile-level", "4"]), MODEL, params=params) == {"compile_level": 4}
+    assert "| `compile_level` | `--compile-level` | `0` |" in schema.markdown_table(params)
 
 
 def test_threads_is_auto_or_a_count():

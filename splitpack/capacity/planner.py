@@ -1,13 +1,14 @@
 """Plan replicas per GPU, unsplit and with split-pack: measure candidates, rank them, recommend one.
 
-Each configuration (unsplit, or merge layer x grid x mode) is measured in this
+Each configuration (unsplit, or a plan: merge layers x grids x mode) is measured in this
 process and turned into a per-replica footprint (:mod:`splitpack.capacity.footprint`,
 where the formula lives); replicas = floor((gpu_memory - headroom) / replica_bytes).
-Without explicit merge layers, :class:`splitpack.capacity.candidates.CandidateSearch`
-picks which exact-mode layers to measure; seed mode (outputs change, the more the
-deeper the merge) is only measured at layers given explicitly. The recommendation
-is the split candidate with the most replicas (then the lowest measured latency
-ratio, exact before seed), or unsplit when none fits more.
+Without explicit merge layers the split candidates are the staged plans the planner
+(:mod:`splitpack.core.planner`) chooses within a few MACs caps (:data:`PLANNED_CAPS`):
+the smallest predicted peak, so the most replicas, for each compute budget. Seed mode
+(outputs change, the more the deeper the merge) is only measured at layers given
+explicitly. The recommendation is the split candidate with the most replicas (then the
+lowest measured latency ratio, exact before seed), or unsplit when none fits more.
 
 With ``measure_replicas`` (GPU) each configuration also runs as its own process
 (:mod:`splitpack.capacity.probe`) and NVML's per-process bytes replace the model.
@@ -31,6 +32,7 @@ FORMULAS = {
     LIBTORCH: "replicas = floor((gpu_memory_bytes - headroom_bytes - shared_bytes) / (replica_bytes - shared_bytes)), "
               "shared_bytes = context_overhead (+ weights with weight sharing): one process for all instances",
 }
+PLANNED_CAPS = (1.25, 1.1, 1.5, 2.0)  # MACs caps (split / unsplit) whose planned plans are measured, in this order
 
 
 @dataclass
@@ -64,8 +66,8 @@ class PlanInputs:
 
 @dataclass
 class Candidate:
-    merge_layer: str | None  # None = unsplit
-    grid: str | None
+    merge_layer: str | None  # None = unsplit; a comma list for a staged plan
+    grid: str | None  # one grid per stage
     mode: str | None
     footprint: Footprint
     replicas: int
@@ -112,46 +114,60 @@ def _candidate(p: PlanInputs, key: tuple, m: Measurement, base_latency: float | 
     return Candidate(*key, fp, p.replicas(fp.total, p.shared(fp)), m.latency_s, ratio, estimate, m.measured_by)
 
 
-def _layers_to_measure(p: PlanInputs, search, valid: list[str], grid, mode: str,
-                       notes: list[str]) -> tuple[list[str], dict[str, int]]:
+def _split_keys(p: PlanInputs, model, x, mode: str, notes: list[str]) -> list[tuple[tuple, int | None]]:
+    """((merge layer(s), grid(s), mode), predicted peak) of each split configuration to measure in ``mode``."""
+    import splitpack
+
     if p.merge_layers:
+        valid = list(splitpack.merge_layers(model, mode=mode)) if mode == "exact" else list(splitpack.merge_layers(model))
         notes += [f"{n}: not a valid merge layer for mode={mode}; skipped" for n in p.merge_layers if n not in valid]
-        return [n for n in p.merge_layers if n in valid], {}
-    return search.choose(valid, grid, mode, p.max_candidates)
+        return [((n, grid_text(g), mode), None) for g in p.grids for n in p.merge_layers if n in valid]
+    if mode != "exact":
+        # memory alone would merge as late as possible, where the seams cost the most accuracy
+        notes.append("seed mode changes outputs, and how much depends on the merge layer: measure the accuracy "
+                     "of the layers you consider and pass them with --merge-layers; seed candidates skipped")
+        return []
+    return _planned_keys(p, model, x, notes)
+
+
+def _planned_keys(p: PlanInputs, model, x, notes: list[str]) -> list[tuple[tuple, int | None]]:
+    """The planner's plans (smallest predicted peak) within the first ``max_candidates`` MACs caps."""
+    from splitpack.core.planner import Planner
+
+    planner, keys = Planner(model), {}
+    for cap in PLANNED_CAPS[:p.max_candidates]:
+        try:
+            choice = planner.choose(tuple(x.shape), max_overhead=cap)
+        except ValueError as e:
+            notes.append(f"planner, {cap:g}x MACs: {e}")
+            continue
+        key = (choice.plan.merge_layer_text, choice.plan.grid_text, "exact")
+        keys.setdefault(key, choice.predicted_peak_bytes)
+    return list(keys.items())
 
 
 def _measure_split(p: PlanInputs, model, x, base: Measurement, notes: list[str], quiet: bool) -> list[Candidate]:
-    """Every split candidate the inputs ask for (or the search picks), measured."""
+    """Every split candidate the inputs ask for (or the planner picks), measured."""
     import splitpack
-    from splitpack.capacity.candidates import CandidateSearch
 
     every = list(splitpack.merge_layers(model))
     unknown = [n for n in p.merge_layers or () if n not in every]
     if unknown:
         raise ValueError(f"unknown merge layer(s) {', '.join(map(repr, unknown))} for {p.model}; "
                          f"valid merge layers (execution order): {', '.join(every)}")
-    search = CandidateSearch(model, x, every)
     candidates: list[Candidate] = []
     for mode in p.modes:
-        if mode != "exact" and not p.merge_layers:
-            # memory alone would merge as late as possible, where the seams cost the most accuracy
-            notes.append("seed mode changes outputs, and how much depends on the merge layer: measure the accuracy "
-                         "of the layers you consider and pass them with --merge-layers; seed candidates skipped")
-            continue
-        valid = list(splitpack.merge_layers(model, mode=mode)) if mode == "exact" else every
-        for grid in p.grids:
-            chosen, estimates = _layers_to_measure(p, search, valid, grid, mode, notes)
-            for name in chosen:
-                _log(f"measuring split at {name} ({grid_text(grid)}, {mode})", quiet)
-                try:
-                    m = measure(splitpack.wrap(model, merge_layer=name, grid=grid, mode=mode), x, p.repeats)
-                except (splitpack.SplitError, ValueError, RuntimeError) as e:
-                    # one candidate the engine cannot run must not sink the whole plan
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    notes.append(f"{name} {grid_text(grid)} {mode}: cannot split ({first})")
-                    continue
-                key = (name, grid_text(grid), mode)
-                candidates.append(_candidate(p, key, m, base.latency_s, estimates.get(name)))
+        for key, predicted in _split_keys(p, model, x, mode, notes):
+            name, grid, _ = key
+            _log(f"measuring split at {name} ({grid}, {mode})", quiet)
+            try:
+                m = measure(splitpack.wrap(model, merge_layer=name, grid=grid, mode=mode), x, p.repeats)
+            except (splitpack.SplitError, ValueError, RuntimeError) as e:
+                # one candidate the engine cannot run must not sink the whole plan
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                notes.append(f"{name} {grid} {mode}: cannot split ({first})")
+                continue
+            candidates.append(_candidate(p, key, m, base.latency_s, predicted))
     return candidates
 
 

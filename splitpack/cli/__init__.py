@@ -34,6 +34,7 @@ COMMANDS = {
     "devices": "splitpack.cli.devices",
     "profile": "splitpack.cli.profile",
     "capacity": "splitpack.cli.capacity",
+    "plan": "splitpack.cli.plan",
     "replica-probe": "splitpack.cli.replica_probe",
     "evaluate": "splitpack.cli.evaluate",
     "seams": "splitpack.cli.seams",

@@ -33,13 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-index", type=int, default=0)
     parser.add_argument("--headroom", default="10%", help="kept free: a percentage of the GPU or a size (default 10%%)")
     parser.add_argument("--merge-layers", nargs="*", metavar="LAYER",
-                        help="merge layers to measure (default: the best estimates)")
+                        help="merge layers to measure, one-stage plans at each of --grids (default: the planner's "
+                             "staged plans)")
     parser.add_argument("--grids", nargs="*", type=arg_type(parse_grid, "grid"), default=[(2, 2)], metavar="RxC",
-                        help="grids to measure (default 2x2)")
+                        help="grids to measure --merge-layers at (default 2x2)")
     parser.add_argument("--modes", nargs="*", default=["exact"], choices=common.MODES,
                         help="modes to measure (default exact; seed changes outputs)")
     parser.add_argument("--max-candidates", type=arg_type(common.positive_int, "count"), default=3,
-                        help="without --merge-layers: how many estimated-best merge layers to measure per grid/mode")
+                        help="without --merge-layers: measure the planner's plan within this many MACs caps "
+                             "(1.25x, 1.1x, 1.5x, 2x)")
     parser.add_argument("--context-overhead", type=arg_type(memory_size),
                         help=f"per-process CUDA context etc. (default {DEFAULT_CONTEXT_OVERHEAD // MiB} MiB)")
     parser.add_argument("--allocator-slack", type=arg_type(parse_fraction, "fraction"), default=DEFAULT_ALLOCATOR_SLACK,

@@ -49,6 +49,7 @@ def _area(region) -> int:
 def program_macs(traced: TracedModel, program: Program, shapes, tail_nodes: list[fx.Node]) -> int:
     """MACs of one image through the split program, then the rest of the network."""
     total = 0
+    per_image: dict[fx.Node, int] = {}  # node_macs of each node, looked up once
     for stage in program.stages:
         hw = {}
         for pass_ in stage.passes:
@@ -56,7 +57,9 @@ def program_macs(traced: TracedModel, program: Program, shapes, tail_nodes: list
                 for step in pack.steps:
                     if step.reduce:
                         continue
-                    macs = node_macs(step.node, traced.gm, shapes)
+                    if step.node not in per_image:
+                        per_image[step.node] = node_macs(step.node, traced.gm, shapes)
+                    macs = per_image[step.node]
                     if macs:
                         if step.node not in hw:
                             h, w = stage.shapes[step.node][stage.layouts[step.node][0]], \
@@ -71,3 +74,12 @@ def checkpoint_bytes(program: Program, batch: int, dtype: torch.dtype) -> list[i
     """Bytes of each stage's merged checkpoint (full size)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return [math.prod(full_shape(stage.shapes[stage.graph.target], batch)) * itemsize for stage in program.stages]
+
+
+def program_ops(program: Program, tail_nodes: list[fx.Node]) -> int:
+    """Ops executed for one batch: every step of every pack and pass, the global values (squeeze-excitation
+    gates, pooled results) and the rest of the network's calls."""
+    steps = sum(len(pack.steps) for stage in program.stages for pass_ in stage.passes for pack in pass_.packs)
+    globals_ = sum(len(stage.before) + sum(len(p.after) + len(p.reductions) for p in stage.passes)
+                   for stage in program.stages)
+    return steps + globals_ + sum(1 for n in tail_nodes if n.op.startswith("call_"))

@@ -70,7 +70,8 @@ class SplitPack(nn.Module):
     """``model`` run with split-pack inference; see :func:`wrap`."""
 
     def __init__(self, model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, traced: TracedModel | None = None):
+        """``traced``: the model's trace, when the caller has it already (the planner does)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -79,12 +80,12 @@ class SplitPack(nn.Module):
         if plan is None:
             raise ValueError("merge_layer is required: a checkpoint name, a list of them, or 'auto'")
         if isinstance(plan, AutoPlan):
-            raise ValueError("merge_layer='auto' needs the planner (splitpack.plan_for), which is not available yet")
+            raise ValueError("merge_layer='auto' plans per input size: use splitpack.wrap(model, 'auto')")
         self.model = model
         self.plan: Plan = plan
         self.mode = mode
         self.on_layer: Callable[[str], None] | None = None  # called with a layer name after it runs (profiling)
-        traced = self._traced = trace(model)
+        traced = self._traced = traced if traced is not None else trace(model)
         _check_plan(traced, plan, mode, type(model).__name__)
         self._stages = stage_graphs(traced, plan)
         last = traced.checkpoints[plan.stages[-1].checkpoint]
@@ -250,7 +251,7 @@ class SplitPack(nn.Module):
 # --------------------------------------------------------------------------- public API
 
 def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
-         cuda_graphs: bool = False) -> SplitPack:
+         cuda_graphs: bool = False, memory_budget: int | None = None, max_overhead: float | None = None) -> nn.Module:
     """Run ``model`` with split-pack inference.
 
     ``merge_layer`` is a checkpoint (module name), a staged plan (a list or comma string of
@@ -266,8 +267,20 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     that; True (``"inductor"``) runs that program through ``torch.compile``. ``cuda_graphs``
     replays each size and batch bucket from a captured CUDA graph (CUDA inputs; see
     :mod:`splitpack.core.cudagraphs`). Outputs are the same as the interpreter's.
+
+    ``merge_layer="auto"``: the planner (:mod:`splitpack.core.planner`) picks the staged plan for
+    each input size on its first call -- the smallest predicted peak within ``max_overhead`` x the
+    unsplit MACs (default 1.25), or with ``memory_budget`` (peak activation bytes per image) the
+    least MACs that fit -- and returns a :class:`splitpack.core.auto.AutoSplitPack`.
     """
-    return SplitPack(model, merge_layer, grid, mode, compile=compile, cuda_graphs=cuda_graphs)
+    plan = parse_plan(merge_layer, grid, memory_budget=memory_budget, max_overhead=max_overhead)
+    if isinstance(plan, AutoPlan):
+        from splitpack.core.auto import AutoSplitPack
+
+        return AutoSplitPack(model, plan, mode, compile=compile, cuda_graphs=cuda_graphs)
+    if memory_budget is not None or max_overhead is not None:
+        raise ValueError("memory_budget and max_overhead are for merge_layer='auto' (the planner's objective)")
+    return SplitPack(model, plan, grid, mode, compile=compile, cuda_graphs=cuda_graphs)
 
 
 def merge_layers(model: nn.Module, mode: str | None = None) -> list[str]:

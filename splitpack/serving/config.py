@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from splitpack.core.compile import MODES as COMPILE_MODES, compile_mode
-from splitpack.core.plan import AutoPlan, Plan, grid_text, parse_grid, parse_plan
+from splitpack.core.plan import UNSPLIT_WORDS, AutoPlan, Plan, grid_text, parse_grid, parse_plan
+from splitpack.measure.units import parse_bytes
 
 SERVERS = ("torchserve", "triton")
 MODEL = "model"    # the predictor's settings: handler: section / config.pbtxt parameters
@@ -94,6 +95,30 @@ def threads_value(value: Any) -> int | str:
 
 
 threads_value.__name__ = "auto or an integer >= 1"
+
+
+def memory_budget(value: Any) -> int | None:
+    """Peak activation bytes per image for ``merge_layer: auto``: ``512MiB``, ``2GB``, a number of bytes;
+    ""/none = no budget (the smallest peak within max_overhead)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in UNSPLIT_WORDS):
+        return None
+    nbytes = parse_bytes(value)
+    if nbytes <= 0:
+        raise ValueError(f"must be a positive size, got {value!r}")
+    return nbytes
+
+
+def overhead_ratio(value: Any) -> float | None:
+    """MACs allowed for ``merge_layer: auto``, as a ratio to the unsplit model (>= 1); ""/none = the default."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in UNSPLIT_WORDS):
+        return None
+    try:
+        ratio = float(value.strip().rstrip("xX")) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a MACs ratio such as 1.25, got {value!r}") from None
+    if not ratio >= 1:
+        raise ValueError(f"must be >= 1 (a ratio to the unsplit model's MACs), got {value!r}")
+    return ratio
 
 
 def merge_layer_text(value: Any) -> str:
@@ -223,6 +248,12 @@ PARAMS: tuple[Param, ...] = (
     Param("cuda_graphs", boolean, False,
           "GPU replicas, exact mode: replay each input size and batch bucket (1, 2, 4, 8) from a CUDA graph "
           "captured at model load; CPU replicas and larger batches run without"),
+    Param("memory_budget", memory_budget, None,
+          "merge_layer auto: peak activation memory allowed per image (512MiB); the planner picks the plan "
+          "with the fewest MACs within it", metavar="BYTES", plan_arg=True),
+    Param("max_overhead", overhead_ratio, None,
+          "merge_layer auto: MACs allowed, as a ratio to the unsplit model (1.25 when no memory_budget "
+          "is given); the planner picks the smallest peak within it", metavar="RATIO", plan_arg=True),
     # -- deploy: the servers' own settings -------------------------------------------------------------
     Param("replicas", integer(1), 1, "model replicas (processes) per server", section=DEPLOY,
           native={"torchserve": "minWorkers, maxWorkers", "triton": "instance_group.count"}, metavar="N"),

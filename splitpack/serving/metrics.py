@@ -32,6 +32,28 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
+# merge_layer auto: one series per input size's chosen plan, labelled with the plan and the size (the
+# label values avoid "," ":" "|", which TorchServe's metric log format uses as separators).
+PLAN_METRICS: dict[str, tuple[str, str]] = {
+    "splitpack_plan_info": (
+        "Count", "1 for the staged plan merge_layer auto chose for an input size (labels plan, input_size)"),
+    "splitpack_plan_predicted_peak_bytes": (
+        "Bytes", "Predicted peak activation bytes per image of that plan (labels plan, input_size)"),
+}
+
+
+def plan_label(plan_text: str) -> str:
+    """``layer2@4x4,global_pool@2x2`` -> ``layer2@4x4+global_pool@2x2`` (a metric label value)."""
+    return plan_text.replace(",", "+")
+
+
+def plan_series(plans: list[dict]) -> list[tuple[dict[str, str], dict[str, float]]]:
+    """(labels, values) per resolved plan (``Predictor.plans()``), for :data:`PLAN_METRICS`."""
+    return [({"plan": plan_label(p["plan"]), "input_size": p["input_size"]},
+             {"splitpack_plan_info": 1.0, "splitpack_plan_predicted_peak_bytes": float(p["predicted_peak_bytes"])})
+            for p in plans]
+
+
 def device_memory_metrics(device: Any = None, peak_activation_bytes: int | None = None) -> dict[str, float]:
     """Values for every name in :data:`METRICS` for a replica running on ``device``.
 
@@ -94,6 +116,18 @@ def update_memory_gauges(update: Callable[[dict[str, float]], None], device: Any
         return err
 
 
+def update_plan_gauges(update: Callable[[list[dict]], None], plans: list[dict]) -> Exception | None:
+    """Push the resolved plans (``Predictor.plans()``) through a server adapter's ``update``; the error
+    instead of raising."""
+    if not plans:
+        return None
+    try:
+        update(plans)
+        return None
+    except Exception as err:  # noqa: BLE001
+        return err
+
+
 # --- server adapters -------------------------------------------------------------
 
 def report_to_torchserve(metrics_cache: Any, values: dict[str, float], model_name: str) -> None:
@@ -109,6 +143,19 @@ def report_to_torchserve(metrics_cache: Any, values: dict[str, float], model_nam
         dims = [Dimension("ModelName", model_name), Dimension("Level", "Model")]
         metrics_cache.add_metric(name, value, METRICS[name][0], dimensions=dims,
                                  metric_type=MetricTypes.GAUGE)
+
+
+def report_plans_to_torchserve(metrics_cache: Any, plans: list[dict], model_name: str) -> None:
+    """Emit the resolved plans' gauges (dimensions ModelName, Level, Plan, InputSize)."""
+    from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    for labels, values in plan_series(plans):
+        dims = [Dimension("ModelName", model_name), Dimension("Level", "Model"), Dimension("Plan", labels["plan"]),
+                Dimension("InputSize", labels["input_size"])]
+        for name, value in values.items():
+            metrics_cache.add_metric(name, value, PLAN_METRICS[name][0], dimensions=dims,
+                                     metric_type=MetricTypes.GAUGE)
 
 
 def torchserve_metrics_yaml() -> str:
@@ -128,6 +175,9 @@ def torchserve_metrics_yaml() -> str:
     for name, (unit, _) in METRICS.items():
         if name not in known:
             gauges.append({"name": name, "unit": unit, "dimensions": ["ModelName", "Level"]})
+    for name, (unit, _) in PLAN_METRICS.items():
+        if name not in known:
+            gauges.append({"name": name, "unit": unit, "dimensions": ["ModelName", "Level", "Plan", "InputSize"]})
     return yaml.safe_dump(base, sort_keys=False)
 
 
@@ -149,3 +199,23 @@ class TritonMemoryMetrics:
     def update(self, values: dict[str, float]) -> None:
         for name, value in values.items():
             self._metrics[name].set(float(value))
+
+
+class TritonPlanMetrics:
+    """Triton python-backend gauges for :data:`PLAN_METRICS`: one series per resolved plan."""
+
+    def __init__(self, pb_utils: Any, labels: dict[str, str]):
+        self._labels = labels
+        self._families = {
+            name: pb_utils.MetricFamily(name=name, description=help_text, kind=pb_utils.MetricFamily.GAUGE)
+            for name, (_, help_text) in PLAN_METRICS.items()
+        }
+        self._metrics: dict[tuple, Any] = {}
+
+    def update(self, plans: list[dict]) -> None:
+        for labels, values in plan_series(plans):
+            for name, value in values.items():
+                key = (name, labels["plan"], labels["input_size"])
+                if key not in self._metrics:
+                    self._metrics[key] = self._families[name].Metric(labels=self._labels | labels)
+                self._metrics[key].set(float(value))

@@ -78,9 +78,17 @@ class Predictor:
         (an unknown one is a ValueError listing the valid ones, one exact mode cannot split a SplitError)."""
         import splitpack
 
-        cfg = self.config
+        cfg = self.config  # (memory_budget and max_overhead with named merge layers: wrap's ValueError)
         return splitpack.wrap(base, merge_layer=cfg.merge_layer, grid=cfg.grid, mode=cfg.mode, compile=cfg.compile,
-                              cuda_graphs=cfg.cuda_graphs)
+                              cuda_graphs=cfg.cuda_graphs, memory_budget=cfg.memory_budget,
+                              max_overhead=cfg.max_overhead)
+
+    def plans(self) -> list[dict]:
+        """merge_layer auto: the plan chosen for each input size so far (empty otherwise)."""
+        choices = getattr(self.model, "choices", None) or {}
+        return [{"input_size": "x".join(map(str, size)), "plan": str(c.plan),
+                 "predicted_peak_bytes": c.predicted_peak_bytes,
+                 "predicted_macs_ratio": round(c.predicted_macs_ratio, 4)} for (size, *_), c in choices.items()]
 
     def warmup(self) -> None:
         """One forward at the model's input size, so the first request does not pay for
@@ -240,9 +248,10 @@ class Predictor:
         """Effective settings, for logs: the serving parameters (but the transform) and the model's facts."""
         settings = {k: v for k, v in self.config.to_mapping().items() if k != "data_config"}
         compiled = {"compiled": self.compile_report} if self.compile_report else {}
+        auto = {"auto_plans": self.plans()} if self.plans() else {}
         return settings | compiled | {"split": self.config.split, "plan": str(self.config.plan or "unsplit"),
                                       "input_size": list(self.data_config["input_size"]),
-                                      "num_classes": self.num_classes, "device": str(self.device)}
+                                      "num_classes": self.num_classes, "device": str(self.device)} | auto
 
 
 def _num_classes(model: torch.nn.Module) -> int:

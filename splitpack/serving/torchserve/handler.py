@@ -19,7 +19,8 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from splitpack.serving.config import ServingConfig
-from splitpack.serving.metrics import report_to_torchserve, update_memory_gauges
+from splitpack.serving.metrics import (report_plans_to_torchserve, report_to_torchserve, update_memory_gauges,
+                                       update_plan_gauges)
 from splitpack.serving.predictor import BadRequest, InferenceFailed, Predictor
 from splitpack.serving.threads import configure_threads
 
@@ -100,11 +101,13 @@ class SplitPackHandler(BaseHandler):
     def inference(self, data, *args, **kwargs):
         """Per request: probabilities, or its BadRequest / InferenceFailed (Predictor.serve)."""
         outcomes = self.predictor.serve(data)
-        error = update_memory_gauges(
-            lambda values: report_to_torchserve(self.context.metrics, values, self.context.model_name),
-            self.device, self.predictor.last_peak_bytes)
-        if error is not None:  # metrics must never fail a prediction
-            logger.warning("splitpack memory metrics not reported: %r", error)
+        metrics, name = self.context.metrics, self.context.model_name
+        errors = (update_memory_gauges(lambda values: report_to_torchserve(metrics, values, name), self.device,
+                                       self.predictor.last_peak_bytes),
+                  update_plan_gauges(lambda plans: report_plans_to_torchserve(metrics, plans, name),
+                                     self.predictor.plans()))
+        for error in filter(None, errors):  # metrics must never fail a prediction
+            logger.warning("splitpack metrics not reported: %r", error)
         return outcomes
 
     def postprocess(self, data):

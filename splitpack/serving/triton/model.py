@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from splitpack.serving.config import ServingConfig
-from splitpack.serving.metrics import update_memory_gauges
+from splitpack.serving.metrics import update_memory_gauges, update_plan_gauges
 from splitpack.serving.predictor import BadRequest, InferenceFailed, Predictor
 from splitpack.serving.threads import configure_threads
 from splitpack.serving.triton.repo import INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, config_parameters
@@ -85,6 +85,7 @@ class SplitPackTritonModel:
         for w in caught:
             self.log_warn(str(w.message))
         self._check_outputs()
+        self.predictor.warmup()  # planned (merge_layer auto: the plan resolved) before the first request
         self.metrics = self._memory_metrics()
         self.log_info(f"{self.instance} ready: {json.dumps(self.predictor.describe() | self.threads)}")
 
@@ -99,9 +100,11 @@ class SplitPackTritonModel:
     def _memory_metrics(self):
         """Device-memory gauges (splitpack.serving.metrics) for capacity planning; None if metrics are off."""
         try:
-            from splitpack.serving.metrics import TritonMemoryMetrics
+            from splitpack.serving.metrics import TritonMemoryMetrics, TritonPlanMetrics
 
-            return TritonMemoryMetrics(self.pb, {"model": self.name, "instance": self.instance})
+            labels = {"model": self.name, "instance": self.instance}
+            self.plan_metrics = TritonPlanMetrics(self.pb, labels)
+            return TritonMemoryMetrics(self.pb, labels)
         except Exception as err:  # metrics disabled on the server, or an older backend
             self.log_info(f"memory metrics not reported: {err}")
             return None
@@ -112,9 +115,10 @@ class SplitPackTritonModel:
         """One response per request, each isolated by :meth:`Predictor.serve` (the TorchServe handler's policy)."""
         outcomes = self.predictor.serve([self._payload(request) for request in requests])
         if self.metrics is not None:
-            error = update_memory_gauges(self.metrics.update, self.predictor.device, self.predictor.last_peak_bytes)
-            if error is not None:  # reporting must never fail a request
-                self.log_warn(f"memory metrics update failed: {error!r}")
+            errors = (update_memory_gauges(self.metrics.update, self.predictor.device, self.predictor.last_peak_bytes),
+                      update_plan_gauges(self.plan_metrics.update, self.predictor.plans()))
+            for error in filter(None, errors):  # reporting must never fail a request
+                self.log_warn(f"metrics update failed: {error!r}")
         return [self._response(outcome) for outcome in outcomes]
 
     def _payload(self, request) -> list | BadRequest:

@@ -1,0 +1,435 @@
+"""Fast per-stage estimates for the planner's search: MACs, working set and band bytes of every
+stage option (source checkpoint, end checkpoint, grid) at one input size, in one sweep.
+
+A pack's region at a node is (rows interval) x (cols interval): the rules' windows act on rows and
+columns separately, so one backward sweep of row and column intervals from every *target* (a
+checkpoint, or the input of a reduction that a pass accumulates) with 1..8 tiles gives, for every
+node, the summed and the largest tile extent -- and so, for every grid at once:
+
+* MACs of a pass: sum over nodes of MACs per pixel x (sum of row extents) x (sum of column extents);
+* the working set of a pack: the largest, over the steps of the stage, sum of the storages alive
+  (liveness and bytes per pixel from the allocation profile, extents of the largest tile);
+* the bands of a checkpoint alive while the next stage reads it: from the rows each grid row of the
+  consumer reads and the band boundaries of the producer (the whole checkpoint when the consumer
+  takes several passes).
+
+These are estimates (the largest tile for every node at once, all checkpoints' bands at their
+widest together); the planner ranks its finalists with the exact replay (splitpack.core.predict).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import fx
+
+from splitpack.core.cost import node_macs
+from splitpack.core.graph import Shape, TracedModel
+from splitpack.core.plan import Plan, Stage
+from splitpack.core.predict import AllocationProfile
+from splitpack.core.rules import NCHW, Rule, Window, spatial_dims
+from splitpack.core.schedule import StageGraph, bounds, stage_graphs, stage_rules
+
+MAX_TILES = 8  # grids 1x1 .. 8x8, every rows x cols combination
+EMPTY = 1 << 40
+# tile t of a g-tile split sits at column OFFSETS[g - 1] + t of the (target, tile) arrays
+OFFSETS = np.cumsum([0] + list(range(1, MAX_TILES)))
+TILE_COLUMNS = int(OFFSETS[-1] + MAX_TILES)
+
+
+def _tile_bounds(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) of every tile of every g-tile split of ``size`` (g = 1..MAX_TILES); empty where g > size."""
+    lo, hi = np.full(TILE_COLUMNS, EMPTY, np.int64), np.full(TILE_COLUMNS, -EMPTY, np.int64)
+    for g in range(1, min(MAX_TILES, size) + 1):
+        b = bounds(size, g)
+        lo[OFFSETS[g - 1]:OFFSETS[g - 1] + g] = b[:-1]
+        hi[OFFSETS[g - 1]:OFFSETS[g - 1] + g] = b[1:]
+    return lo, hi
+
+
+def _per_grid(lengths: np.ndarray, reduce: np.ufunc) -> np.ndarray:
+    """(targets, TILE_COLUMNS) tile extents -> (targets, MAX_TILES): summed (np.add) or largest (np.maximum)
+    per tile count."""
+    return reduce.reduceat(lengths, OFFSETS, axis=1)
+
+
+@dataclass
+class _Intervals:
+    """Row (d=0) or column (d=1) intervals per (target, tile column) of one node."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def union(self, other: "_Intervals") -> None:
+        np.minimum(self.lo, other.lo, out=self.lo)
+        np.maximum(self.hi, other.hi, out=self.hi)
+
+    def clamp(self, size: int) -> "_Intervals":
+        lo, hi = np.maximum(self.lo, 0), np.minimum(self.hi, size)
+        empty = lo >= hi
+        lo[empty], hi[empty] = EMPTY, -EMPTY
+        return _Intervals(lo, hi)
+
+    def lengths(self) -> np.ndarray:
+        return np.maximum(self.hi - self.lo, 0)
+
+
+def _window(rule: Rule, k: int, d: int, iv: _Intervals, other: _Intervals) -> _Intervals:
+    """The rule's input window along dim ``d`` for every interval at once (``other``: the other dim,
+    for rules whose window needs a whole region)."""
+    if isinstance(rule, Window):
+        w = rule.dims[d]
+        lo = iv.lo * w.stride - w.before
+        hi = (iv.hi - 1) * w.stride - w.before + w.dilation * (w.kernel - 1) + 1
+        return _Intervals(lo, hi)
+    if type(rule).input_window is Rule.input_window:
+        return _Intervals(iv.lo.copy(), iv.hi.copy())
+    lo, hi = iv.lo.copy(), iv.hi.copy()
+    for idx in zip(*np.nonzero(iv.lo < iv.hi)):
+        region = [None, None]
+        region[d] = (int(iv.lo[idx]), int(iv.hi[idx]))
+        region[1 - d] = (int(other.lo[idx]), int(other.hi[idx])) if other.lo[idx] < other.hi[idx] else (0, 1)
+        lo[idx], hi[idx] = rule.input_window(tuple(region), k)[d]
+    return _Intervals(lo, hi)
+
+
+@dataclass
+class Sweep:
+    """Per node, per target and tile count: summed and largest tile extent, rows and columns; and at
+    checkpoints the row intervals themselves."""
+
+    targets: list[fx.Node]
+    row_sum: dict[fx.Node, np.ndarray] = field(default_factory=dict)  # (targets, MAX_TILES)
+    col_sum: dict[fx.Node, np.ndarray] = field(default_factory=dict)
+    row_max: dict[fx.Node, np.ndarray] = field(default_factory=dict)
+    col_max: dict[fx.Node, np.ndarray] = field(default_factory=dict)
+    rows_at: dict[fx.Node, _Intervals] = field(default_factory=dict)  # checkpoints: (targets, TILE_COLUMNS)
+
+    def column(self, target: fx.Node) -> int:
+        return self.targets.index(target)
+
+
+def sweep(stage: StageGraph, rules: dict[fx.Node, Rule], hw: dict[fx.Node, tuple[int, int]],
+          targets: list[fx.Node], keep_rows: set[fx.Node]) -> Sweep:
+    """One backward sweep of the region rules from every target (the schedule's ``_pack`` for all
+    grids and targets at once)."""
+    n = len(targets)
+    seeds = {}
+    for i, t in enumerate(targets):
+        seeds.setdefault(t, []).append(i)
+    need: dict[fx.Node, list[_Intervals]] = {}
+    result = Sweep(list(targets))
+    for node in reversed([stage.source] + stage.nodes):
+        if node not in stage.spatial:
+            continue
+        for i in seeds.get(node, ()):
+            if node not in need:
+                need[node] = [_Intervals(np.full((n, TILE_COLUMNS), EMPTY, np.int64),
+                                         np.full((n, TILE_COLUMNS), -EMPTY, np.int64)) for _ in range(2)]
+            for d in range(2):
+                need[node][d].lo[i], need[node][d].hi[i] = _tile_bounds(hw[node][d])
+        if node not in need:
+            continue
+        rows, cols = need.pop(node)
+        _summarise(result, node, rows, cols, keep_rows)
+        if node is stage.source:
+            continue
+        rule = rules[node]
+        for k, x in enumerate(rule.spatial_inputs):
+            window = [_window(rule, k, 0, rows, cols).clamp(hw[x][0]), _window(rule, k, 1, cols, rows).clamp(hw[x][1])]
+            if x in need:
+                need[x][0].union(window[0])
+                need[x][1].union(window[1])
+            else:
+                need[x] = window
+    return result
+
+
+def _summarise(result: Sweep, node: fx.Node, rows: _Intervals, cols: _Intervals, keep_rows: set) -> None:
+    r, c = rows.lengths(), cols.lengths()
+    result.row_sum[node], result.col_sum[node] = _per_grid(r, np.add), _per_grid(c, np.add)
+    result.row_max[node], result.col_max[node] = _per_grid(r, np.maximum), _per_grid(c, np.maximum)
+    if node in keep_rows:
+        result.rows_at[node] = rows
+
+
+# --------------------------------------------------------------------------- stage options
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str  # the outermost module name of the node (names of the same node are one checkpoint)
+    node: fx.Node
+    spatial: bool  # False: the global pooling (a last checkpoint only)
+
+
+@dataclass
+class StageOption:
+    """Stage ``source -> end`` (indices into the planner's checkpoint list; 0 is the image) for every grid:
+    arrays indexed [rows - 1, cols - 1]."""
+
+    source: int
+    end: int
+    passes: int
+    macs: np.ndarray  # MACs of the stage, batch 1
+    unsplit_macs: int  # the same nodes run once unsplit
+    working_set: np.ndarray  # bytes of the largest pack at its peak, batch 1
+    valid: np.ndarray  # bool: every tile has at least one pixel
+    read_lo: np.ndarray | None  # (TILE_COLUMNS,) first source row each grid row of each rows count reads
+    read_hi: np.ndarray | None
+    _bands: np.ndarray | None = None  # cache of Estimator.band_bytes
+
+    def __post_init__(self):
+        self.extra_macs = self.macs - self.unsplit_macs  # halo recompute and extra passes
+        self.least_working_set = float(self.working_set[self.valid].min()) if self.valid.any() else math.inf
+
+
+class Estimator:
+    """Stage options of a model at one input size (batch 1), and the terms the planner adds up."""
+
+    def __init__(self, traced: TracedModel, checkpoints: list[Checkpoint], shapes: dict[fx.Node, Shape],
+                 dtype: torch.dtype, profile: AllocationProfile, max_passes: int, max_span: int):
+        self.traced, self.checkpoints, self.shapes, self.profile = traced, checkpoints, shapes, profile
+        whole = stage_graphs(traced, Plan((Stage(checkpoints[-1].name, (1, 1)),)))[0]
+        self.rules, layouts = stage_rules(traced, whole, shapes, NCHW, dtype)
+        self.whole = whole
+        self.hw = {n: tuple(spatial_dims(shapes[n], layouts[n])) for n in whole.spatial}
+        self.pixel_numel = {n: _numel(shapes[n]) / max(1, self.hw[n][0] * self.hw[n][1]) for n in whole.spatial}
+        self.index = traced.index
+        reduction_inputs = [self.rules[r].spatial_inputs[0] for r in whole.reductions]
+        self.targets = list(dict.fromkeys([c.node for c in checkpoints if c.spatial] + reduction_inputs))
+        self.sweep = sweep(whole, self.rules, self.hw, self.targets, {c.node for c in checkpoints if c.spatial})
+        self.node_macs = {n: node_macs(n, traced.gm, shapes) for n in traced.nodes}
+        self._macs_before = np.cumsum([self.node_macs[n] for n in traced.nodes])  # running unsplit MACs
+        self.macs_per_pixel = self._macs_per_pixel()
+        self._pass_macs = {t: self._cumulative_macs(t) for t in self.targets}
+        self._pass_ws = {t: self._working_sets(t) for t in self.targets}
+        self.step_peaks = self._unsplit_step_peaks()
+        self.options = self._options(max_passes, max_span)
+
+    # per-node facts ---------------------------------------------------------
+    def _macs_per_pixel(self) -> dict[fx.Node, float]:
+        out = {}
+        for n in self.whole.nodes:
+            if n in self.whole.spatial:
+                macs = self.node_macs[n]
+                if macs:
+                    out[n] = macs / (self.hw[n][0] * self.hw[n][1])
+        return out
+
+    def itemsize(self, node: fx.Node) -> int:
+        op = self.profile.ops.get(node)
+        return op.itemsize if op is not None else self.profile.input_itemsize
+
+    def full_bytes(self, c: Checkpoint) -> int:
+        """Batch-1 bytes of a checkpoint's merged value (the last stage writes it whole)."""
+        return _numel(self.shapes[c.node]) * self.itemsize(c.node)
+
+    def _root(self, node: fx.Node) -> fx.Node:
+        """The node whose storage ``node``'s value lives in (itself, or what it is in place in / a view of)."""
+        op = self.profile.ops.get(node)
+        while op is not None and op.alias is not None:
+            node = node.all_input_nodes[op.alias]
+            op = self.profile.ops.get(node)
+        return node
+
+    # MACs ---------------------------------------------------------------------
+    def _cumulative_macs(self, target: fx.Node) -> tuple[np.ndarray, np.ndarray]:
+        """(node indices, running MACs (n, 8, 8)) of a pass seeded at ``target``, over the MAC nodes before it."""
+        col, s = self.sweep.column(target), self.sweep
+        nodes = [n for n in self.macs_per_pixel if n in s.row_sum and self.index[n] <= self.index[target]]
+        nodes.sort(key=self.index.__getitem__)
+        if not nodes:
+            return np.zeros(0, np.int64), np.zeros((0, MAX_TILES, MAX_TILES))
+        rows = np.stack([s.row_sum[n][col] for n in nodes]).astype(float)
+        cols = np.stack([s.col_sum[n][col] for n in nodes]).astype(float)
+        weights = np.array([self.macs_per_pixel[n] for n in nodes])
+        running = np.cumsum(np.einsum("m,mi,mj->mij", weights, rows, cols), axis=0)
+        return np.array([self.index[n] for n in nodes]), running
+
+    def pass_macs(self, source: fx.Node, target: fx.Node) -> np.ndarray:
+        where, running = self._pass_macs[target]
+        if not len(where):
+            return np.zeros((MAX_TILES, MAX_TILES))
+        end = running[-1]
+        k = np.searchsorted(where, self.index[source], side="right")
+        return end - running[k - 1] if k > 0 else end
+
+    # working set --------------------------------------------------------------
+    def _live_roots(self) -> dict[fx.Node, list[fx.Node]]:
+        """Per spatial step, the storages alive while it runs (each a root node)."""
+        if hasattr(self, "_live"):
+            return self._live
+        steps = [self.whole.source] + [n for n in self.whole.nodes if n in self.whole.spatial]
+        last: dict[fx.Node, int] = {}
+        for n in steps:
+            root = self._root(n)
+            end = max([self.index[u] for u in n.users] + [self.index[n]])
+            last[root] = max(last.get(root, 0), end)
+        live: dict[fx.Node, list[fx.Node]] = {n: [] for n in steps}
+        positions = [self.index[n] for n in steps]
+        for root, end in last.items():
+            lo = np.searchsorted(positions, self.index[root])
+            hi = np.searchsorted(positions, end, side="right")
+            for n in steps[lo:hi]:
+                live[n].append(root)
+        self._live = live
+        return live
+
+    def _root_bytes(self, root: fx.Node) -> float:
+        op = self.profile.ops.get(root)
+        return op.new * self.pixel_numel[root] if op is not None and root in self.pixel_numel else 0.0
+
+    def _live_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every (step, storage) alive together, steps in execution order: (step indices, pair -> step,
+        pair -> swept node row, pair bytes per pixel) plus the stacked largest tile extents."""
+        if not hasattr(self, "_pairs"):
+            s, live = self.sweep, self._live_roots()
+            rows = {n: i for i, n in enumerate(s.row_max)}
+            row_max, col_max = np.stack(list(s.row_max.values())), np.stack(list(s.col_max.values()))
+            steps = sorted((n for n in live if n in rows), key=self.index.__getitem__)
+            step_of, nodes, weights = [], [], []
+            for k, step in enumerate(steps):
+                for root in live[step]:
+                    if root in rows:
+                        step_of.append(k), nodes.append(rows[root]), weights.append(self._root_bytes(root))
+                op = self.profile.ops.get(step)
+                if op is not None and op.extra:  # the op's temporaries
+                    step_of.append(k), nodes.append(rows[step]), weights.append(op.extra * self.pixel_numel[step])
+            self._pairs = (np.array([self.index[n] for n in steps]), np.array(step_of, np.int64),
+                           np.array(nodes, np.int64), np.array(weights), row_max, col_max)
+        return self._pairs
+
+    def _working_sets(self, target: fx.Node) -> tuple[np.ndarray, np.ndarray]:
+        """(step indices, largest live bytes (n, 8, 8) from each step up to ``target``), batch 1."""
+        col = self.sweep.column(target)
+        where, step_of, nodes, weights, row_max, col_max = self._live_pairs()
+        n_steps = int(np.searchsorted(where, self.index[target], side="right"))
+        n_pairs = int(np.searchsorted(step_of, n_steps))
+        parts = np.einsum("p,pi,pj->pij", weights[:n_pairs], row_max[nodes[:n_pairs], col],
+                          col_max[nodes[:n_pairs], col])
+        totals = np.zeros((n_steps, MAX_TILES, MAX_TILES))
+        np.add.at(totals, step_of[:n_pairs], parts)
+        running = np.maximum.accumulate(totals[::-1], axis=0)[::-1]  # largest from each step on
+        return where[:n_steps], running
+
+    def pass_working_set(self, source: fx.Node, target: fx.Node) -> np.ndarray:
+        where, running = self._pass_ws[target]
+        k = np.searchsorted(where, self.index[source], side="right")
+        return running[k] if k < len(where) else np.zeros((MAX_TILES, MAX_TILES))
+
+    # the rest of the network -------------------------------------------------
+    def _unsplit_step_peaks(self) -> dict[fx.Node, int]:
+        from splitpack.core.predict import step_peaks
+
+        return step_peaks(self.traced, self.profile, self.shapes)
+
+    def tail_peak(self, c: Checkpoint) -> int:
+        """Batch-1 peak of the rest of the network after the last checkpoint, run unsplit."""
+        after = [p for n, p in self.step_peaks.items() if self.index[n] > self.index[c.node]]
+        return max(after + [self.full_bytes(c)])
+
+    def _global_macs(self, source: fx.Node, end: Checkpoint) -> int:
+        """MACs of the stage's global values (squeeze-excitation convolutions): computed once, after their pass."""
+        nodes = self.traced.nodes[self.index[source] + 1:self.index[end.node] + 1]
+        return sum(self.node_macs[n] for n in nodes if n not in self.whole.spatial)
+
+    def unsplit_macs_between(self, first: fx.Node, last: fx.Node) -> int:
+        """Unsplit MACs of the nodes after ``first`` up to ``last`` (execution order)."""
+        return int(self._macs_before[self.index[last]] - self._macs_before[self.index[first]])
+
+    def tail_macs(self, c: Checkpoint) -> int:
+        return int(self._macs_before[-1] - self._macs_before[self.index[c.node]])
+
+    # options ------------------------------------------------------------------
+    def _levels_from(self, source: fx.Node, last: fx.Node, max_level: int) -> dict[fx.Node, int]:
+        """stage_graphs' pass levels for a stage starting at ``source`` (valid for any end), up to ``last``
+        or the first node past ``max_level``."""
+        from splitpack.core.schedule import node_kind
+
+        level = {source: 0}
+        for n in self.traced.nodes[self.index[source] + 1:self.index[last] + 1]:
+            parents = [p for p in n.all_input_nodes if p in level]
+            if not parents and n not in self.traced.input_dependent:
+                continue
+            kind = node_kind(self.traced, n)
+            if kind == "reduction":
+                level[n] = max(level[p] + (1 if p in self.traced.spatial else 0) for p in parents)
+            elif kind == "meta":
+                level[n] = max((level[p] for p in parents if p not in self.traced.spatial), default=0)
+            else:
+                level[n] = max((level[p] for p in parents), default=0)
+            if level[n] > max_level:
+                break
+        return level
+
+    def _seeds(self, source: fx.Node, end: Checkpoint, level: dict) -> list[list[fx.Node]]:
+        """Per pass, the targets its packs are tiles of."""
+        passes = level[end.node] + (1 if end.spatial else 0)
+        seeds: list[list[fx.Node]] = [[] for _ in range(passes)]
+        for r in self.whole.reductions:
+            if self.index[source] < self.index[r] <= self.index[end.node]:
+                seeds[level[r] - 1].append(self.rules[r].spatial_inputs[0])
+        if end.spatial:
+            seeds[-1].append(end.node)
+        return [list(dict.fromkeys(s)) for s in seeds]
+
+    def _options(self, max_passes: int, max_span: int) -> list[StageOption]:
+        sources = [(0, self.traced.input_node)] + [(i, c.node) for i, c in enumerate(self.checkpoints, 1) if c.spatial]
+        options = []
+        for a, source in sources:
+            last = min(len(self.checkpoints), a + max_span)
+            level = self._levels_from(source, self.checkpoints[last - 1].node, max_passes)
+            for b in range(a + 1, last + 1):
+                end = self.checkpoints[b - 1]
+                if end.node not in level:
+                    break
+                seeds = self._seeds(source, end, level)
+                if len(seeds) > max_passes:
+                    break
+                options.append(self._option(a, b, source, end, seeds))
+        return options
+
+    def _option(self, a: int, b: int, source: fx.Node, end: Checkpoint, seeds: list[list[fx.Node]]) -> StageOption:
+        per_target = [self.pass_macs(source, t) for pass_seeds in seeds for t in pass_seeds]
+        macs = sum(per_target) + self._global_macs(source, end)
+        if len(seeds) > 1:  # one pack (1x1) keeps its values from pass to pass: each node runs once
+            macs[0, 0] = max(m[0, 0] for m in per_target) + self._global_macs(source, end)
+        ws = np.max([self.pass_working_set(source, t) for pass_seeds in seeds for t in pass_seeds], axis=0)
+        valid = np.ones((MAX_TILES, MAX_TILES), bool)
+        for t in {t for pass_seeds in seeds for t in pass_seeds}:
+            h, w = self.hw[t]
+            valid[min(h, MAX_TILES):, :] = False
+            valid[:, min(w, MAX_TILES):] = False
+        unsplit = self.unsplit_macs_between(source, end.node)
+        read = self.sweep.rows_at.get(source)
+        col = self.sweep.column(seeds[-1][0]) if read is not None else 0
+        return StageOption(a, b, len(seeds), macs, unsplit, ws, valid,
+                           read.lo[col] if read is not None else None, read.hi[col] if read is not None else None)
+
+    def band_bytes(self, c: Checkpoint, option: StageOption) -> np.ndarray:
+        """Batch-1 bytes of checkpoint ``c``'s bands alive while ``option`` (whose source it is) reads it:
+        (producer rows 1..8, consumer rows 1..8). Several passes read all of it first."""
+        if option._bands is not None:
+            return option._bands
+        h, w = self.hw[c.node]
+        row_bytes = w * self.pixel_numel[c.node] * self.itemsize(c.node)
+        out = np.full((MAX_TILES, MAX_TILES), h * row_bytes)
+        if option.passes == 1:
+            lo, hi = option.read_lo, option.read_hi
+            ok = lo < hi
+            for rp in range(1, min(h, MAX_TILES) + 1):
+                edges = np.array(bounds(h, rp))
+                first = edges[np.searchsorted(edges, np.where(ok, lo, 0), side="right") - 1]
+                last = edges[np.minimum(np.searchsorted(edges, np.where(ok, hi, 1) - 1, side="right"), rp)]
+                rows = np.where(ok, np.minimum(last - first, h), 0)
+                out[rp - 1] = np.maximum.reduceat(rows, OFFSETS) * row_bytes
+        option._bands = out
+        return out
+
+
+def _numel(shape: Shape) -> int:
+    if isinstance(shape, tuple) and shape and isinstance(shape[0], torch.Size):
+        return sum(math.prod(s) for s in shape)
+    return math.prod(shape)

@@ -1,0 +1,208 @@
+"""The cost model and the planner behind ``merge_layer: auto`` (splitpack.core.predict, estimate, planner).
+
+* the replay predicts what the executor allocates: byte for byte the peak of the real code run on fake
+  tensors, and within 10% (in fact equal) of the measuring tracker's peak of a real run, on five models
+  at two sizes, for fixed staged plans and for the planner's own choice;
+* the search's MACs are the program's; its choice is no worse than the best plan of a brute force over
+  single checkpoints x square grids and fits its cap or budget; an impossible budget says what is possible;
+* ``wrap(model, "auto")`` plans once per input size, logs the plan and still equals the unsplit model.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import timm
+import torch
+
+import splitpack
+from splitpack.core.auto import AutoSplitPack
+from splitpack.core.estimate import Estimator
+from splitpack.core.plan import Plan, Stage, parse_plan
+from splitpack.core.planner import BudgetTooSmall, Planner, _Path, _SizeContext
+from splitpack.core.predict import allocation_profile, fake_run_peak, plan_cost
+from splitpack.measure.meter import peak_activation_bytes
+
+from conftest import REL_TOL, randomize_norms, rel_error
+
+# (model, two input sizes, fixed plans: merge layers and grids): a single checkpoint, a staged plan through
+# squeeze-excitation / inner checkpoints / non-square grids to the global pooling.
+CASES = {
+    "resnet18": ((64, 96), [("layer2", "3x2"), ("maxpool,layer3,global_pool", "4x4,2x1,2x2")]),
+    "resnet50": ((64, 96), [("layer1", "2x3"), ("maxpool,layer2.0,layer4.0,global_pool", "4x4,3x3,1x2,2x2")]),
+    "mobilenetv2_100": ((64, 96), [("blocks.2", "3x3"), ("blocks.1,blocks.3,global_pool", "4x2,2x2,2x2")]),
+    "efficientnet_b0": ((64, 96), [("blocks.1.0.se", "2x2"),
+                                   ("blocks.1,blocks.2,blocks.4,global_pool", "3x3,2x2,2x1,1x2")]),
+    "convnext_nano": ((64, 96), [("stages.1", "2x2"), ("stem,stages.1.downsample,head.global_pool", "4x4,2x2,2x2")]),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Thousands of tiny pack ops: on 2 shared cores, OpenMP's spinning threads make each take milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = randomize_norms(timm.create_model(name)).eval()
+            cache[name] = (model, Planner(model))
+        return cache[name]
+    return get
+
+
+def _measured(model, traced, plan: Plan, x: torch.Tensor) -> int:
+    split = splitpack.SplitPack(model, plan, traced=traced)
+    split.program(x.shape)  # planned before the measured call, as a server's warm-up does
+    return peak_activation_bytes(split, x)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_predicted_peak_is_the_measured_peak(models, name):
+    """Every plan tried, at two sizes: the replay's peak within 10% of the measuring tracker's (it is equal:
+    the replay holds the executor's references where the executor holds its tensors)."""
+    model, planner = models(name)
+    sizes, plans = CASES[name]
+    for size in sizes:
+        shape = (1, 3, size, size)
+        chosen = planner.choose(shape).plan
+        for plan in [parse_plan(ml, grid) for ml, grid in plans] + [chosen]:
+            predicted = plan_cost(planner.traced, plan, shape).peak_bytes
+            measured = _measured(model, planner.traced, plan, torch.randn(shape))
+            assert abs(predicted / measured - 1) <= 0.10, (name, size, str(plan), predicted, measured)
+            assert predicted == measured, (name, size, str(plan), predicted, measured)
+
+
+@pytest.mark.parametrize("name, plan, grids", [("efficientnet_b0", "blocks.0.0.se,blocks.2,global_pool", "3x2,2x2,1x1"),
+                                               ("resnet18", "layer1.0,layer3", "5x3,2x2")])
+def test_replay_equals_the_executor_run_on_fake_tensors(models, name, plan, grids):
+    """The reference: the real executor and rest of the network on fake tensors, bytes counted by storage.
+    Batch 2 in half precision: the replay scales by the batch and reads each op's item size."""
+    model, planner = models(name)
+    half = timm.create_model(name).eval().to(torch.bfloat16)
+    half.load_state_dict(model.state_dict())
+    split = splitpack.SplitPack(half, parse_plan(plan, grids))
+    shape = (2, 3, 80, 80)
+    split.program(shape, torch.bfloat16)
+    assert plan_cost(split._traced, split.plan, shape, torch.bfloat16).peak_bytes == \
+        fake_run_peak(split, shape, torch.bfloat16)
+
+
+def _random_paths(estimator: Estimator, count: int, rng: random.Random) -> list[_Path]:
+    by_source = {}
+    for o in estimator.options:
+        if o.valid.any():
+            by_source.setdefault(o.source, []).append(o)
+    paths = []
+    for _ in range(count):
+        source, steps = 0, []
+        while source in by_source:
+            o = rng.choice(by_source[source])
+            rows, cols = o.valid.nonzero()
+            k = rng.randrange(len(rows))
+            steps.append((o, int(rows[k]) + 1, int(cols[k]) + 1))
+            source = o.end
+            if rng.random() < 0.4:
+                break
+        paths.append(_Path(tuple(steps)))
+    return paths
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
+def test_search_macs_are_the_programs_macs(models, name):
+    """The search's per-stage MACs (region sweeps, every grid at once) add up to what the program executes."""
+    _, planner = models(name)
+    context = _SizeContext(planner, (1, 3, 96, 96), torch.float32)
+    for path in _random_paths(context.estimator, 12, random.Random(0)):
+        _, ratio = context.estimate(path)
+        assert ratio == pytest.approx(context.exact(context.plan_of(path)).macs_ratio, rel=1e-3), \
+            str(context.plan_of(path))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100"])
+def test_choice_beats_every_single_checkpoint_plan_within_the_cap(models, name):
+    """Brute force over one-stage plans (every checkpoint x square grids 1..6): none within the cap has a
+    predicted peak more than 10% below the planner's choice, which itself stays within the cap."""
+    _, planner = models(name)
+    shape = (1, 3, 128, 128)
+    choice = planner.choose(shape, max_overhead=1.25)
+    assert choice.predicted_macs_ratio <= 1.25
+    profile = allocation_profile(planner.traced, shape)
+    best = None
+    for checkpoint in planner.checkpoints:
+        for g in range(1, 7):
+            try:
+                cost = plan_cost(planner.traced, Plan((Stage(checkpoint.name, (g, g)),)), shape, profile=profile)
+            except ValueError:  # a grid finer than a feature map
+                continue
+            if cost.macs_ratio <= 1.25 and (best is None or cost.peak_bytes < best):
+                best = cost.peak_bytes
+    assert choice.predicted_peak_bytes <= 1.10 * best, (str(choice.plan), choice.predicted_peak_bytes, best)
+
+
+def test_budget_gets_the_fewest_macs_that_fit_and_an_impossible_one_says_what_is_possible(models):
+    _, planner = models("resnet18")
+    shape = (2, 3, 96, 96)
+    tight = planner.choose(shape)  # the smallest peak within 1.25x
+    budget = int(tight.predicted_peak_bytes * 1.5)
+    roomy = planner.choose(shape, memory_budget=budget)
+    assert roomy.predicted_peak_bytes <= budget
+    assert roomy.predicted_macs_ratio <= tight.predicted_macs_ratio  # more memory, no more compute
+    assert plan_cost(planner.traced, roomy.plan, shape).peak_bytes == roomy.predicted_peak_bytes
+    with pytest.raises(BudgetTooSmall, match=r"memory_budget 0\.0 MiB is below the smallest peak activation "
+                                             r"memory achievable for input \[2, 3, 96, 96\]: [0-9.]+ MiB \(plan "):
+        planner.choose(shape, memory_budget=1000)
+
+
+def test_wrap_auto_plans_each_size_once_logs_it_and_stays_exact(models, caplog):
+    model, _ = models("efficientnet_b0")
+    auto = splitpack.wrap(model, "auto", max_overhead=1.3)
+    assert isinstance(auto, AutoSplitPack)
+    seen = []
+    auto.on_plan.append(seen.append)
+    with caplog.at_level(logging.INFO, logger="splitpack"), torch.no_grad():
+        for shape in [(2, 3, 96, 96), (1, 3, 96, 96), (1, 3, 64, 80)]:
+            x = torch.randn(shape)
+            assert rel_error(auto(x), model(x)) <= 10 * REL_TOL
+    assert [c.shape for c in seen] == [(1, 3, 96, 96), (1, 3, 64, 80)]  # one plan per size, whatever the batch
+    assert all(c.predicted_macs_ratio <= 1.3 for c in seen)
+    logged = [r.getMessage() for r in caplog.records if "merge_layer=auto" in r.getMessage()]
+    assert len(logged) == 2 and f"plan {seen[0].plan}" in logged[0] and "input 3x96x96" in logged[0]
+
+
+def test_budget_and_overhead_belong_to_auto(models):
+    model, _ = models("resnet18")
+    with pytest.raises(ValueError, match="memory_budget and max_overhead are for merge_layer='auto'"):
+        splitpack.wrap(model, "layer2", "2x2", memory_budget=1 << 20)
+    with pytest.raises(ValueError, match="plans exact mode"):
+        splitpack.wrap(model, "auto", mode="seed")
+
+
+def test_plan_command_prints_the_plan_its_front_and_one_measurement(tmp_path, capsys):
+    """`splitpack plan --json --png`: the documented keys, the chosen plan on the front, its predicted peak
+    within 10% of the measured one and below the unsplit model's, the front plotted."""
+    import json
+
+    from splitpack import cli
+
+    png = tmp_path / "front.png"
+    assert cli.main(["plan", "--model", "resnet18", "--size", "64", "--batch", "2", "--max-overhead", "1.3",
+                     "--json", "--png", str(png)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["batch_size"] == 2 and report["predicted_macs_ratio"] <= 1.3
+    stages = report["plan"]["stages"]
+    assert stages and all({"checkpoint", "grid"} <= set(s) for s in stages)
+    assert abs(report["predicted_peak_bytes"] / report["measured_peak_bytes"] - 1) <= 0.10
+    assert report["measured_peak_bytes"] < report["baseline_peak_bytes"]
+    assert report["plan_text"] in {p["plan"] for p in report["front"]}
+    peaks = [p["predicted_peak_bytes"] for p in report["front"]]
+    assert peaks == sorted(peaks) and len(peaks) > 1
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
