@@ -174,7 +174,7 @@ def markdown(results: dict, command: str) -> str:
         tag = " (planner)" if r["kind"] == "planner" else ""
         lines.append(f"| {r['model']} | {r['size']} | `{r['plan']}`{tag} | {r['macs_ratio']:.3f} | {mib(r['predicted'])} | "
                      f"{mib(r['measured'])} | {100 * r['error']:+.2f}% |")
-    worst = max(abs(r["error"]) for r in results["accuracy"])
+    worst = max((abs(r["error"]) for r in results["accuracy"]), default=0.0)  # --models with none: timing only
     lines += ["", f"Largest error over {len(results['accuracy'])} plans: {100 * worst:.2f}%.", "",
               f"### Planner vs brute force (@{results['brute_size']}, within {results['cap']}x MACs)", "",
               "Brute force: every one-checkpoint plan x square grids 1..6, and every two-stage plan between coarse "
