@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 
+import psutil
+import pytest
 import torch
 from hypothesis import settings
 from torch import nn
+
+import splitpack
 
 # CI replays the same examples every run (no flaky discoveries at merge time); locally they vary.
 settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -44,3 +48,29 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def models():
+    """``models(name)``: a timm/torchvision model with random weights and randomized norms, built once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            torch.manual_seed(0)
+            cache[name] = randomize_norms(splitpack.create_model(name))
+        return cache[name]
+
+    return get
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (a server with its workers or stubs)."""
+    root = psutil.Process(pid)
+    total = 0
+    for p in [root] + root.children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # a child that exited while we looked
+            pass
+    return total

@@ -25,19 +25,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            torch.manual_seed(0)
-            cache[name] = randomize_norms(splitpack.create_model(name))
-        return cache[name]
-
-    return get
-
-
 @pytest.mark.parametrize("name,merge,grid,size", CASES, ids=[c[0] for c in CASES])
 def test_program_gives_the_interpreters_outputs_bit_for_bit_at_any_batch(models, name, merge, grid, size):
     model = models(name)

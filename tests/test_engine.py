@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import splitpack
-from conftest import F64_TOL, exactness_bound, randomize_norms, rel_error
+from conftest import F64_TOL, exactness_bound, rel_error
 from splitpack.measure.meter import peak_activation_bytes
 
 CASES = [
@@ -27,19 +27,6 @@ CASES = [
     ("tv:densenet121", "features.transition2", (2, 2), (96, 96)),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            torch.manual_seed(0)
-            cache[name] = randomize_norms(splitpack.create_model(name))
-        return cache[name]
-
-    return get
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))

@@ -20,6 +20,7 @@ from splitpack import cli
 from splitpack.serving.net import free_ports
 from splitpack.serving.predictor import SAMPLE_IMAGE
 from splitpack.serving.torchserve.server import Ports, TorchServe, TorchServeError
+from conftest import process_tree_rss
 
 MODEL = "lite0"
 pytestmark = pytest.mark.slow
@@ -54,14 +55,7 @@ def predict(server, body: bytes, headers: dict | None = None, timeout: float = 1
 
 
 def server_rss(server) -> int:
-    root = psutil.Process(server.pid())
-    total = 0
-    for p in [root] + root.children(recursive=True):
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+    return process_tree_rss(server.pid())
 
 
 def workers(server) -> list[psutil.Process]:

@@ -23,6 +23,7 @@ from splitpack.serving.triton.client import classify, image_input
 from splitpack.serving.triton.deployment import TritonDeployment
 from splitpack.serving.triton.repo import TritonModelSpec, generate_model_dir
 from splitpack.serving.triton.server import TritonServerError
+from conftest import process_tree_rss
 
 MODEL = "lite0"
 pytestmark = pytest.mark.slow
@@ -57,15 +58,7 @@ def client_for(deployment):
 
 def deployment_rss(deployment) -> int:
     """Resident memory of the deployment: supervisor + gateway, tritonserver, its stubs."""
-    root = psutil.Process(deployment.pid())
-    processes = [root] + root.children(recursive=True)
-    total = 0
-    for p in processes:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+    return process_tree_rss(deployment.pid())
 
 
 def stubs(deployment) -> list[psutil.Process]:
