@@ -5,12 +5,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import splitpack
 from splitpack import cli
-from splitpack.experiments.evaluate import Strategy, data_transform, evaluate, labelled_images, load_images, parse_strategy
+from splitpack.experiments.evaluate import (Strategy, block_layers, data_transform, default_strategies, evaluate,
+                                            labelled_images, load_images, parse_strategy)
 from splitpack.measure.meter import peak_activation_bytes
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "imagenet-sample"
@@ -99,6 +101,36 @@ def test_evaluate_command_writes_every_strategy_and_a_plot(folder, tmp_path, cap
     out_json.write_text(json.dumps(report))
     assert cli.main(["evaluate", "--from-json", str(out_json), "--png", str(tmp_path / "two.png")]) == 0
     assert (tmp_path / "two.png").stat().st_size > out_png.stat().st_size
+
+
+@pytest.fixture(scope="module")
+def made_images(tmp_path_factory) -> Path:
+    """Two small random RGB images with labels.tsv, made here (no data set needed)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("made")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    (root / "labels.tsv").write_text("file\tclass_index\n" + "".join(f"img{i}.png\t{i}\n" for i in range(2)))
+    return root
+
+
+def test_evaluate_runs_its_default_strategy_set(made_images, tmp_path):
+    """No --strategies, --seed-layers or --exact-layers: the default set (seed at every block-level merge
+    layer seed mode takes, exact at 4 layers exact mode takes, including the global pooling) all runs."""
+    out = tmp_path / "defaults.json"
+    rc = cli.main(["evaluate", "--model", "test_efficientnet", "--data", str(made_images), "--limit", "2",
+                   "--batch-size", "2", "--threads", "1", "--quiet", "--out", str(out)])
+    assert rc == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    model = splitpack.create_model("test_efficientnet")
+    expected = [s.label for s in default_strategies(model)]
+    assert [row["label"] for row in run["strategies"]] == expected and run["n_images"] == 2
+    seed_layers = {row["merge_layer"] for row in run["strategies"] if row["kind"] == "seed"}
+    assert seed_layers == set(block_layers(model, "seed")) and "global_pool" not in seed_layers
+    assert "exact:global_pool:2" in expected  # exact mode's own last checkpoint stays in the set
+    assert all(row["peak_bytes"] > 0 for row in run["strategies"])
 
 
 def test_bad_arguments_are_clear_errors(folder, capsys):

@@ -50,8 +50,9 @@ class Strategy:
             return f"resize:{self.scale:g}"
         return self.kind
 
-    def build(self, model: nn.Module, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A callable ``x (N,3,size,size) -> logits`` for this strategy."""
+    def build(self, model: nn.Module, size: int, traced=None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A callable ``x (N,3,size,size) -> logits`` for this strategy. ``traced``: the model's trace
+        (:func:`splitpack.core.graph.trace`), shared by every split strategy instead of one trace each."""
         if self.kind == "unsplit":
             return model
         if self.kind == "resize":
@@ -62,9 +63,9 @@ class Strategy:
                 return model(F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False))
 
             return resized
-        import splitpack
+        from splitpack.core.engine import SplitPack
 
-        return splitpack.wrap(model, merge_layer=self.merge_layer, grid=(self.grid, self.grid), mode=self.kind)
+        return SplitPack(model, self.merge_layer, (self.grid, self.grid), self.kind, traced=traced)
 
 
 def parse_strategy(text: str) -> Strategy:
@@ -97,10 +98,11 @@ def spread(items: list, count: int) -> list:
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
-def block_layers(model: nn.Module) -> list[str]:
-    """Merge layers at block granularity, execution order: top-level modules (stem, head) and the
-    blocks of each stage (``blocks.S.B`` in timm, ``layerN.B`` in torchvision). The full
-    :func:`splitpack.merge_layers` list also names every conv/bn inside a block."""
+def block_layers(model: nn.Module, mode: str = "exact") -> list[str]:
+    """Merge layers ``mode`` takes, at block granularity, execution order: top-level modules (stem,
+    head) and the blocks of each stage (``blocks.S.B`` in timm, ``layerN.B`` in torchvision). The
+    full :func:`splitpack.merge_layers` list also names every conv/bn inside a block; seed mode
+    takes only the spatial ones (no global pooling)."""
     import splitpack
 
     wanted = set()
@@ -113,7 +115,7 @@ def block_layers(model: nn.Module) -> list[str]:
                 wanted.update(f"{name}.{sub_name}.{b}" for b, _ in sub.named_children())
             else:
                 wanted.add(f"{name}.{sub_name}")
-    return [n for n in splitpack.merge_layers(model) if n in wanted]
+    return [n for n in splitpack.merge_layers(model, mode=mode) if n in wanted]
 
 
 def default_strategies(
@@ -124,17 +126,14 @@ def default_strategies(
     seed_layers: int | list[str] | None = None,
     scales: Iterable[float] = DEFAULT_SCALES,
 ) -> list[Strategy]:
-    """unsplit; exact at ``exact_layers`` (names, or a count spread over the exact-capable
-    block-level merge layers) x ``exact_grids``; seed at every block-level merge layer (or
-    ``seed_layers``: names or a count) x ``grids``; resize at ``scales``."""
-    import splitpack
-
-    blocks = block_layers(model)
+    """unsplit; exact at ``exact_layers`` (names, or a count spread over the block-level merge
+    layers exact mode takes) x ``exact_grids``; seed at every block-level merge layer seed mode
+    takes (or ``seed_layers``: names or a count) x ``grids``; resize at ``scales``."""
     if isinstance(exact_layers, int):
-        capable = set(splitpack.merge_layers(model, mode="exact"))
-        exact_layers = spread([n for n in blocks if n in capable], exact_layers)
+        exact_layers = spread(block_layers(model, "exact"), exact_layers)
     if seed_layers is None or isinstance(seed_layers, int):
-        seed_layers = blocks if seed_layers is None else spread(blocks, seed_layers)
+        seed_blocks = block_layers(model, "seed")
+        seed_layers = seed_blocks if seed_layers is None else spread(seed_blocks, seed_layers)
     strategies = [Strategy("unsplit")]
     for layer in exact_layers:
         strategies += [Strategy("exact", layer, g) for g in exact_grids]
@@ -270,13 +269,15 @@ def evaluate(
     """Run every strategy on every readable image; one result dict (see module doc)."""
     from tqdm import tqdm
 
+    from splitpack.core.graph import trace
     from splitpack.measure.meter import peak_activation_bytes
 
     transform, cfg = data_transform(model, size)
     size = cfg["input_size"][-1]
     if not strategies or strategies[0].kind != "unsplit":
         strategies = [Strategy("unsplit")] + [s for s in strategies if s.kind != "unsplit"]
-    runners = {s: s.build(model, size) for s in strategies}
+    traced = trace(model) if any(s.kind in ("exact", "seed") for s in strategies) else None
+    runners = {s: s.build(model, size, traced) for s in strategies}
     tallies = {s: Tally(s) for s in strategies}
     skipped: list[str] = []
     measured = False
