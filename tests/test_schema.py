@@ -29,6 +29,7 @@ NON_DEFAULT = {
     "max_image_bytes": "1000", "threads": "2",
     "data_config": '{"crop_pct": 1.0, "interpolation": "bilinear"}',
     "replicas": "3", "instance_kind": "gpu", "batch_size": "6", "max_batch_delay_ms": "7", "response_timeout_s": "99",
+    "startup_timeout_s": "300",
 }
 
 
@@ -111,6 +112,20 @@ def test_torchserve_model_config_holds_every_parameter_where_the_schema_says():
     for p in params_for("torchserve", DEPLOY):
         for key in re.findall(r"[A-Za-z]+(?= *(?:,|$| \())", p.native["torchserve"]):
             assert written[key] == deploy[p.name], (p.name, key)
+
+
+@pytest.mark.parametrize("compile, given, base, expected", [
+    ("off", None, None, 120), ("program", None, None, 120), ("inductor", None, None, 900),  # TorchServe's 120 s
+    ("inductor", "auto", None, 900), ("inductor", "1800", None, 1800), ("off", "45", None, 45),
+    ("inductor", None, {"startupTimeout": 600}, 600),  # re-archived from a model-config.yaml that sets it
+    ("inductor", "1800", {"startupTimeout": 600}, 1800),
+])
+def test_worker_startup_timeout_follows_the_compile_mode_unless_given(compile, given, base, expected):
+    """compile: inductor compiles at model load, longer than TorchServe's default wait for a worker."""
+    config = ServingConfig("resnet18", merge_layer="layer2", compile=compile)
+    values = {} if given is None else {"startup_timeout_s": given}
+    deploy = deploy_settings("torchserve", values) if base is None else schema.check_deploy("torchserve", values)
+    assert model_config_yaml(config, deploy, "file", base)["startupTimeout"] == expected
 
 
 def test_triton_config_pbtxt_holds_every_parameter_where_the_schema_says():

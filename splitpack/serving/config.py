@@ -87,14 +87,25 @@ def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     return parse
 
 
-def threads_value(value: Any) -> int | str:
-    """``auto`` (or empty) = the server's share of the cores (splitpack.serving.threads); else an integer >= 1."""
+def auto_or_count(value: Any) -> int | str:
+    """``auto`` (or empty) = derived where it is used (threads: the server's share of the cores,
+    splitpack.serving.threads; startup_timeout_s: :func:`startup_timeout_s`); else an integer >= 1."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
         return AUTO
     return integer(1)(value)
 
 
-threads_value.__name__ = "auto or an integer >= 1"
+auto_or_count.__name__ = "auto or an integer >= 1"
+
+# Seconds TorchServe waits for a worker to load its model (model-config.yaml startupTimeout; 120 in
+# TorchServe 0.12). Load runs the warm-up, which with compile: inductor compiles the program for batch 1
+# and 2: about 2 minutes each for MobileNetV2 4x4 on a CPU (BENCHMARKS.md), more for larger programs.
+STARTUP_TIMEOUT_S = {"off": 120, "program": 120, "inductor": 900}
+
+
+def startup_timeout_s(value: int | str, compile: Any) -> int:
+    """The worker start-up timeout to deploy: ``value``, or for ``auto`` the one the compile mode needs."""
+    return STARTUP_TIMEOUT_S[compile_mode(compile)] if value == AUTO else value
 
 
 def memory_budget(value: Any) -> int | None:
@@ -235,7 +246,7 @@ PARAMS: tuple[Param, ...] = (
     Param("max_image_bytes", integer(1), 32 << 20,
           "reject an encoded image larger than this before decoding it (HTTP 413 / INVALID_ARGUMENT)",
           metavar="BYTES"),
-    Param("threads", threads_value, AUTO,
+    Param("threads", auto_or_count, AUTO,
           "torch threads per replica (its own process); auto = the cores / every replica of the server",
           metavar="N|auto"),
     Param("data_config", data_config, None,
@@ -267,6 +278,11 @@ PARAMS: tuple[Param, ...] = (
           native={"torchserve": "maxBatchDelay", "triton": "dynamic_batching.max_queue_delay_microseconds"}),
     Param("response_timeout_s", integer(1), 120, "seconds before TorchServe gives up on a worker", section=DEPLOY,
           servers=("torchserve",), native={"torchserve": "responseTimeout"}, metavar="S"),
+    Param("startup_timeout_s", auto_or_count, AUTO,
+          "seconds TorchServe waits for a worker to load the model (the warm-up included); auto = "
+          f"{STARTUP_TIMEOUT_S['inductor']} with compile: inductor, else {STARTUP_TIMEOUT_S['off']} "
+          "(TorchServe's default)", section=DEPLOY,
+          servers=("torchserve",), native={"torchserve": "startupTimeout"}, metavar="S|auto"),
 )
 BY_NAME = {p.name: p for p in PARAMS}
 MODEL_PARAMS = tuple(p for p in PARAMS if p.section == MODEL)

@@ -22,7 +22,7 @@ import yaml
 
 from splitpack.errors import ServerError
 from splitpack.publish import staged_path
-from splitpack.serving.config import ServingConfig, check_deploy, deploy_settings
+from splitpack.serving.config import AUTO, ServingConfig, check_deploy, deploy_settings, startup_timeout_s
 from splitpack.serving.extras import console_script
 from splitpack.serving.package import check_settings, pin_data_config, source_model
 
@@ -45,8 +45,9 @@ def archive_name(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", model_name)
 
 
-def torchserve_keys(deploy: Mapping[str, Any]) -> dict[str, Any]:
-    """Deploy-section values of the schema -> TorchServe's own model-config.yaml keys (see Param.native)."""
+def torchserve_keys(deploy: Mapping[str, Any], compile: str = "off") -> dict[str, Any]:
+    """Deploy-section values of the schema -> TorchServe's own model-config.yaml keys (see Param.native);
+    ``compile``: the model's compile mode, which an ``auto`` start-up timeout follows."""
     keys: dict[str, Any] = {}
     if "replicas" in deploy:
         keys.update(minWorkers=deploy["replicas"], maxWorkers=deploy["replicas"])
@@ -56,6 +57,8 @@ def torchserve_keys(deploy: Mapping[str, Any]) -> dict[str, Any]:
         keys["maxBatchDelay"] = deploy["max_batch_delay_ms"]
     if "response_timeout_s" in deploy:
         keys["responseTimeout"] = deploy["response_timeout_s"]
+    if "startup_timeout_s" in deploy:
+        keys["startupTimeout"] = startup_timeout_s(deploy["startup_timeout_s"], compile)
     if deploy.get("instance_kind", "auto") != "auto":
         keys["deviceType"] = deploy["instance_kind"]
     return keys
@@ -65,7 +68,9 @@ def model_config_yaml(config: ServingConfig, deploy: Mapping[str, Any], weights_
                       base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The archive's model-config.yaml: TorchServe's keys (``base``, then ``deploy``) + our ``handler:`` section."""
     top = {k: v for k, v in (base or {}).items() if k != HANDLER_SECTION}
-    return {**top, **torchserve_keys(deploy),
+    if "startupTimeout" not in top:  # a base's own value stays, unless deploy sets one
+        deploy = {"startup_timeout_s": AUTO, **deploy}
+    return {**top, **torchserve_keys(deploy, config.compile),
             HANDLER_SECTION: {**config.to_mapping(), "weights_source": weights_source}}
 
 
