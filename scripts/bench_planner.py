@@ -5,7 +5,7 @@ usage: scripts/bench_planner.py [--models M ...] [--sizes 512 1024] [--brute-siz
                                 [--planning-model efficientnet_b7 --planning-size 600]
                                 [--write BENCHMARKS.md] [--json benchmarks/planner.json]
 
-1. Prediction accuracy: for every model and size, the predicted peak (splitpack.core.predict: the
+1. Prediction accuracy: for every model and size, the predicted peak (splitpack.core.cost.exact_peak: the
    executor's memory behaviour replayed on the program) against the measured one (the CPU tracker,
    splitpack.measure.meter, one real run under inference_mode) for the planner's choice and two fixed
    plans (one checkpoint; a staged plan to the global pooling).
@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 import splitpack  # noqa: E402
-from splitpack.core.estimate import Estimator  # noqa: E402
-from splitpack.core.plan import Plan, Stage, parse_plan  # noqa: E402
-from splitpack.core.planner import Planner, _SizeContext  # noqa: E402
-from splitpack.core.predict import plan_cost  # noqa: E402
+from splitpack.core.cost.fast_estimate import Estimator  # noqa: E402
+from splitpack.core.plan.spec import Plan, Stage, parse_plan  # noqa: E402
+from splitpack.core.search.planner import Planner, _SizeContext  # noqa: E402
+from splitpack.core.cost.exact_peak import plan_cost  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 from splitpack.measure.units import MiB  # noqa: E402
 
@@ -166,7 +166,7 @@ def markdown(results: dict, command: str) -> str:
              f"for the measured runs (peak bytes do not depend on it); load average {load[0]:.2f} / {load[1]:.2f} "
              f"when it started and {results['load_end'][0]:.2f} when it ended"
              + (" (shared with other work: the timings are from a loaded machine)" if max(load[0], 1e-9) > 1.0 else "")
-             + ". Predicted = `splitpack.core.predict` (the executor's memory behaviour replayed on the program, "
+             + ". Predicted = `splitpack.core.cost.exact_peak` (the executor's memory behaviour replayed on the program, "
                "allocations per op from one fake-tensor run); measured = `splitpack.measure.meter` on a real run.",
              "", "### Predicted vs measured peak activation memory", "",
              "| model | size | plan | MACs ratio | predicted MiB | measured MiB | error |", "|---|---|---|---|---|---|---|"]

@@ -8,7 +8,7 @@ poster's no-halo split.
 """
 from splitpack.errors import SplitError
 from splitpack.core.engine import SplitPack, merge_layers, wrap
-from splitpack.core.planner import plan_for
+from splitpack.core.search.planner import plan_for
 from splitpack.models import create_model
 
 __all__ = ["SplitError", "SplitPack", "create_model", "merge_layers", "plan_for", "wrap"]

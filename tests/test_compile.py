@@ -1,4 +1,4 @@
-"""Compiled split-pack (splitpack.core.compile, tape, cudagraphs): the straight-line program recorded from the
+"""Compiled split-pack (splitpack.core.compile.recording, tape, cudagraphs): the straight-line program recorded from the
 interpreter gives its outputs bit for bit at any batch size and keeps its peak memory; torch.compile of it
 stays exact; CUDA-graph bookkeeping and fallbacks (the capture itself needs CUDA)."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ from torch import nn
 
 import splitpack
 from conftest import exactness_bound, randomize_norms, rel_error
-from splitpack.core.compile import MODES, compile_mode, record
-from splitpack.core.cudagraphs import GraphedPlans, batch_buckets, bucket_for, pad_batch, unpad
-from splitpack.core.tape import NotRecordable, record_batch_free
+from splitpack.core.compile.recording import MODES, compile_mode, record
+from splitpack.core.compile.cudagraphs import GraphedPlans, batch_buckets, bucket_for, pad_batch, unpad
+from splitpack.core.compile.tape import NotRecordable, record_batch_free
 from splitpack.measure.allocations import peak_allocated_bytes
 from splitpack.measure.meter import peak_activation_bytes
 
@@ -196,7 +196,7 @@ def test_cuda_graphs_fall_back_on_the_cpu_and_say_why_once(models, caplog):
     model = models("resnet18")
     wrapped = splitpack.wrap(model, "layer2", 2, cuda_graphs=True)
     x = torch.randn(2, 3, 64, 64)
-    with caplog.at_level(logging.WARNING, logger="splitpack.core.cudagraphs"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="splitpack.core.compile.cudagraphs"), torch.no_grad():
         out = wrapped(x)
         wrapped(x)
     assert rel_error(out, model(x)) <= 1e-5  # the recorded program ran instead

@@ -225,7 +225,7 @@ def staged_plans(draw, layers: list[str]):
        data=st.data(), seed=st.integers(0, 2**16))
 def test_exact_split_equals_unsplit(compile_, net, h, w, data, seed):
     """In float64: a wrong halo, border or gate shows at 1e-3 or more, rounding at 1e-15. Run by the
-    interpreter (the reference) and by the straight-line program recorded from it (splitpack.core.compile)."""
+    interpreter (the reference) and by the straight-line program recorded from it (splitpack.core.compile.recording)."""
     torch.manual_seed(seed)
     model = randomize_norms(net, seed).double()
     x = torch.randn(2, 3, h, w, dtype=torch.float64)

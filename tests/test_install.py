@@ -65,7 +65,7 @@ def clean_env(venv: Path, server_tools: bool = True) -> dict:
 def test_wheel_ships_the_handler_and_assets(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for member in ("splitpack/serving/torchserve/handler.py", "splitpack/assets/chelsea.jpg",
-                   "splitpack/cli/__init__.py", "splitpack/core/plan.py",
+                   "splitpack/cli/__init__.py", "splitpack/core/plan/spec.py",
                    "splitpack/serving/kserve/crd/serving.kserve.io_inferenceservices.yaml.gz"):
         assert member in names
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()

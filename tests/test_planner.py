@@ -1,4 +1,4 @@
-"""The cost model and the planner behind ``merge_layer: auto`` (splitpack.core.predict, estimate, planner).
+"""The cost model and the planner behind ``merge_layer: auto`` (splitpack.core.cost.exact_peak, estimate, planner).
 
 * the replay predicts what the executor allocates: byte for byte the peak of the real code run on fake
   tensors, and within 10% (in fact equal) of the measuring tracker's peak of a real run, on five models
@@ -17,11 +17,11 @@ import timm
 import torch
 
 import splitpack
-from splitpack.core.auto import AutoSplitPack
-from splitpack.core.estimate import Estimator
-from splitpack.core.plan import Plan, Stage, parse_plan
-from splitpack.core.planner import BudgetTooSmall, Planner, _Path, _SizeContext
-from splitpack.core.predict import allocation_profile, fake_run_peak, plan_cost
+from splitpack.core.search.auto import AutoSplitPack
+from splitpack.core.cost.fast_estimate import Estimator
+from splitpack.core.plan.spec import Plan, Stage, parse_plan
+from splitpack.core.search.planner import BudgetTooSmall, Planner, _Path, _SizeContext
+from splitpack.core.cost.exact_peak import allocation_profile, fake_run_peak, plan_cost
 from splitpack.measure.meter import peak_activation_bytes
 
 from conftest import REL_TOL, randomize_norms, rel_error

@@ -4,7 +4,7 @@ Each configuration (unsplit, or a plan: merge layers x grids x mode) is measured
 process and turned into a per-replica footprint (:mod:`splitpack.capacity.footprint`,
 where the formula lives); replicas = floor((gpu_memory - headroom) / replica_bytes).
 Without explicit merge layers the split candidates are the staged plans the planner
-(:mod:`splitpack.core.planner`) chooses within a few MACs caps (:data:`PLANNED_CAPS`):
+(:mod:`splitpack.core.search.planner`) chooses within a few MACs caps (:data:`PLANNED_CAPS`):
 the smallest predicted peak, so the most replicas, for each compute budget. Seed mode
 (outputs change, the more the deeper the merge) is only measured at layers given
 explicitly. The recommendation is the split candidate with the most replicas (then the
@@ -25,7 +25,7 @@ import torch
 from splitpack.capacity.footprint import (ALLOCATOR_SLACK_SOURCE, CONTEXT_OVERHEAD_SOURCE, DEFAULT_ALLOCATOR_SLACK,
                                           DEFAULT_CONTEXT_OVERHEAD, LIBTORCH, PYTHON, Footprint, Measurement,
                                           footprint, measure, replicas_that_fit, shared_bytes)
-from splitpack.core.plan import grid_text
+from splitpack.core.plan.spec import grid_text
 
 FORMULAS = {
     PYTHON: "replicas = floor((gpu_memory_bytes - headroom_bytes) / replica_bytes)",
@@ -132,7 +132,7 @@ def _split_keys(p: PlanInputs, model, x, mode: str, notes: list[str]) -> list[tu
 
 def _planned_keys(p: PlanInputs, model, x, notes: list[str]) -> list[tuple[tuple, int | None]]:
     """The planner's plans (smallest predicted peak) within the first ``max_candidates`` MACs caps."""
-    from splitpack.core.planner import Planner
+    from splitpack.core.search.planner import Planner
 
     planner, keys = Planner(model), {}
     for cap in PLANNED_CAPS[:p.max_candidates]:

@@ -10,7 +10,7 @@ from splitpack.capacity.footprint import (BACKEND_HELP, BACKENDS, CONTEXT_OVERHE
                                           DEFAULT_CONTEXT_OVERHEAD, PYTHON, parse_fraction, parse_headroom)
 from splitpack.capacity.planner import PlanInputs, plan_capacity
 from splitpack.cli import arg_type, common
-from splitpack.core.plan import parse_grid
+from splitpack.core.plan.spec import parse_grid
 from splitpack.capacity.deploy import PLANNED
 from splitpack.measure.units import GiB, MiB, parse_bytes
 from splitpack.publish import staged_path

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from splitpack.cli import arg_type
-from splitpack.core.plan import grid_text, parse_grid
+from splitpack.core.plan.spec import grid_text, parse_grid
 
 MODES = ("exact", "seed")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from splitpack.cli import arg_type
 from splitpack.cli import common
 from splitpack.cli.common import grid_arg
-from splitpack.core.plan import parse_grid
+from splitpack.core.plan.spec import parse_grid
 from splitpack.errors import ServerError
 from splitpack.serving.extras import require
 from splitpack.serving.config import ServingConfig

@@ -53,7 +53,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import splitpack
-    from splitpack.core import export
+    from splitpack.core.compile import export
     from splitpack.serving.package import source_model
 
     _check_arguments(args)

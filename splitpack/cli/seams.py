@@ -5,7 +5,7 @@ import argparse
 import json
 
 from splitpack.cli import arg_type, common
-from splitpack.core.plan import parse_grid
+from splitpack.core.plan.spec import parse_grid
 
 
 def square_grid(text: str) -> int:

@@ -6,12 +6,12 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from splitpack.core.compile import compile_mode, compiled_runner
-from splitpack.core.cost import checkpoint_bytes, program_macs, unsplit_macs
-from splitpack.core.executor import Executor, empty_like_layout, run_consts
-from splitpack.core.graph import TracedModel, describe_op, head_graph, module_path, node_shapes, tail_graph, trace
-from splitpack.core.plan import AutoPlan, Plan, grid_text, parse_plan
-from splitpack.core.schedule import Program, Unsplittable, bounds, build_program, stage_graphs, unsplittable_nodes
+from splitpack.core.compile.recording import compile_mode, compiled_runner
+from splitpack.core.cost.counts import checkpoint_bytes, program_macs, unsplit_macs
+from splitpack.core.execute.executor import Executor, empty_like_layout, run_consts
+from splitpack.core.capture.graph import TracedModel, describe_op, head_graph, module_path, node_shapes, tail_graph, trace
+from splitpack.core.plan.spec import AutoPlan, Plan, grid_text, parse_plan
+from splitpack.core.plan.schedule import Program, Unsplittable, bounds, build_program, stage_graphs, unsplittable_nodes
 from splitpack.errors import SplitError
 
 MODES = ("exact", "seed")
@@ -98,7 +98,7 @@ class SplitPack(nn.Module):
         self.__dict__["_head"] = head_graph(traced, last) if mode == "seed" else None
         self._programs: dict[tuple, Program] = {}
         self._seed_layouts: dict[tuple, tuple[list[int], list[int]]] = {}
-        # per-size straight-line programs (splitpack.core.compile), None = interpret the plan
+        # per-size straight-line programs (splitpack.core.compile.recording), None = interpret the plan
         self.__dict__["compiled"] = compiled_runner(self, self.compile_mode, cuda_graphs)
 
     @property
@@ -266,16 +266,16 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     ``"program"`` records each input size's plan once into a straight-line program and runs
     that; True (``"inductor"``) runs that program through ``torch.compile``. ``cuda_graphs``
     replays each size and batch bucket from a captured CUDA graph (CUDA inputs; see
-    :mod:`splitpack.core.cudagraphs`). Outputs are the same as the interpreter's.
+    :mod:`splitpack.core.compile.cudagraphs`). Outputs are the same as the interpreter's.
 
-    ``merge_layer="auto"``: the planner (:mod:`splitpack.core.planner`) picks the staged plan for
+    ``merge_layer="auto"``: the planner (:mod:`splitpack.core.search.planner`) picks the staged plan for
     each input size on its first call -- the smallest predicted peak within ``max_overhead`` x the
     unsplit MACs (default 1.25), or with ``memory_budget`` (peak activation bytes per image) the
-    least MACs that fit -- and returns a :class:`splitpack.core.auto.AutoSplitPack`.
+    least MACs that fit -- and returns a :class:`splitpack.core.search.auto.AutoSplitPack`.
     """
     plan = parse_plan(merge_layer, grid, memory_budget=memory_budget, max_overhead=max_overhead)
     if isinstance(plan, AutoPlan):
-        from splitpack.core.auto import AutoSplitPack
+        from splitpack.core.search.auto import AutoSplitPack
 
         return AutoSplitPack(model, plan, mode, compile=compile, cuda_graphs=cuda_graphs)
     if memory_budget is not None or max_overhead is not None:

@@ -46,7 +46,7 @@ def bench(model_name: str, size: int, merge_layer: str, grid, mode: str = "exact
           compile="off") -> dict:
     """One comparison, baseline and split measured in this process on the same input; with the plan's
     cost report (convolution MACs split vs unsplit, passes and size of every checkpoint). ``compile``:
-    how the split model runs (splitpack.core.compile); its recording/compilation happens in the first,
+    how the split model runs (splitpack.core.compile.recording); its recording/compilation happens in the first,
     untimed call and is reported."""
     model = model if model is not None else create_model(model_name)
     model = model.to(device=device, dtype=dtype)

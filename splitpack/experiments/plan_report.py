@@ -15,7 +15,7 @@ def plan_report(model_name: str, size: int, batch_size: int = 1, memory_budget: 
                 measure: bool = True) -> dict[str, Any]:
     """The JSON document of ``splitpack plan``."""
     import splitpack
-    from splitpack.core.planner import Planner
+    from splitpack.core.search.planner import Planner
 
     model = splitpack.create_model(model_name).to(device=device, dtype=dtype).eval()
     shape = (batch_size, 3, size, size)

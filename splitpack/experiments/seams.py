@@ -22,7 +22,7 @@ MODES = ("unsplit", "seed", "exact")
 def tap_modules(model: nn.Module, layers: list[str], strict: bool = True) -> dict[str, str]:
     """layer -> name of the first module that takes the layer's output as input
     (``strict=False``: leave out layers whose output no module reads directly)."""
-    from splitpack.core.graph import trace
+    from splitpack.core.capture.graph import trace
 
     traced = trace(model)
     taps = {}

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from splitpack.core.plan import grid_text, parse_grid
+from splitpack.core.plan.spec import grid_text, parse_grid
 from splitpack.measure.meter import peak_meter
 
 MiB = 1024**2

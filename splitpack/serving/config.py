@@ -23,8 +23,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from splitpack.core.compile import MODES as COMPILE_MODES, compile_mode
-from splitpack.core.plan import UNSPLIT_WORDS, AutoPlan, Plan, grid_text, parse_grid, parse_plan
+from splitpack.core.compile.recording import MODES as COMPILE_MODES, compile_mode
+from splitpack.core.plan.spec import UNSPLIT_WORDS, AutoPlan, Plan, grid_text, parse_grid, parse_plan
 from splitpack.measure.units import parse_bytes
 
 SERVERS = ("torchserve", "triton")
@@ -191,7 +191,7 @@ class Param:
     choices: tuple[str, ...] | None = None
     server_defaults: Mapping[str, Any] = field(default_factory=dict)  # where a server's default differs
     native: Mapping[str, str] = field(default_factory=dict)  # section deploy: each server's own config key
-    plan_arg: bool = False             # passed to splitpack.core.plan.parse_plan as the keyword of this name
+    plan_arg: bool = False             # passed to splitpack.core.plan.spec.parse_plan as the keyword of this name
 
     @property
     def cli_flag(self) -> str:

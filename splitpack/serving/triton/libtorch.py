@@ -1,7 +1,7 @@
 """A Triton ``pytorch_libtorch`` model directory for an exported split-pack program (TorchScript).
 
     <repo>/<name>/config.pbtxt    platform pytorch_libtorch, tensors, instances, batching
-    <repo>/<name>/1/model.pt      the TorchScript artifact (splitpack.core.export)
+    <repo>/<name>/1/model.pt      the TorchScript artifact (splitpack.core.compile.export)
 
 Unlike the python-backend model (splitpack.serving.triton.repo), this one takes
 preprocessed tensors, not encoded images, and runs without Python:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from splitpack.core.graph import Shape, TracedModel
-from splitpack.core.plan import Grid, Plan
-from splitpack.core.rules import NCHW, Layout, MetaQuery, NoRule, OpContext, Reduce, Region, Rule, make_rule, \
+from splitpack.core.capture.graph import Shape, TracedModel
+from splitpack.core.plan.spec import Grid, Plan
+from splitpack.core.capture.rules import NCHW, Layout, MetaQuery, NoRule, OpContext, Reduce, Region, Rule, make_rule, \
     mutates_input, spatial_dims
 
 Narrow = tuple[int, int, int]  # (axis, start, length)

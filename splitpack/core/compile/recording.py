@@ -1,9 +1,9 @@
 """Plan compilation: each input size's program, run once by the interpreter, recorded into a straight-line program.
 
-The interpreter (:mod:`splitpack.core.executor`) decides at run time, op by op,
+The interpreter (:mod:`splitpack.core.execute.executor`) decides at run time, op by op,
 what to cut, pad, compute, accumulate, write into a band and free; for one input
 size all of it is fixed. :func:`record` runs the interpreter (and the rest of the
-network after the last checkpoint) and keeps what it did (:mod:`splitpack.core.tape`):
+network after the last checkpoint) and keeps what it did (:mod:`splitpack.core.compile.tape`):
 an fx ``GraphModule`` of aten calls in exactly the interpreter's order -- the
 demand-driven interleaving of stages and passes, band allocation, the ``copy_``
 of each pack's tile into its band, partial reductions, globals, the tail. Its
@@ -16,7 +16,7 @@ Height, width, dtype, device and memory format are fixed in a program, the batch
 size is not: one program serves every batch of an input size, like the plan it
 comes from. :class:`CompiledPlans` caches programs per size and can run them
 through ``torch.compile`` (:data:`MODES`); CUDA graphs are in
-:mod:`splitpack.core.cudagraphs`.
+:mod:`splitpack.core.compile.cudagraphs`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import fx
 
-from splitpack.core.tape import memory_format, record_batch_free
+from splitpack.core.compile.tape import memory_format, record_batch_free
 
 if TYPE_CHECKING:
     from splitpack.core.engine import SplitPack
@@ -58,7 +58,7 @@ def size_key(x: torch.Tensor) -> tuple:
 
 def record(split: "SplitPack", x: torch.Tensor) -> fx.GraphModule:
     """The straight-line program of ``split`` (exact mode) for inputs of ``x``'s size, any batch size:
-    the interpreter's run, plan and rest of the network, recorded op by op (:mod:`splitpack.core.tape`).
+    the interpreter's run, plan and rest of the network, recorded op by op (:mod:`splitpack.core.compile.tape`).
     ``x`` is only looked at; the recording runs on zeros."""
     if split.mode != "exact":
         raise ValueError("compiled programs are recorded from exact mode's plan; seed mode is interpreted")
@@ -134,6 +134,6 @@ def compiled_runner(split: "SplitPack", mode: str, cuda_graphs: bool = False) ->
     plans = CompiledPlans(split, PROGRAM if mode == OFF else mode)
     if not cuda_graphs:
         return plans
-    from splitpack.core.cudagraphs import GraphedPlans
+    from splitpack.core.compile.cudagraphs import GraphedPlans
 
     return GraphedPlans(plans)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from splitpack.core.compile import CompiledPlans, size_key
+from splitpack.core.compile.recording import CompiledPlans, size_key
 
 log = logging.getLogger(__name__)
 WARMUP_RUNS = 3  # on a side stream before capture (cuDNN/cuBLAS pick and cache their kernels)

@@ -1,6 +1,6 @@
 """Self-contained artifacts of a split-pack model at one input size: TorchScript or an ExportedProgram.
 
-The artifact is the recorded straight-line program (:func:`splitpack.core.compile.record`):
+The artifact is the recorded straight-line program (:func:`splitpack.core.compile.recording.record`):
 aten calls in the interpreter's order, the model's weights as its constants, the batch
 size free. Loading it needs torch only -- ``torch.jit.load(file)`` or
 ``torch.export.load(file).module()`` -- not splitpack, not timm, not the model's code.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from splitpack.core.compile import record
+from splitpack.core.compile.recording import record
 
 FORMATS = ("torchscript", "exported-program")
 MAX_BATCH = 1024  # the largest batch an ExportedProgram accepts (its dynamic dimension needs a bound)

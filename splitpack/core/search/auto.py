@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from splitpack.core.engine import PLAN_CACHE_SIZE, SplitPack
-from splitpack.core.plan import AutoPlan
-from splitpack.core.planner import PlanChoice, Planner
+from splitpack.core.plan.spec import AutoPlan
+from splitpack.core.search.planner import PlanChoice, Planner
 from splitpack.errors import SplitError
 
 log = logging.getLogger("splitpack")

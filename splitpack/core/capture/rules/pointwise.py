@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitpack.core.rules.base import (Layout, NoRule, Pointwise, arg, register_function, register_method,
+from splitpack.core.capture.rules.base import (Layout, NoRule, Pointwise, arg, register_function, register_method,
                                        register_module)
 
 _POINTWISE_MODULES = (

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from splitpack.core.graph import Shape, TracedModel
-from splitpack.core.schedule import Program, full_shape
+from splitpack.core.capture.graph import Shape, TracedModel
+from splitpack.core.plan.schedule import Program, full_shape
 
 
 def _numel(shape: Shape) -> int:

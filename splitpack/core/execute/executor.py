@@ -1,4 +1,4 @@
-"""Runs a program (splitpack.core.schedule): the reference interpreter of split-pack.
+"""Runs a program (splitpack.core.plan.schedule): the reference interpreter of split-pack.
 
 Memory discipline: packs run one at a time and free every intermediate after its
 last use. A checkpoint that the next stage reads is stored as row bands and made
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from splitpack.core.rules import Layout, Region
-from splitpack.core.schedule import Narrow, Program, StageProgram, full_shape
+from splitpack.core.capture.rules import Layout, Region
+from splitpack.core.plan.schedule import Narrow, Program, StageProgram, full_shape
 
 OnNode = Callable[[fx.Node], None] | None
 

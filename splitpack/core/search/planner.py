@@ -3,7 +3,7 @@ activation memory and MACs, and the plan an objective picks from it.
 
 Search. A plan is a path over the exact-mode checkpoints (one per distinct node, in execution
 order) from the image to a last checkpoint, one stage option (source, end, rows x cols grid) per
-step. Its estimated peak (splitpack.core.estimate) is the largest working set of a pack, plus the
+step. Its estimated peak (splitpack.core.cost.fast_estimate) is the largest working set of a pack, plus the
 bands of every checkpoint the next stage is reading, plus the last checkpoint written whole (or
 the unsplit rest of the network, if that needs more); its MACs are the stages' (halo recompute and
 second passes included) plus the rest of the network. For each cap ``T`` on the working set (a
@@ -12,7 +12,7 @@ geometric ladder) a dynamic programme over (checkpoint, grid rows of the stage t
 together give the estimated front.
 
 Ranking. The estimates are upper bounds of what is alive together; the finalists an objective
-picks from the front are predicted exactly (splitpack.core.predict: the executor's memory
+picks from the front are predicted exactly (splitpack.core.cost.exact_peak: the executor's memory
 behaviour replayed on the real program, MACs read off the program) and the best of those wins.
 
 Objectives: the smallest peak within a MACs cap (default :data:`DEFAULT_MAX_OVERHEAD`; plans
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from splitpack.core.cost import unsplit_macs
-from splitpack.core.estimate import MAX_TILES, Checkpoint, Estimator, StageOption
-from splitpack.core.graph import TracedModel, trace
-from splitpack.core.plan import Plan, Stage
-from splitpack.core.predict import PlanCost, allocation_profile, plan_cost
-from splitpack.core.schedule import unsplittable_nodes
+from splitpack.core.cost.counts import unsplit_macs
+from splitpack.core.cost.fast_estimate import MAX_TILES, Checkpoint, Estimator, StageOption
+from splitpack.core.capture.graph import TracedModel, trace
+from splitpack.core.plan.spec import Plan, Stage
+from splitpack.core.cost.exact_peak import PlanCost, allocation_profile, plan_cost
+from splitpack.core.plan.schedule import unsplittable_nodes
 from splitpack.errors import SplitError
 
 log = logging.getLogger("splitpack.planner")

@@ -31,9 +31,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from splitpack.core.graph import Shape, TracedModel
-from splitpack.core.rules import Reduce, Region, spatial_dims
-from splitpack.core.schedule import Program, StageProgram
+from splitpack.core.capture.graph import Shape, TracedModel
+from splitpack.core.capture.rules import Reduce, Region, spatial_dims
+from splitpack.core.plan.schedule import Program, StageProgram
 
 
 
@@ -185,7 +185,7 @@ def allocation_profile(traced: TracedModel, shape, dtype: torch.dtype | None = N
                        device: Any = None) -> tuple[AllocationProfile, dict[fx.Node, Shape]]:
     """What every node allocates, and every node's full-size shape (as graph.node_shapes gives them),
     from one batch-1 run of the model on fake tensors of ``shape`` (N, C, H, W; N is ignored)."""
-    from splitpack.core.graph import model_device
+    from splitpack.core.capture.graph import model_device
 
     dtype = dtype or traced.dtype
     device = device or model_device(traced.gm)
@@ -310,7 +310,7 @@ class _Scope:
 
 
 class _Replay:
-    """Mirrors :class:`splitpack.core.executor.Executor` -- the same references held in the same places,
+    """Mirrors :class:`splitpack.core.execute.executor.Executor` -- the same references held in the same places,
     so Python frees a :class:`_Storage` where the executor's tensor is freed -- with byte counts."""
 
     def __init__(self, program: Program, profile: AllocationProfile, batch: int, meter: _Meter):
@@ -506,10 +506,10 @@ class PlanCost:
 
 def plan_cost(traced: TracedModel, plan, shape, dtype: torch.dtype | None = None,
               profile: tuple[AllocationProfile, dict] | None = None) -> PlanCost:
-    """The cost of ``plan`` (a splitpack.core.plan.Plan) for inputs of ``shape`` (N, C, H, W).
+    """The cost of ``plan`` (a splitpack.core.plan.spec.Plan) for inputs of ``shape`` (N, C, H, W).
     ``profile``: :func:`allocation_profile`'s result for this size, when the caller has it."""
-    from splitpack.core.cost import program_macs, program_ops, unsplit_macs
-    from splitpack.core.schedule import build_program, stage_graphs
+    from splitpack.core.cost.counts import program_macs, program_ops, unsplit_macs
+    from splitpack.core.plan.schedule import build_program, stage_graphs
 
     dtype = dtype or traced.dtype
     allocations, shapes = profile or allocation_profile(traced, shape, dtype)

@@ -14,7 +14,7 @@ node, the summed and the largest tile extent -- and so, for every grid at once:
   takes several passes).
 
 These are estimates (the largest tile for every node at once, all checkpoints' bands at their
-widest together); the planner ranks its finalists with the exact replay (splitpack.core.predict).
+widest together); the planner ranks its finalists with the exact replay (splitpack.core.cost.exact_peak).
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import fx
 
-from splitpack.core.cost import node_macs
-from splitpack.core.graph import Shape, TracedModel
-from splitpack.core.plan import Plan, Stage
-from splitpack.core.predict import AllocationProfile
-from splitpack.core.rules import NCHW, Rule, Window, spatial_dims
-from splitpack.core.schedule import StageGraph, bounds, stage_graphs, stage_rules
+from splitpack.core.cost.counts import node_macs
+from splitpack.core.capture.graph import Shape, TracedModel
+from splitpack.core.plan.spec import Plan, Stage
+from splitpack.core.cost.exact_peak import AllocationProfile
+from splitpack.core.capture.rules import NCHW, Rule, Window, spatial_dims
+from splitpack.core.plan.schedule import StageGraph, bounds, stage_graphs, stage_rules
 
 MAX_TILES = 8  # grids 1x1 .. 8x8, every rows x cols combination
 EMPTY = 1 << 40
@@ -321,7 +321,7 @@ class Estimator:
 
     # the rest of the network -------------------------------------------------
     def _unsplit_step_peaks(self) -> dict[fx.Node, int]:
-        from splitpack.core.predict import step_peaks
+        from splitpack.core.cost.exact_peak import step_peaks
 
         return step_peaks(self.traced, self.profile, self.shapes)
 
@@ -346,7 +346,7 @@ class Estimator:
     def _levels_from(self, source: fx.Node, last: fx.Node, max_level: int) -> dict[fx.Node, int]:
         """stage_graphs' pass levels for a stage starting at ``source`` (valid for any end), up to ``last``
         or the first node past ``max_level``."""
-        from splitpack.core.schedule import node_kind
+        from splitpack.core.plan.schedule import node_kind
 
         level = {source: 0}
         for n in self.traced.nodes[self.index[source] + 1:self.index[last] + 1]:

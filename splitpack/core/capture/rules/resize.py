@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitpack.core.rules.base import NCHW, NoRule, Rule, arg, pair, register_function, register_module, require_nchw
+from splitpack.core.capture.rules.base import NCHW, NoRule, Rule, arg, pair, register_function, register_module, require_nchw
 
 
 class Resize(Rule):

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitpack.core.rules.base import NoRule, MetaQuery, Reduce, arg, register_function, register_method, \
+from splitpack.core.capture.rules.base import NoRule, MetaQuery, Reduce, arg, register_function, register_method, \
     register_module
-from splitpack.core.rules.pointwise import _dims, _method_call, channel_reduction
+from splitpack.core.capture.rules.pointwise import _dims, _method_call, channel_reduction
 
 _KINDS = {"mean": "mean", "sum": "sum", "amax": "amax", "amin": "amin"}
 

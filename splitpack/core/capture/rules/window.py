@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from splitpack.core.rules.base import (NoRule, Window, arg, pair, register_function, register_module,
+from splitpack.core.capture.rules.base import (NoRule, Window, arg, pair, register_function, register_module,
                                        require_nchw, window_dims)
 
 

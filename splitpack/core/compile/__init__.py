@@ -1,0 +1,1 @@
+"""Compile: a program recorded into straight-line fx (recording, tape), CUDA graphs, and self-contained export."""

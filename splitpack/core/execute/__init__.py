@@ -1,0 +1,1 @@
+"""Execute: the reference interpreter that runs a program pack by pack, band by band."""

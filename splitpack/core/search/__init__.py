@@ -1,0 +1,1 @@
+"""Search: the planner (Pareto front of staged plans) and ``merge_layer: auto`` built on it."""
