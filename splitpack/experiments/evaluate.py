@@ -52,7 +52,7 @@ class Strategy:
 
     def build(self, model: nn.Module, size: int, traced=None) -> Callable[[torch.Tensor], torch.Tensor]:
         """A callable ``x (N,3,size,size) -> logits`` for this strategy. ``traced``: the model's trace
-        (:func:`splitpack.core.graph.trace`), shared by every split strategy instead of one trace each."""
+        (:func:`splitpack.core.capture.graph.trace`), shared by every split strategy instead of one trace each."""
         if self.kind == "unsplit":
             return model
         if self.kind == "resize":
@@ -269,7 +269,7 @@ def evaluate(
     """Run every strategy on every readable image; one result dict (see module doc)."""
     from tqdm import tqdm
 
-    from splitpack.core.graph import trace
+    from splitpack.core.capture.graph import trace
     from splitpack.measure.meter import peak_activation_bytes
 
     transform, cfg = data_transform(model, size)
