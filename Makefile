@@ -28,13 +28,13 @@ test-fast: setup
 bench: setup
 	$(PY) scripts/bench_suite.py | tee benchmarks/table.md
 
-# Issue 13: split/unsplit latency interpreted, as a recorded program and through torch.compile; peak memory.
+# Compiled split-pack: split/unsplit latency interpreted, as a recorded program and through torch.compile; peak memory.
 bench-compile: setup
 	uptime
 	$(PY) scripts/bench_compile.py --out benchmarks/compile.json | tee benchmarks/compile.md
 	uptime
 
-# The planner's evidence (issue 12): predicted vs measured peaks at 512 and 1024, the chosen plan vs a brute
+# The planner's evidence (merge_layer auto): predicted vs measured peaks at 512 and 1024, the chosen plan vs a brute
 # force at 512, planning time of efficientnet_b7 at 600; its section of BENCHMARKS.md is rewritten.
 bench-planner: setup
 	$(PY) scripts/bench_planner.py --write BENCHMARKS.md --json benchmarks/planner.json

@@ -1,4 +1,4 @@
-"""Issue 13 benchmark: split-pack latency / unsplit latency without and with compilation, and peak memory.
+"""Compiled split-pack benchmark: split-pack latency / unsplit latency without and with compilation, and peak memory.
 
 For each case (model, size, exact plan) in one process, on the same input, interleaved, best of
 ``--repeats``: the unsplit model (eager), split-pack interpreted (``compile=off``, the reference),
@@ -35,18 +35,18 @@ atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_suite import B0, per_block  # noqa: E402  (the staged plans of the issue 11 suite)
+from bench_suite import B0, per_block  # noqa: E402  (the staged plans of the staged suite)
 
 import splitpack  # noqa: E402
 from splitpack.experiments.bench import latencies_ms  # noqa: E402
 from splitpack.measure.allocations import peak_allocated_bytes  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 
-# (model, size, merge layers, grids, target latency ratio of the issue)
+# (model, size, merge layers, grids, target latency ratio)
 CASES = [
     ("mobilenetv2_100", 224, "blocks.2", "4x4", 1.3),
     ("resnet50", 1024, "layer2", "3x3", 1.0),  # the fastest exact plan of the single-stage table (3.25x less memory)
-    ("resnet50", 1024, "maxpool,layer3.0,layer4.0,global_pool", "4x4,8x4,4x2,2x2", 1.0),  # issue 11's staged plan
+    ("resnet50", 1024, "maxpool,layer3.0,layer4.0,global_pool", "4x4,8x4,4x2,2x2", 1.0),  # the staged suite's plan
     ("efficientnet_b0", 600, *per_block(B0, ["8x8"] + ["4x4"] * 4 + ["2x2"] * 11, "global_pool", "2x2"), 1.5),
 ]
 

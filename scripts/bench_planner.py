@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The planner's evidence (issue 12), written into BENCHMARKS.md between its planner markers.
+"""The planner's evidence (merge_layer auto), written into BENCHMARKS.md between its planner markers.
 
 usage: scripts/bench_planner.py [--models M ...] [--sizes 512 1024] [--brute-size 512] [--cap 1.25]
                                 [--planning-model efficientnet_b7 --planning-size 600]

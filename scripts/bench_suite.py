@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """Run the benchmark matrix of BENCHMARKS.md (`make bench`): memory and latency ratios, exact and seed.
 
-``--suite single`` (one merge layer), ``staged`` (staged plans through SE blocks to the global pooling,
-issue 11) or ``flat`` (ResNet-50 at 1024/2048/4096 with the same pack size).
+``--suite single`` (one merge layer), ``staged`` (staged plans through SE blocks to the global pooling) or ``flat`` (ResNet-50 at 1024/2048/4096 with the same pack size).
 """
 from __future__ import annotations
 

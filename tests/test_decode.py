@@ -183,7 +183,7 @@ def test_truncated_photo_is_a_bad_request():
 
 
 def test_sixteen_bit_photo_is_classified_like_the_eight_bit_one(photo):
-    """The issue's failure end to end: a 16-bit PNG served a confident wrong class."""
+    """The failure end to end: a 16-bit PNG served a confident wrong class."""
     from splitpack.serving.predictor import Predictor, ServingConfig
 
     with warnings.catch_warnings():

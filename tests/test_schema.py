@@ -148,7 +148,7 @@ def test_triton_config_pbtxt_holds_every_parameter_where_the_schema_says():
 
 
 def test_a_new_parameter_is_one_schema_entry():
-    """What issues 12 and 13 did (memory_budget, compile): add a Param, and the config class, the flags, the stored text
+    """What merge_layer auto and compiled split-pack did (memory_budget, compile): add a Param, and the config class, the flags, the stored text
     and the docs table all carry it."""
     level = Param("compile_level", integer(0), 0, "compilation level (0: interpreted)")
     params = PARAMS[:10] + (level,) + PARAMS[10:]
@@ -163,7 +163,7 @@ def test_a_new_parameter_is_one_schema_entry():
 
 
 def test_threads_is_auto_or_a_count():
-    """Issue 10's parameter: auto (the server's share of the cores) unless a model sets its own."""
+    """Threads per replica: auto (the server's share of the cores) unless a model sets its own."""
     assert ServingConfig("resnet18").threads == "auto" and ServingConfig("resnet18", threads="").threads == "auto"
     config = ServingConfig.from_mapping({"model_name": "resnet18", "threads": "3"})
     assert config.threads == 3 and ServingConfig.from_mapping(config.to_text()) == config
