@@ -32,7 +32,7 @@ BAD = {
     "archive-missing-weights": (["archive", "--model", MODEL, "--weights", "missing.pt", "--out", "store"],
                                 "missing.pt does not exist"),
     "archive-missing-config": (["archive", "--config", "missing.yaml", "--out", "store"], "missing.yaml"),
-    "archive-no-model": (["archive", "--out", "store"], "model_name is required (--model NAME)"),
+    "archive-no-model": (["archive", "--out", "store"], "no model: give --model NAME"),
     "triton-repo-unknown-merge-layer": (["triton-repo", "--model", MODEL, "--merge-layer", "nope", "--out", "repo"],
                                         "unknown merge layer 'nope'"),
     "triton-repo-grid-0x2": (["triton-repo", "--model", MODEL, "--grid", "0x2", "--out", "repo"], "grid: must be"),

@@ -30,7 +30,11 @@ NON_DEFAULT = {
     "data_config": '{"crop_pct": 1.0, "interpolation": "bilinear"}',
     "replicas": "3", "instance_kind": "gpu", "batch_size": "6", "max_batch_delay_ms": "7", "response_timeout_s": "99",
     "startup_timeout_s": "300",
+    "model_file": "net.py", "model_class": "Net", "model_kwargs": '{"width": 4}', "num_classes": "7",
+    "labels": "labels.txt",
 }
+# a model is a name or a file and class, not both: the stored configs below hold the file and class
+STORED = {k: v for k, v in NON_DEFAULT.items() if schema.BY_NAME[k].section == MODEL and k != "model_name"}
 
 
 def test_every_parameter_is_declared_once_with_a_parsing_default_and_help():
@@ -103,11 +107,11 @@ def test_cli_flags_come_from_the_schema(command, server, planned):
 
 
 def test_torchserve_model_config_holds_every_parameter_where_the_schema_says():
-    config = ServingConfig.from_mapping({k: v for k, v in NON_DEFAULT.items() if schema.BY_NAME[k].section == MODEL})
+    config = ServingConfig.from_mapping(STORED)
     deploy = deploy_settings("torchserve", {k: v for k, v in NON_DEFAULT.items()
                                             if k in {p.name for p in params_for("torchserve", DEPLOY)}})
     written = yaml.safe_load(yaml.safe_dump(model_config_yaml(config, deploy, "pretrained")))
-    assert set(written["handler"]) == {p.name for p in params_for("torchserve", MODEL)} | {"weights_source"}
+    assert set(written["handler"]) == set(STORED) | {"weights_source"}
     assert read_model_config(written) == config  # what the handler reads back
     for p in params_for("torchserve", DEPLOY):
         for key in re.findall(r"[A-Za-z]+(?= *(?:,|$| \())", p.native["torchserve"]):
@@ -129,12 +133,12 @@ def test_worker_startup_timeout_follows_the_compile_mode_unless_given(compile, g
 
 
 def test_triton_config_pbtxt_holds_every_parameter_where_the_schema_says():
-    config = ServingConfig.from_mapping({k: v for k, v in NON_DEFAULT.items() if schema.BY_NAME[k].section == MODEL})
+    config = ServingConfig.from_mapping(STORED)
     deploy = {k: v for k, v in NON_DEFAULT.items() if k in {p.name for p in params_for("triton", DEPLOY)}}
     spec = TritonModelSpec(config, deploy)
     parsed = parse_model_config(render_config(spec, num_classes=1000, weights="model.pt"))
     params = config_parameters(parsed)
-    assert set(params) == {p.name for p in params_for("triton", MODEL)} | {"weights"}
+    assert set(params) == set(STORED) | {"weights"}
     assert ServingConfig.from_section(params, "triton") == (config, {"weights": "model.pt"})  # what model.py reads
     native = {"max_batch_size": parsed.max_batch_size, "instance_group.count": parsed.instance_group[0].count,
               "instance_group.kind": parsed.instance_group[0].kind,

@@ -22,9 +22,10 @@ def planned_settings(plan: dict, settings: Mapping[str, Any] | None, server: str
     if decided:
         raise ValueError(f"{', '.join(decided)}: set by the plan, not by the written config")
     rec = plan["recommended"]
+    own_class = settings.get("model_class") is not None  # else the plan's model is a timm/torchvision name
     config = ServingConfig.from_mapping({k: v for k, v in settings.items() if BY_NAME[k].section == MODEL} | {
-        "model_name": plan["model"], "merge_layer": rec["merge_layer"], "grid": rec["grid"] or "2x2",
-        "mode": rec["mode"] or "exact"})
+        "model_name": None if own_class else plan["model"], "merge_layer": rec["merge_layer"],
+        "grid": rec["grid"] or "2x2", "mode": rec["mode"] or "exact"})
     deploy = {k: v for k, v in settings.items() if BY_NAME[k].section == DEPLOY and server in BY_NAME[k].servers}
     deploy |= {"replicas": max(1, rec["replicas"]), "batch_size": plan["batch_size"]}
     return config, deploy
@@ -37,24 +38,26 @@ def triton_model_name(plan: dict, name: str | None = None) -> str:
 
 
 def write_triton(plan: dict, repo: str | Path, settings: Mapping[str, Any] | None = None, name: str | None = None,
-                 pretrained: bool = False, weights: str | None = None) -> Path:
+                 pretrained: bool = False, weights: str | None = None, allow_pickle: bool = False) -> Path:
     """A Triton model directory ``repo/<name>`` for the recommendation (instance_group count = replicas),
     all or nothing."""
     from splitpack.publish import staged_path
 
     model_dir = Path(repo) / triton_model_name(plan, name)
     with staged_path(model_dir, directory=True) as stage:
-        write_triton_into(plan, stage, model_dir.name, settings, pretrained=pretrained, weights=weights)
+        write_triton_into(plan, stage, model_dir.name, settings, pretrained=pretrained, weights=weights,
+                          allow_pickle=allow_pickle)
     return model_dir
 
 
 def write_triton_into(plan: dict, directory: Path, name: str, settings: Mapping[str, Any] | None = None,
-                      pretrained: bool = False, weights: str | None = None) -> None:
+                      pretrained: bool = False, weights: str | None = None, allow_pickle: bool = False) -> None:
     """The model directory's content, into ``directory`` (existing, empty): for callers that publish it."""
     from splitpack.serving.triton.repo import TritonModelSpec, write_model_dir
 
     config, deploy = planned_settings(plan, settings, "triton")
-    write_model_dir(TritonModelSpec(config, deploy, name=name, pretrained=pretrained, weights=weights), directory)
+    write_model_dir(TritonModelSpec(config, deploy, name=name, pretrained=pretrained, weights=weights,
+                                    allow_pickle=allow_pickle), directory)
 
 
 def torchserve_model_config(plan: dict, settings: Mapping[str, Any] | None = None) -> dict:
@@ -67,18 +70,18 @@ def torchserve_model_config(plan: dict, settings: Mapping[str, Any] | None = Non
 
 
 def write_torchserve(plan: dict, path: str | Path, settings: Mapping[str, Any] | None = None,
-                     pretrained: bool = False, weights: str | None = None) -> Path:
+                     pretrained: bool = False, weights: str | None = None, allow_pickle: bool = False) -> Path:
     """``*.mar``: a full archive (as ``splitpack archive`` builds it); anything else: the model-config.yaml
     to give torch-model-archiver ``--config-file``. All or nothing."""
     from splitpack.publish import staged_path
 
     with staged_path(path) as tmp:
-        write_torchserve_into(plan, tmp, settings, pretrained=pretrained, weights=weights)
+        write_torchserve_into(plan, tmp, settings, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle)
     return Path(path)
 
 
 def write_torchserve_into(plan: dict, path: Path, settings: Mapping[str, Any] | None = None,
-                          pretrained: bool = False, weights: str | None = None) -> None:
+                          pretrained: bool = False, weights: str | None = None, allow_pickle: bool = False) -> None:
     """:func:`write_torchserve` to exactly ``path`` (its name decides the model's), for callers that publish it."""
     import yaml
 
@@ -86,6 +89,6 @@ def write_torchserve_into(plan: dict, path: Path, settings: Mapping[str, Any] | 
         from splitpack.serving.torchserve.archive import write_archive
 
         config, deploy = planned_settings(plan, settings, "torchserve")
-        write_archive(config, Path(path), deploy, pretrained=pretrained, weights=weights)
+        write_archive(config, Path(path), deploy, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle)
     else:
         Path(path).write_text(yaml.safe_dump(torchserve_model_config(plan, settings), sort_keys=False))

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from splitpack.models import ModelSpec, build_model
 from splitpack.capacity.footprint import (ALLOCATOR_SLACK_SOURCE, CONTEXT_OVERHEAD_SOURCE, DEFAULT_ALLOCATOR_SLACK,
                                           DEFAULT_CONTEXT_OVERHEAD, LIBTORCH, PYTHON, Footprint, Measurement,
                                           footprint, measure, replicas_that_fit, shared_bytes)
@@ -37,7 +38,7 @@ PLANNED_CAPS = (1.25, 1.1, 1.5, 2.0)  # MACs caps (split / unsplit) whose planne
 
 @dataclass
 class PlanInputs:
-    model: str
+    model: str  # the model's name in the plan (a timm name, or the user's class)
     size: int
     batch_size: int
     gpu_memory_bytes: int
@@ -56,6 +57,8 @@ class PlanInputs:
     measure_replicas: bool = False  # GPU: measure each configuration as a separate replica process (NVML)
     backend: str = PYTHON  # splitpack.capacity.footprint.BACKENDS: what one replica shares with the others
     weight_sharing: bool = False  # libtorch: the instances share one copy of the weights
+    model_spec: ModelSpec | None = None  # how to build the model (default: the timm/torchvision name ``model``)
+    model_flags: tuple[str, ...] = ()  # the model as `splitpack replica-probe` flags (default: --model NAME)
 
     def replicas(self, replica_bytes: int, shared: int = 0) -> int:
         return replicas_that_fit(self.gpu_memory_bytes, self.headroom_bytes, replica_bytes, shared)
@@ -187,7 +190,7 @@ def plan_capacity(p: PlanInputs, quiet: bool = False) -> dict[str, Any]:
     import splitpack
 
     device = torch.device(p.device)
-    model = splitpack.create_model(p.model).to(device)
+    model = (build_model(p.model_spec) if p.model_spec else splitpack.create_model(p.model)).to(device)
     x = torch.randn(p.batch_size, 3, p.size, p.size, device=device)
     notes: list[str] = []
 

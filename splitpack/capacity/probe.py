@@ -19,16 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from splitpack.models import ModelSpec, build_model
 from splitpack.capacity.footprint import _sync, measure
 from splitpack.measure import nvml
 
 OUT_OF_MEMORY_STATUS = 3
 
 
-def probe_command(model: str, size: int, batch_size: int, merge_layer: str | None, grid: str | None,
+def probe_command(model: str | list[str], size: int, batch_size: int, merge_layer: str | None, grid: str | None,
                   mode: str | None, device: str, repeats: int = 1, hold: bool = False) -> list[str]:
-    """Command line of one replica probe (``splitpack replica-probe ...``)."""
-    cmd = [sys.executable, "-m", "splitpack.cli", "replica-probe", "--model", model, "--size", str(size),
+    """Command line of one replica probe (``splitpack replica-probe ...``); ``model``: a name, or its flags."""
+    model_flags = ["--model", model] if isinstance(model, str) else list(model)
+    cmd = [sys.executable, "-m", "splitpack.cli", "replica-probe", *model_flags, "--size", str(size),
            "--batch-size", str(batch_size), "--device", device, "--repeats", str(repeats)]
     if merge_layer:
         cmd += ["--merge-layer", merge_layer, "--grid", grid or "2x2", "--mode", mode or "exact"]
@@ -45,7 +47,7 @@ def read_probe_line(line: str) -> dict[str, Any]:
 
 def measure_replica_process(c, p, notes: list[str]) -> None:
     """Run candidate ``c`` of plan inputs ``p`` as its own process on the GPU; NVML's number replaces the model."""
-    cmd = probe_command(p.model, p.size, p.batch_size, c.merge_layer, c.grid, c.mode, p.device)
+    cmd = probe_command(list(p.model_flags) or p.model, p.size, p.batch_size, c.merge_layer, c.grid, c.mode, p.device)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     result = read_probe_line(lines[-1]) if lines else {"ok": False, "error": done.stderr[-2000:]}
@@ -81,13 +83,14 @@ def _gpu_view(dev: torch.device, used_before: int | None) -> dict[str, Any]:
     return view
 
 
-def replica_probe(model_name: str, size: int, batch_size: int, merge_layer: str | None, grid: str, mode: str,
+def replica_probe(model: str | ModelSpec, size: int, batch_size: int, merge_layer: str | None, grid: str, mode: str,
                   device: str, repeats: int = 3) -> tuple[dict[str, Any], nn.Module, torch.Tensor]:
     """Load one replica on ``device``, run it at ``batch_size`` and measure it as an operator would see it.
 
     GPU: NVML's view of this process (context included), the device's used
     memory, and the allocator's peaks; CPU: RSS and the activation meter.
-    Returns (measurements, module, input) so a caller can keep serving.
+    Returns (measurements, module, input) so a caller can keep serving. ``model``: a timm/torchvision name
+    or how to build the user's own.
     """
     import splitpack
 
@@ -95,12 +98,13 @@ def replica_probe(model_name: str, size: int, batch_size: int, merge_layer: str 
     used_before = None
     if dev.type == "cuda" and nvml.nvml_status()[0]:
         used_before = nvml.gpu_memory(nvml.nvml_index(dev.index or 0)).used_bytes
-    model = splitpack.create_model(model_name).to(dev)
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(name=model)
+    model = build_model(spec).to(dev)
     module = splitpack.wrap(model, merge_layer=merge_layer, grid=grid, mode=mode) if merge_layer else model
     x = torch.randn(batch_size, 3, size, size, device=dev)
     m = measure(module, x, repeats)
     result: dict[str, Any] = {
-        "pid": os.getpid(), "device": str(dev), "model": model_name, "size": size, "batch_size": batch_size,
+        "pid": os.getpid(), "device": str(dev), "model": spec.title, "size": size, "batch_size": batch_size,
         "merge_layer": merge_layer, "grid": grid if merge_layer else None, "mode": mode if merge_layer else None,
         **asdict(m),
         "rss_bytes": nvml.host_memory().process_rss_bytes,
@@ -114,14 +118,14 @@ def _report(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
 
 
-def run_probe(model_name: str, size: int, batch_size: int, merge_layer: str | None, grid: str, mode: str,
+def run_probe(model: str | ModelSpec, size: int, batch_size: int, merge_layer: str | None, grid: str, mode: str,
               device: str, repeats: int = 1, hold: bool = False) -> int:
     """Probe one replica and report it as JSON lines on stdout (one even when it fails at run time); the
     exit status. Settings that cannot work (an unknown model or merge layer) raise instead: user errors."""
     from splitpack.errors import SplitError
 
     try:
-        result, module, x = replica_probe(model_name, size, batch_size, merge_layer, grid, mode, device, repeats)
+        result, module, x = replica_probe(model, size, batch_size, merge_layer, grid, mode, device, repeats)
     except (ValueError, SplitError, FileNotFoundError):
         raise
     except Exception as e:  # the parent reads one JSON line whatever happens at run time

@@ -41,7 +41,8 @@ def _load_yaml(path: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     base = _load_yaml(args.config) if args.config else None
     config = read_model_config(base or {}, given(args, MODEL))
-    path = build_archive(config, given(args, DEPLOY), pretrained=args.pretrained, weights=args.weights, base=base,
+    path = build_archive(config, given(args, DEPLOY), pretrained=args.pretrained, weights=args.weights,
+                         allow_pickle=args.allow_pickle, base=base,
                          name=args.name, version=args.version, export_path=args.out, force=args.force,
                          check=not args.no_check)
     name, archived = read_archive_config(path)

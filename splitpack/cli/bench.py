@@ -12,7 +12,7 @@ from splitpack.experiments.bench import bench
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model(parser)
+    common.add_model(parser, "measure")
     common.add_input(parser)
     common.add_split(parser, merge_required=True)
     parser.add_argument("--repeats", type=arg_type(common.positive_int, "repeats"), default=3,
@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = bench(args.model, args.size, args.merge_layer, args.grid, args.mode, args.batch_size, args.repeats,
-                   args.device, getattr(torch, args.dtype), compile=args.compile)
+    model, spec = common.build_model(args)
+    result = bench(spec.title, args.size, args.merge_layer, args.grid, args.mode, args.batch_size, args.repeats,
+                   args.device, getattr(torch, args.dtype), model=model, compile=args.compile)
     if args.json:
         print(json.dumps(result))
         return 0

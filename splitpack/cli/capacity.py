@@ -15,6 +15,7 @@ from splitpack.capacity.deploy import PLANNED
 from splitpack.measure.units import GiB, MiB, parse_bytes
 from splitpack.publish import staged_path
 from splitpack.cli.params import add_flags, given
+from splitpack.serving.config import MODEL_ARG_PARAMS
 
 WRITTEN_DEFAULTS = {"instance_kind": "gpu"}  # the plan is for a GPU
 
@@ -26,7 +27,7 @@ def memory_size(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model(parser)
+    common.add_model(parser, "ship in the written configs:")
     common.add_input(parser, batch_help="batch size each replica runs (default: 1)")
     parser.add_argument("--gpu-memory", type=arg_type(memory_size),
                         help="GPU memory to plan for (80GiB, 80GB, ...); default: NVML total of --gpu-index")
@@ -65,8 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     written.add_argument("--write-triton", metavar="DIR", help="write a Triton model directory for the recommendation")
     written.add_argument("--write-torchserve", metavar="FILE",
                          help="write model-config.yaml (or a whole archive if FILE ends in .mar)")
-    add_flags(written, None, exclude=PLANNED, defaults=WRITTEN_DEFAULTS)
-    common.add_weights(written, "ship in the written configs:")
+    add_flags(written, None, exclude=PLANNED + tuple(p.name for p in MODEL_ARG_PARAMS), defaults=WRITTEN_DEFAULTS)
 
 
 def detect_gpu_memory(index: int = 0) -> tuple[int, str]:
@@ -92,8 +92,10 @@ def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     if args.measure_replicas and not str(args.device).startswith("cuda"):
         raise ValueError("--measure-replicas needs --device cuda (it measures replica processes with NVML)")
     _check_backend(args)
+    spec = common.model_spec(args)
     return PlanInputs(
-        model=args.model, size=args.size, batch_size=args.batch_size, gpu_memory_bytes=gpu_bytes,
+        model=spec.title, model_spec=spec, model_flags=tuple(_probe_model_flags(args)), size=args.size,
+        batch_size=args.batch_size, gpu_memory_bytes=gpu_bytes,
         gpu_memory_source=source, headroom_bytes=parse_headroom(args.headroom, gpu_bytes),
         merge_layers=args.merge_layers or None, grids=list(dict.fromkeys(args.grids)),
         modes=list(dict.fromkeys(args.modes)), max_candidates=args.max_candidates, context_overhead_bytes=context,
@@ -101,6 +103,12 @@ def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         max_latency_ratio=args.max_latency_ratio, device=args.device, measure_replicas=args.measure_replicas,
         backend=args.backend, weight_sharing=args.weight_sharing,
     )
+
+
+def _probe_model_flags(args: argparse.Namespace) -> list[str]:
+    """The model's flags for `splitpack replica-probe` (random weights: memory does not depend on them)."""
+    flags = common.model_flags(args)
+    return flags[:flags.index("--weights")] if "--weights" in flags else [f for f in flags if f != "--pretrained"]
 
 
 def _check_backend(args: argparse.Namespace) -> None:
@@ -120,9 +128,7 @@ def _check_backend(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from splitpack.capacity.report import format_plan
 
-    for weights in [args.weights] if args.weights else []:
-        if not Path(weights).is_file():  # found out before minutes of measuring
-            raise FileNotFoundError(f"weights file {weights} does not exist")
+    common.build_model(args)  # a model, weights or labels that do not fit: found out before minutes of measuring
     plan = plan_capacity(_inputs_from_args(args), quiet=args.quiet)
     _write_outputs(plan, args)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
@@ -136,7 +142,7 @@ def _write_outputs(plan: dict, args: argparse.Namespace) -> None:
     from splitpack.capacity.report import plot_plan
 
     settings = WRITTEN_DEFAULTS | {k: v for k, v in given(args).items() if k not in PLANNED}
-    weights = {"pretrained": args.pretrained, "weights": args.weights}
+    weights = {"pretrained": args.pretrained, "weights": args.weights, "allow_pickle": args.allow_pickle}
     with contextlib.ExitStack() as outputs:
         if args.write_triton:
             model_dir = Path(args.write_triton) / deploy.triton_model_name(plan)

@@ -24,9 +24,7 @@ def _count_or_names(text: str) -> int | list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model(parser, required=False)
-    parser.add_argument("--pretrained", action="store_true", help="real ImageNet weights (splitpack.models.pretrained)")
-    parser.add_argument("--weights", help="state dict file instead of --pretrained")
+    common.add_model(parser, "evaluate")
     parser.add_argument("--data", help="ImageNet-style folder: labels.tsv, or synset sub-folders (required unless --from-json)")
     parser.add_argument("--size", action="append",
                         help="input size in pixels, or a multiple of the native size (2x); repeat for several "
@@ -62,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.from_json:
         _write_outputs(json.loads(Path(args.from_json).read_text()), args)
         return 0
-    if not args.model or not args.data:
+    if not (args.model_name or args.model_class) or not args.data:
         raise UsageError("--model and --data are required (or --from-json REPORT)")
     report = _evaluate(args)
     _write_outputs(report, args)
@@ -72,11 +70,9 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> dict:
     import timm
 
-    import splitpack
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = splitpack.create_model(args.model, pretrained=args.pretrained, weights=args.weights)
+    model, spec = common.build_model(args)
     items = labelled_images(args.data)
     strategies = args.strategies or default_strategies(model, args.grids, args.exact_grids, args.exact_layers,
                                                        args.seed_layers, args.scales)
@@ -85,7 +81,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     native = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1] if hasattr(model, "pretrained_cfg") else 224
     sizes = [parse_size(s, native) for s in (args.size or [str(native)])]
     report = {
-        "model": args.model,
+        "model": spec.title,
         "pretrained": bool(args.pretrained),
         "weights": args.weights,
         "data": str(args.data),
@@ -98,10 +94,10 @@ def _evaluate(args: argparse.Namespace) -> dict:
     for size in sizes:
         subset = items[: args.limit_large] if args.limit_large and size > native else items
         result = evaluate(model, subset, strategies, size=size, batch_size=args.batch_size,
-                          progress=not args.quiet, desc=f"{args.model}@{size}")
+                          progress=not args.quiet, desc=f"{spec.title}@{size}")
         report["runs"].append(result)
         if result["n_skipped"]:
-            print(f"{args.model}@{size}: skipped {result['n_skipped']} unreadable file(s)", file=sys.stderr)
+            print(f"{spec.title}@{size}: skipped {result['n_skipped']} unreadable file(s)", file=sys.stderr)
     return report
 
 

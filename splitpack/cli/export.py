@@ -18,7 +18,7 @@ CHECK_TOLERANCE = 1e-5  # relative, artifact vs the interpreter: the same aten c
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model(parser)
+    common.add_model(parser, "export")
     parser.add_argument("--size", type=arg_type(common.positive_int, "size"), required=True,
                         help="input height = width the artifact runs at (any batch size)")
     parser.add_argument("--merge-layer", required=True,
@@ -32,9 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the artifact file; for triton-libtorch the model repository (DIR/NAME is written)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     common.add_device(parser)
-    common.add_weights(parser, "export")
     triton = parser.add_argument_group("triton-libtorch", "the model directory's config.pbtxt")
-    add_flags(triton, "triton", exclude=tuple(p.name for p in MODEL_PARAMS))
+    add_flags(triton, "triton", exclude=tuple(p.name for p in MODEL_PARAMS))  # the model's flags: add_model
     triton.add_argument("--name", help="Triton model name = directory (default: MODEL_libtorch)")
     triton.add_argument("--weight-sharing", action="store_true",
                         help="instances on one device share one copy of the weights (ENABLE_WEIGHT_SHARING)")
@@ -54,11 +53,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import splitpack
     from splitpack.core.compile import export
-    from splitpack.serving.package import source_model
 
     _check_arguments(args)
     deploy = deploy_settings("triton", given(args, DEPLOY))
-    model, _ = source_model(args.model, args.pretrained, args.weights)
+    model, spec = common.build_model(args)
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     model = model.to(device=device, dtype=dtype).eval()
     split = splitpack.wrap(model, args.merge_layer, args.grid)
@@ -71,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_check:
             _check(export.load(fmt, path), split, model, example)
 
-    what = f"{args.model} @{args.size}, plan {split.plan}"
+    what = f"{spec.title} @{args.size}, plan {split.plan}"
     if args.format == "triton-libtorch":
-        model_dir = _write_triton(args, write, deploy, split, model, example)
+        model_dir = _write_triton(args, write, deploy, split, model, example, spec.title)
         print(f"wrote {model_dir}/config.pbtxt, 1/model.pt ({what})")
         return 0
     from splitpack.publish import staged_path
@@ -99,13 +97,13 @@ def _check(artifact, split, model, example) -> None:
           f"{(out.float() - unsplit.float()).abs().max().item() / scale:.1e} (relative)", file=sys.stderr)
 
 
-def _write_triton(args, write, deploy: dict, split, model, example) -> Path:
+def _write_triton(args, write, deploy: dict, split, model, example, title: str) -> Path:
     from splitpack.serving.triton.libtorch import libtorch_model_name, render_libtorch_config, write_libtorch_model
 
     with torch.inference_mode():
         classes = model(example[:1]).shape[-1]
-    name = args.name or libtorch_model_name(args.model)
-    command = shlex.join(["splitpack", "export", "--model", args.model, "--size", str(args.size), "--merge-layer",
+    name = args.name or libtorch_model_name(title)
+    command = shlex.join(["splitpack", "export", *common.model_flags(args), "--size", str(args.size), "--merge-layer",
                           split.plan.merge_layer_text, "--grid", split.plan.grid_text, "--format", args.format,
                           "--dtype", args.dtype, *[a for p, v in given(args, DEPLOY).items()
                                                    for a in (f"--{p.replace('_', '-')}", str(v))],

@@ -34,7 +34,7 @@ def png_path(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model(parser)
+    common.add_model(parser, "plan with")
     common.add_input(parser)
     parser.add_argument("--budget", type=arg_type(budget, "memory size"), metavar="SIZE",
                         help="peak activation memory allowed for the batch (2GiB, 512MB, ...): the plan with the "
@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
         from splitpack.measure.plot import pyplot
 
         pyplot()  # a missing plot extra is reported before minutes of planning
-    report = plan_report(args.model, args.size, args.batch_size, args.budget, args.max_overhead, args.device,
-                         getattr(torch, args.dtype), measure=not args.no_measure)
+    model, spec = common.build_model(args)
+    report = plan_report(spec.title, args.size, args.batch_size, args.budget, args.max_overhead, args.device,
+                         getattr(torch, args.dtype), measure=not args.no_measure, model=model)
     if args.out:
         common.write_plot(args.out, lambda path: plot_front(report, path))
         report["png"] = args.out

@@ -12,7 +12,7 @@ from splitpack.measure.units import MiB
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model(parser)
+    common.add_model(parser, "profile with")
     common.add_input(parser)
     parser.add_argument("--merge-layers", nargs="*", default=[], metavar="LAYER",
                         help="merge layers to profile split, one profile each (several go on one plot)")
@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import splitpack
 
-    model = splitpack.create_model(args.model).to(args.device)
+    model, spec = common.build_model(args)
+    model = model.to(args.device)
     every = list(splitpack.merge_layers(model))
     # leaves plus the candidates, so split runs (marked at candidates) line up with the unsplit one
     layers = every if args.layers == "candidates" else list(dict.fromkeys(
@@ -35,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
     x = torch.randn(args.batch_size, 3, args.size, args.size, device=args.device)
     profiles = profile_model(model, x, args.merge_layers, args.grid, args.mode, layers)
     baseline = profiles[0].peak_bytes
-    title = f"{args.model} @{args.size} batch {args.batch_size}"
+    title = f"{spec.title} @{args.size} batch {args.batch_size}"
     result = {
-        "model": args.model, "size": args.size, "batch_size": args.batch_size, "device": str(x.device),
+        "model": spec.title, "size": args.size, "batch_size": args.batch_size, "device": str(x.device),
         "measured_by": "cuda-allocator" if x.device.type == "cuda" else "cpu-activation-tracker",
         "unsplit_peak_bytes": baseline, "unsplit_peak_layer": profiles[0].peak_layer,
         "split": [{"merge_layer": p.merge_layer, "grid": p.grid, "mode": p.mode, "peak_bytes": p.peak_bytes,

@@ -7,7 +7,7 @@ from splitpack.cli import arg_type, common
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model(parser)
+    common.add_model(parser, weights=None)
     common.add_input(parser)
     parser.add_argument("--merge-layer", default="", help="module name to merge the packs at (default: unsplit)")
     common.add_split(parser, merge_layer=False)
@@ -20,5 +20,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from splitpack.capacity.probe import run_probe
 
-    return run_probe(args.model, args.size, args.batch_size, args.merge_layer or None, args.grid, args.mode,
+    return run_probe(common.model_spec(args), args.size, args.batch_size, args.merge_layer or None, args.grid, args.mode,
                      args.device, args.repeats, args.hold)

@@ -16,9 +16,7 @@ def square_grid(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_model(parser)
-    parser.add_argument("--pretrained", action="store_true", help="real ImageNet weights (splitpack.models.pretrained)")
-    parser.add_argument("--weights", help="state dict file instead of --pretrained")
+    common.add_model(parser, "show")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--merge-layer", help="merge layer (default: a quarter into the block-level layers)")
     parser.add_argument("--grid", type=arg_type(square_grid, "grid"), default=2,
@@ -39,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from splitpack.experiments.seams import feature_maps, plot_seams, seam_report, tap_modules
     from splitpack.publish import staged_path, write_text
 
-    model = splitpack.create_model(args.model, pretrained=args.pretrained, weights=args.weights)
+    model, spec = common.build_model(args)
     transform, cfg = data_transform(model, args.size)
     with Image.open(args.image) as img:
         x = transform(img.convert("RGB")).unsqueeze(0)
@@ -56,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     shown = [l for l in shown if l in curve]
     result = feature_maps(model, x, curve, merge_layer, args.grid)
     report = seam_report(result, curve)
-    report.update(model=args.model, image=str(args.image), merge_layer=merge_layer, grid=args.grid,
+    report.update(model=spec.title, image=str(args.image), merge_layer=merge_layer, grid=args.grid,
                   input_size=cfg["input_size"][-1])
-    title = (f"{args.model} @ {cfg['input_size'][-1]}px, {args.grid}x{args.grid} packs merged after {merge_layer}; "
+    title = (f"{spec.title} @ {cfg['input_size'][-1]}px, {args.grid}x{args.grid} packs merged after {merge_layer}; "
              f"top-1 same as unsplit: seed {report['logits']['seed']['same_top1']}, "
              f"exact {report['logits']['exact']['same_top1']} (max |dlogit| seed "
              f"{report['logits']['seed']['max_abs_diff']:.2g}, exact {report['logits']['exact']['max_abs_diff']:.2g})")

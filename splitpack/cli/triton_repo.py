@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     spec = TritonModelSpec(ServingConfig.from_mapping(given(args, MODEL)), given(args, DEPLOY), name=args.name,
-                           pretrained=args.pretrained, weights=args.weights)
+                           pretrained=args.pretrained, weights=args.weights, allow_pickle=args.allow_pickle)
     model_dir = generate_model_dir(spec, args.out, check=not args.no_check)
-    print(f"wrote {model_dir}/config.pbtxt, {VERSION}/model.py"
-          + (f", {VERSION}/{WEIGHTS_FILE}" if (model_dir / VERSION / WEIGHTS_FILE).exists() else " (random weights)"))
+    shipped = [f"{VERSION}/{f.name}" for f in sorted((model_dir / VERSION).iterdir()) if f.name != "model.py"]
+    print(f"wrote {model_dir}/config.pbtxt, {VERSION}/model.py, " + ", ".join(shipped)
+          + ("" if (model_dir / VERSION / WEIGHTS_FILE).exists() else " (random weights)"))
     return 0

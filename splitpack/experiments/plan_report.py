@@ -12,12 +12,13 @@ from splitpack.measure.units import MiB
 
 def plan_report(model_name: str, size: int, batch_size: int = 1, memory_budget: int | None = None,
                 max_overhead: float | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                measure: bool = True) -> dict[str, Any]:
-    """The JSON document of ``splitpack plan``."""
+                measure: bool = True, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The JSON document of ``splitpack plan`` (``model``: the one to plan, default ``model_name`` built)."""
     import splitpack
     from splitpack.core.search.planner import Planner
 
-    model = splitpack.create_model(model_name).to(device=device, dtype=dtype).eval()
+    model = model if model is not None else splitpack.create_model(model_name)
+    model = model.to(device=device, dtype=dtype).eval()
     shape = (batch_size, 3, size, size)
     start = time.perf_counter()
     planner = Planner(model)

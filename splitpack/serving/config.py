@@ -21,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from splitpack.core.compile.recording import MODES as COMPILE_MODES, compile_mode
 from splitpack.core.plan.spec import UNSPLIT_WORDS, AutoPlan, Plan, grid_text, parse_grid, parse_plan
 from splitpack.measure.units import parse_bytes
+from splitpack.models.spec import ModelSpec
 
 SERVERS = ("torchserve", "triton")
 MODEL = "model"    # the predictor's settings: handler: section / config.pbtxt parameters
@@ -33,6 +35,7 @@ DEPLOY = "deploy"  # the server's own settings: workers/instances, batching, dev
 MODES = ("exact", "seed")
 UNSPLIT = "none"   # how an unsplit model's merge_layer is written ("" is read the same)
 AUTO = "auto"
+PRETRAINED = "pretrained"  # weights: splitpack's offline ImageNet weights (splitpack.models.pretrained)
 INSTANCE_KINDS = ("auto", "cpu", "gpu")
 # timm data-config keys a deployment may pin (they describe how the weights were trained).
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -151,8 +154,8 @@ def grid_list_text(value: Any) -> str:
     return ",".join(grid_text(parse_grid(g)) for g in items)
 
 
-def data_config(value: Any) -> dict | None:
-    """timm data-config overrides: a mapping or its JSON text; None/"" = the model's own."""
+def json_object(value: Any) -> dict | None:
+    """A mapping or its JSON text; None/""/{} = none."""
     if value is None or value == "" or value == {}:
         return None
     if isinstance(value, str):
@@ -162,6 +165,17 @@ def data_config(value: Any) -> dict | None:
             raise ValueError(f"expected a mapping or a JSON object, got {value!r} ({e})") from None
     if not isinstance(value, Mapping):
         raise ValueError(f"expected a mapping, got {value!r}")
+    return dict(value)
+
+
+json_object.__name__ = "a JSON object"
+
+
+def data_config(value: Any) -> dict | None:
+    """timm data-config overrides: a mapping or its JSON text; None/"" = the model's own."""
+    value = json_object(value)
+    if value is None:
+        return None
     unknown = sorted(set(value) - set(DATA_CONFIG_KEYS))
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(DATA_CONFIG_KEYS)}")
@@ -192,6 +206,7 @@ class Param:
     server_defaults: Mapping[str, Any] = field(default_factory=dict)  # where a server's default differs
     native: Mapping[str, str] = field(default_factory=dict)  # section deploy: each server's own config key
     plan_arg: bool = False             # passed to splitpack.core.plan.spec.parse_plan as the keyword of this name
+    model_arg: bool = False            # describes the model itself (splitpack.models.ModelSpec): every --model command
 
     @property
     def cli_flag(self) -> str:
@@ -228,8 +243,8 @@ def _plain(value: Any) -> Any:
 
 PARAMS: tuple[Param, ...] = (
     # -- model: what the predictor reads (handler: section / config.pbtxt parameters) ------------------
-    Param("model_name", text, None, "timm model name, or tv:NAME for torchvision (required)",
-          flag="--model", metavar="NAME"),
+    Param("model_name", text, None, "timm model name, or tv:NAME for torchvision (required unless model_class)",
+          flag="--model", metavar="NAME", model_arg=True),
     Param("merge_layer", merge_layer_text, UNSPLIT,
           "module name(s) to merge the packs at: a name, a comma list (one per stage) or auto; none = unsplit",
           metavar="LAYER"),
@@ -265,6 +280,21 @@ PARAMS: tuple[Param, ...] = (
     Param("max_overhead", overhead_ratio, None,
           "merge_layer auto: MACs allowed, as a ratio to the unsplit model (1.25 when no memory_budget "
           "is given); the planner picks the smallest peak within it", metavar="RATIO", plan_arg=True),
+    # the model itself, besides model_name (after the others: positional ServingConfig(...) calls stay valid)
+    Param("model_file", text, None,
+          "your own model: the Python file defining model_class (archive and triton-repo ship a copy)",
+          metavar="FILE.py", model_arg=True),
+    Param("model_class", text, None, "your own model: the class or factory function in model_file that builds it",
+          metavar="NAME", model_arg=True),
+    Param("model_kwargs", json_object, None, "keyword arguments for model_class, or for the timm/torchvision model",
+          metavar="JSON", model_arg=True),
+    Param("num_classes", integer(1), None,
+          "classes of the model's head: a new head for a timm/torchvision model, num_classes=N for model_class",
+          metavar="N", model_arg=True),
+    Param("labels", text, None,
+          "class names for the answers: index_to_name.json or one label per line (archive and triton-repo "
+          "ship a copy); default: ImageNet's for 1000-class heads, else class indices", metavar="FILE",
+          model_arg=True),
     # -- deploy: the servers' own settings -------------------------------------------------------------
     Param("replicas", integer(1), 1, "model replicas (processes) per server", section=DEPLOY,
           native={"torchserve": "minWorkers, maxWorkers", "triton": "instance_group.count"}, metavar="N"),
@@ -286,6 +316,7 @@ PARAMS: tuple[Param, ...] = (
 )
 BY_NAME = {p.name: p for p in PARAMS}
 MODEL_PARAMS = tuple(p for p in PARAMS if p.section == MODEL)
+MODEL_ARG_PARAMS = tuple(p for p in PARAMS if p.model_arg)  # the model itself: what every --model command takes
 DEPLOY_PARAMS = tuple(p for p in PARAMS if p.section == DEPLOY)
 
 
@@ -304,11 +335,26 @@ class _ServingConfigMethods:
     def __post_init__(self):
         for p in self._params:
             value = getattr(self, p.name)
-            if p.name == "model_name" and value is None:
-                raise ValueError("model_name: a timm model name (or tv:NAME) is required")
             value = p.default if value is None else value  # None = the default (merge_layer None = unsplit)
             setattr(self, p.name, p.read(value) if value is not None else None)
         self.plan  # merge layers and grids must agree (one grid, or one per stage)
+        self.model_spec()  # a model name, or a model file and class
+
+    def model_spec(self, weights: str | Path | None = None, base_dir: str | Path | None = None,
+                   allow_pickle: bool = False) -> ModelSpec:
+        """The model these settings serve, with ``weights`` (a file, ``"pretrained"`` or None for random);
+        the model and labels files, where relative, are in ``base_dir`` (where the server unpacked them)."""
+        def path(name: str) -> Path | None:
+            value = getattr(self, name, None)
+            return None if value is None else Path(base_dir or ".") / value
+
+        pretrained = weights == PRETRAINED
+        return ModelSpec(name=self.model_name, model_file=path("model_file"),
+                         model_class=getattr(self, "model_class", None),
+                         model_kwargs=dict(getattr(self, "model_kwargs", None) or {}),
+                         num_classes=getattr(self, "num_classes", None), labels=path("labels"),
+                         weights=None if pretrained or weights is None else Path(weights), pretrained=pretrained,
+                         allow_pickle=allow_pickle)
 
     @property
     def plan(self) -> Plan | AutoPlan | None:
@@ -347,8 +393,6 @@ class _ServingConfigMethods:
         if unknown and not ignore_unknown:
             raise ValueError(f"serving config: unknown key(s) {', '.join(sorted(unknown))}; "
                              f"known keys: {', '.join(sorted(known))}")
-        if values.get("model_name") is None:
-            raise ValueError("serving config: model_name is required (--model NAME)")
         return cls(**values)
 
     @classmethod
@@ -367,9 +411,9 @@ class _ServingConfigMethods:
 
 
 def config_class(params: tuple[Param, ...] = MODEL_PARAMS, name: str = "ServingConfig") -> type:
-    """A dataclass with one field per parameter (``model_name`` first, required) and the methods above."""
+    """A dataclass with one field per parameter (``model_name`` first) and the methods above."""
     assert params[0].name == "model_name", "model_name must be the first parameter"
-    fields = [("model_name", Any)] + [(p.name, Any, dataclasses.field(default=p.default)) for p in params[1:]]
+    fields = [(p.name, Any, dataclasses.field(default=p.default)) for p in params]
     return dataclasses.make_dataclass(name, fields, bases=(_ServingConfigMethods,), namespace={
         "_params": params, "__module__": __name__,
         "__doc__": "The settings of one deployed model: one field per model-section parameter of the schema."})

@@ -16,15 +16,14 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from splitpack.serving.config import ServingConfig
+from splitpack.models import build_model, head_classes, model_labels
+from splitpack.serving.config import PRETRAINED, ServingConfig  # noqa: F401 (Predictor(weights=PRETRAINED))
 from splitpack.serving.decode import BadRequest, TooLarge, decode_image  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 # A real cat photo shipped with the package (CC0, see assets/SOURCES.md).
 SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg"
-# Predictor(weights=PRETRAINED) loads splitpack's offline ImageNet weights (splitpack.models.pretrained).
-PRETRAINED = "pretrained"
 
 
 class InferenceFailed(RuntimeError):
@@ -48,29 +47,28 @@ def _request_result(rows: list) -> torch.Tensor | BadRequest | InferenceFailed:
 class Predictor:
     """Image bytes -> probabilities -> labelled top-k, for one ServingConfig."""
 
-    def __init__(self, config: ServingConfig, weights: str | None = None, device: str | torch.device = "cpu"):
-        """``weights``: a state-dict file, ``"pretrained"`` for splitpack's offline
-        ImageNet weights, or None for random weights (with a warning)."""
-        import splitpack
+    def __init__(self, config: ServingConfig, weights: str | None = None, device: str | torch.device = "cpu",
+                 base_dir: str | Path | None = None):
+        """``weights``: a state-dict (or checkpoint) file, ``"pretrained"`` for splitpack's offline
+        ImageNet weights, or None for random weights (with a warning). ``base_dir``: where the config's
+        relative model and labels files are (the unpacked archive, the Triton version directory)."""
         from timm.data import create_transform, resolve_data_config
 
         self.config = config
         self.device = torch.device(device)
         self.last_peak_bytes: int | None = None  # of the last served batch, on CUDA
+        spec = config.model_spec(weights, base_dir)
         if weights is None:
-            warnings.warn(f"{config.model_name}: no weights given, serving random weights", stacklevel=2)
-        if weights == PRETRAINED:
-            base = splitpack.create_model(config.model_name, pretrained=True)
-        else:
-            base = splitpack.create_model(config.model_name, weights=weights)
-        self.num_classes = _num_classes(base)
+            warnings.warn(f"{spec.title}: no weights given, serving random weights", stacklevel=2)
+        base = build_model(spec)
+        self.num_classes = head_classes(base)
+        self._labels = model_labels(base, self.num_classes, spec.labels)
         self.model = self._wrap(base) if config.split else base
         self.model = self.model.to(self.device).eval()
 
         # The config's overrides win over the model's own pretrained_cfg.
         self.data_config = resolve_data_config(args=dict(config.data_config or {}), model=base)
         self._eval_transform = create_transform(**self.data_config)
-        self._labels = _label_names(base, self.num_classes)
         self.compile_report = self.warm_compiled()  # compile / cuda_graphs: at load, not on the first request
 
     def _wrap(self, base: torch.nn.Module) -> torch.nn.Module:
@@ -109,7 +107,7 @@ class Predictor:
             with torch.inference_mode():
                 compiled.warm_up(image.unsqueeze(0).to(self.device))
         report = compiled.report()
-        log.info("split-pack compiled for %s: %s", self.config.model_name, report)
+        log.info("split-pack compiled for %s: %s", self.config.model_spec().title, report)
         return report
 
     # -- requests -----------------------------------------------------------------
@@ -252,24 +250,3 @@ class Predictor:
         return settings | compiled | {"split": self.config.split, "plan": str(self.config.plan or "unsplit"),
                                       "input_size": list(self.data_config["input_size"]),
                                       "num_classes": self.num_classes, "device": str(self.device)} | auto
-
-
-def _num_classes(model: torch.nn.Module) -> int:
-    n = getattr(model, "num_classes", None)
-    if isinstance(n, int) and n > 0:
-        return n
-    with torch.inference_mode():
-        return int(model(torch.zeros(1, 3, 64, 64)).shape[-1])
-
-
-def _label_names(model: torch.nn.Module, num_classes: int) -> list[str] | None:
-    """Class names from timm's ImageNet info; None (indices only) for non-ImageNet heads."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-
-    subset = infer_imagenet_subset(model) or ("imagenet-1k" if num_classes == 1000 else None)
-    if subset is None:
-        return None
-    info = ImageNetInfo(subset)
-    if info.num_classes() != num_classes:
-        return None
-    return [info.index_to_description(i) for i in range(num_classes)]

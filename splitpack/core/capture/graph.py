@@ -22,6 +22,8 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from splitpack.errors import SplitError
+
 Shape = torch.Size | tuple  # a tensor's size, or a tuple of sizes for a tuple-valued node (torch.split)
 SIZE_PROBE = 64  # the second shape-propagation size is this much larger (a multiple of every usual stride)
 
@@ -123,7 +125,12 @@ class TracedModel:
 
 def trace(model: nn.Module) -> TracedModel:
     tracer = _ScopeTracer()
-    graph = tracer.trace(model)
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # noqa: BLE001 -- fx fails in many ways (TraceError, TypeError on a Proxy, ...)
+        raise SplitError(f"{type(model).__name__} cannot be captured with torch.fx, which split-pack needs "
+                         f"({type(err).__name__}: {err}); make its forward traceable (no Python control flow on "
+                         "tensor values), or run it unsplit (merge layer none)") from err
     gm = fx.GraphModule(model, graph, model.__class__.__name__)
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}

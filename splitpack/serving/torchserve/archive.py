@@ -24,7 +24,7 @@ from splitpack.errors import ServerError
 from splitpack.publish import staged_path
 from splitpack.serving.config import AUTO, ServingConfig, check_deploy, deploy_settings, startup_timeout_s
 from splitpack.serving.extras import console_script
-from splitpack.serving.package import check_settings, pin_data_config, source_model
+from splitpack.serving.package import check_settings, pin_data_config, ship_model_files, source_model
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]  # the splitpack package
 HANDLER_FILE = Path(__file__).resolve().parent / "handler.py"
@@ -89,21 +89,21 @@ def _stage_package(dest: Path) -> None:
 
 
 def build_archive(config: ServingConfig, deploy: Mapping[str, Any] | None = None, *, pretrained: bool = False,
-                  weights: str | Path | None = None, base: Mapping[str, Any] | None = None,
+                  weights: str | Path | None = None, allow_pickle: bool = False, base: Mapping[str, Any] | None = None,
                   name: str | None = None, version: str = "1.0", export_path: str | Path = DEFAULT_MODEL_STORE,
                   force: bool = False, check: bool = True) -> Path:
     """Write ``<export_path>/<name>.mar`` (all or nothing); returns its path. See :func:`write_archive`."""
-    name = name or archive_name(config.model_name)
+    name = name or archive_name(config.model_spec().title)
     target = Path(export_path) / f"{name}.mar"
     with staged_path(target, overwrite=force) as tmp:
-        write_archive(config, tmp, deploy, pretrained=pretrained, weights=weights, base=base, version=version,
-                      check=check)
+        write_archive(config, tmp, deploy, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle,
+                      base=base, version=version, check=check)
     return target
 
 
 def write_archive(config: ServingConfig, target: Path, deploy: Mapping[str, Any] | None = None, *,
-                  pretrained: bool = False, weights: str | Path | None = None, base: Mapping[str, Any] | None = None,
-                  version: str = "1.0", check: bool = True) -> None:
+                  pretrained: bool = False, weights: str | Path | None = None, allow_pickle: bool = False,
+                  base: Mapping[str, Any] | None = None, version: str = "1.0", check: bool = True) -> None:
     """Write the archive file ``target`` (its name, less ``.mar``, is the model's name in TorchServe).
 
     ``deploy``: schema deploy values (replicas, batch_size, ...); missing ones take
@@ -111,24 +111,26 @@ def write_archive(config: ServingConfig, target: Path, deploy: Mapping[str, Any]
     operator's way to keep hand-edited TorchServe keys) sets them. With ``check``
     (default) the settings are loaded exactly as the worker will load them and run
     on the bundled sample image first, so a bad merge layer fails here, with the
-    list of valid ones, not at serve time.
+    list of valid ones, not at serve time. The model file and labels (if any) travel inside the archive,
+    next to the splitpack package, at its root (the worker's model_dir).
     """
     archiver = console_script("torch-model-archiver", "torchserve")  # fail before any work when it is missing
     name = Path(target).name.removesuffix(".mar")
     deploy = check_deploy("torchserve", deploy) if base is not None else deploy_settings("torchserve", deploy)
-    model, source = source_model(config.model_name, pretrained, weights)
+    model, source = source_model(config, pretrained, weights, allow_pickle)
     config = pin_data_config(config, model)
     with tempfile.TemporaryDirectory(prefix="splitpack-archive-") as tmp:
         stage = Path(tmp)
         weights_file = stage / "weights.pt"
         torch.save(model.state_dict(), weights_file)
         del model
-        if check:
-            check_settings(config, weights_file)
-        config_file = stage / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(model_config_yaml(config, deploy, source, base), sort_keys=False))
         extra = stage / "extra"
         _stage_package(extra)
+        config = ship_model_files(config, extra)
+        if check:
+            check_settings(config, weights_file, base_dir=extra)
+        config_file = stage / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(model_config_yaml(config, deploy, source, base), sort_keys=False))
         handler = stage / ARCHIVED_HANDLER
         shutil.copy2(_handler_source(), handler)
         out = stage / "out"

@@ -73,7 +73,7 @@ class SplitPackHandler(BaseHandler):
         serialized = self.manifest["model"].get("serializedFile")
         weights = os.path.join(properties.get("model_dir"), serialized) if serialized else None
 
-        self.predictor = Predictor(config, weights=weights, device=self.device)
+        self.predictor = Predictor(config, weights=weights, device=self.device, base_dir=properties.get("model_dir"))
         self.predictor.warmup()
         self.model = self.predictor.model
         settings = self.predictor.describe() | threads | {

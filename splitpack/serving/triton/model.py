@@ -81,7 +81,7 @@ class SplitPackTritonModel:
             warnings.simplefilter("always", UserWarning)
             # An unknown merge layer raises ValueError naming the valid layers: Triton logs it
             # and marks the model as failed to load.
-            self.predictor = Predictor(config, weights=weights, device=instance_device(args))
+            self.predictor = Predictor(config, weights=weights, device=instance_device(args), base_dir=version_dir)
         for w in caught:
             self.log_warn(str(w.message))
         self._check_outputs()
@@ -93,7 +93,8 @@ class SplitPackTritonModel:
         """config.pbtxt dims must match the model; a mismatch is a generation mistake."""
         num_classes, topk = self.predictor.num_classes, self.predictor.config.topk
         if _output_dims(self.model_config, OUTPUT_PROBABILITIES) != [num_classes]:
-            raise ValueError(f"{OUTPUT_PROBABILITIES} dims must be [{num_classes}] for {self.predictor.config.model_name}")
+            raise ValueError(f"{OUTPUT_PROBABILITIES} dims must be [{num_classes}] for "
+                             f"{self.predictor.config.model_spec().title}")
         if _output_dims(self.model_config, OUTPUT_TOP_K) != [min(topk, num_classes)]:
             raise ValueError(f"{OUTPUT_TOP_K} dims must be [{min(topk, num_classes)}] (parameter topk={topk})")
 

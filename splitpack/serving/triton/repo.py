@@ -6,13 +6,16 @@ One Triton model = one directory in a model repository::
                                   splitpack settings as `parameters` (what operators edit)
     <repo>/<name>/1/model.py      thin TritonPythonModel glue over splitpack.serving.triton.model
     <repo>/<name>/1/model.pt      state dict (torch.load(..., weights_only=True))
+    <repo>/<name>/1/user_model.py a copy of --model-file, for your own model class
+    <repo>/<name>/1/labels.txt    a copy of --labels, one label per line
 
 Tensors (batched, max_batch_size from the config):
 
     IMAGE          TYPE_STRING [1]     encoded image bytes (JPEG, PNG, ...), one per batch row
     PROBABILITIES  TYPE_FP32   [C]     softmax over the C classes
     TOP_K          TYPE_STRING [k]     "probability:index:label", best first (Triton's
-                                       classification format; labels from timm's ImageNet info)
+                                       classification format; labels from --labels, else timm's
+                                       ImageNet names for 1000 classes, else the index)
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import torch
 from splitpack.publish import staged_path
 from splitpack.serving.config import MODEL, ServingConfig, boolean, deploy_settings, params_for
 from splitpack.serving.extras import require
-from splitpack.serving.package import check_settings, pin_data_config, source_model
-from splitpack.serving.predictor import _num_classes
+from splitpack.models import head_classes
+from splitpack.serving.package import check_settings, pin_data_config, ship_model_files, source_model
 
 INPUT_IMAGE = "IMAGE"
 OUTPUT_PROBABILITIES = "PROBABILITIES"
@@ -65,7 +68,8 @@ class TritonModelSpec:
     deploy: dict = field(default_factory=dict)  # schema deploy values; missing ones take Triton's defaults
     name: str | None = None                     # Triton model name (directory); default from the model name
     pretrained: bool = False
-    weights: Path | None = None                 # a state dict file to copy in
+    weights: Path | None = None                 # a state dict (or checkpoint) file to ship as a state dict
+    allow_pickle: bool = False                  # weights may be a whole pickled model
 
     def __post_init__(self):
         self.deploy = deploy_settings("triton", self.deploy)
@@ -76,7 +80,7 @@ class TritonModelSpec:
 
     @property
     def model_name(self) -> str:
-        return self.name or default_model_name(self.config.model_name)
+        return self.name or default_model_name(self.config.model_spec().title)
 
     def command(self) -> str:
         """The `splitpack triton-repo` arguments that regenerate this model (minus --out)."""
@@ -94,7 +98,7 @@ class TritonModelSpec:
         if self.pretrained:
             args.append("--pretrained")
         elif self.weights:
-            args += ["--weights", str(self.weights)]
+            args += ["--weights", str(self.weights)] + (["--allow-pickle"] if self.allow_pickle else [])
         return shlex.join(args)
 
 
@@ -178,15 +182,17 @@ def write_model_dir(spec: TritonModelSpec, directory: Path, check: bool = True) 
     merge layer, grid or weights file fails here with the valid names instead of at server start.
     """
     require("tritonclient.grpc.model_config_pb2", "triton")  # checks the written config: fail before any work
-    base, _ = source_model(spec.config.model_name, spec.pretrained, spec.weights)
+    base, _ = source_model(spec.config, spec.pretrained, spec.weights, spec.allow_pickle)
     config = pin_data_config(spec.config, base)
     version_dir = Path(directory) / VERSION
     version_dir.mkdir()
+    config = ship_model_files(config, version_dir)
     weights = ""
     if spec.pretrained or spec.weights:
         torch.save(base.state_dict(), version_dir / WEIGHTS_FILE)
         weights = WEIGHTS_FILE
-    num_classes = check_settings(config, version_dir / weights if weights else None) if check else _num_classes(base)
+    num_classes = (check_settings(config, version_dir / weights if weights else None, base_dir=version_dir)
+                   if check else head_classes(base))
     text = render_config(spec, num_classes, weights, config)
     parse_model_config(text)  # a syntax error here would only show up at server start
     (Path(directory) / "config.pbtxt").write_text(text)
