@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from splitpack import cli
-from splitpack.capacity import deploy, footprint, report
+from splitpack.capacity import footprint, report
+from splitpack.serving.torchserve import deploy as torchserve_deploy
+from splitpack.serving.triton import deploy as triton_deploy
 from splitpack.measure import units
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +179,7 @@ def test_split_packs_more_replicas_at_high_resolution():
     from splitpack.serving.config import ServingConfig
 
     rec = plan["recommended"]
-    handler = deploy.torchserve_model_config(plan, {"instance_kind": "cpu"})["handler"]
+    handler = torchserve_deploy.torchserve_model_config(plan, {"instance_kind": "cpu"})["handler"]
     served = ServingConfig.from_mapping({k: v for k, v in handler.items() if k != "weights_source"})
     assert (served.merge_layer, served.grid) == (rec["merge_layer"], rec["grid"])
 
@@ -196,7 +198,7 @@ def test_headroom_and_latency_limit_are_applied(small_plan):
 def test_written_torchserve_config_sets_workers_and_split_settings(small_plan, tmp_path):
     from splitpack.serving.config import ServingConfig
 
-    path = deploy.write_torchserve(small_plan, tmp_path / "model-config.yaml", {"instance_kind": "cpu"})
+    path = torchserve_deploy.write_torchserve(small_plan, tmp_path / "model-config.yaml", {"instance_kind": "cpu"})
     config = yaml.safe_load(path.read_text())
     rec = small_plan["recommended"]
     assert config["minWorkers"] == config["maxWorkers"] == rec["replicas"]
@@ -206,17 +208,17 @@ def test_written_torchserve_config_sets_workers_and_split_settings(small_plan, t
     assert serving.model_name == "resnet18" and serving.merge_layer == (rec["merge_layer"] or "none")
     assert config["deviceType"] == "cpu"
     assert serving.threads == "auto"  # each worker takes its share of the cores it runs on
-    assert deploy.torchserve_model_config(small_plan, {"threads": 2})["handler"]["threads"] == 2
-    assert deploy.torchserve_model_config(small_plan, {"instance_kind": "gpu"})["deviceType"] == "gpu"
+    assert torchserve_deploy.torchserve_model_config(small_plan, {"threads": 2})["handler"]["threads"] == 2
+    assert torchserve_deploy.torchserve_model_config(small_plan, {"instance_kind": "gpu"})["deviceType"] == "gpu"
     with pytest.raises(ValueError, match="batch_size: set by the plan"):
-        deploy.torchserve_model_config(small_plan, {"batch_size": 3})
+        torchserve_deploy.torchserve_model_config(small_plan, {"batch_size": 3})
 
 
 @pytest.mark.filterwarnings("ignore:resnet18.*RANDOM weights")
 def test_written_triton_config_sets_instance_count(small_plan, tmp_path):
     from splitpack.serving.triton.repo import config_parameters, read_model_config
 
-    model_dir = deploy.write_triton(small_plan, tmp_path / "repo", {"instance_kind": "cpu", "topk": 3, "threads": 1},
+    model_dir = triton_deploy.write_triton(small_plan, tmp_path / "repo", {"instance_kind": "cpu", "topk": 3, "threads": 1},
                                     name="resnet18_plan")
     config = read_model_config(model_dir / "config.pbtxt")
     rec = small_plan["recommended"]
@@ -294,7 +296,7 @@ def test_written_triton_model_loads_with_its_instances(two_replica_split_plan, t
     from splitpack.serving.triton.server import TritonServer
 
     repo = tmp_path / "repo"
-    deploy.write_triton(two_replica_split_plan, repo, {"instance_kind": "cpu"}, name="resnet18_plan")
+    triton_deploy.write_triton(two_replica_split_plan, repo, {"instance_kind": "cpu"}, name="resnet18_plan")
     import tritonclient.grpc as grpcclient
 
     with TritonServer(repo, grpc_port=free_port(), run_dir=tmp_path / "run", models=["resnet18_plan"]) as server:
@@ -313,7 +315,7 @@ def test_written_torchserve_archive_starts_its_workers(two_replica_split_plan, t
     from splitpack.serving.torchserve.server import Ports, TorchServe
 
     store = tmp_path / "store"
-    mar = deploy.write_torchserve(two_replica_split_plan, store / "resnet18_plan.mar", {"instance_kind": "cpu"})
+    mar = torchserve_deploy.write_torchserve(two_replica_split_plan, store / "resnet18_plan.mar", {"instance_kind": "cpu"})
     name, config = read_archive_config(mar)
     assert config["minWorkers"] == config["maxWorkers"] == 2 and config["batchSize"] == 2
     assert config["handler"]["merge_layer"] == "layer1"

@@ -15,6 +15,7 @@ import yaml
 from splitpack.measure import nvml
 from splitpack.measure.meter import measured_call, peak_activation_bytes, peak_meter
 from splitpack.serving import metrics
+from splitpack.serving.torchserve import metrics as torchserve_metrics
 
 NVML_OK, NVML_REASON = nvml.nvml_status()
 cli = [sys.executable, "-m", "splitpack.cli", "devices"]
@@ -79,7 +80,7 @@ def test_torchserve_gauges_are_declared_and_emitted(tmp_path, caplog):
     """The real TorchServe metrics cache (what a handler's context.metrics is) accepts every gauge."""
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-    text = metrics.torchserve_metrics_yaml()
+    text = torchserve_metrics.torchserve_metrics_yaml()
     config = yaml.safe_load(text)
     declared = {g["name"] for g in config["model_metrics"]["gauge"]}
     assert set(metrics.METRICS) <= declared
@@ -91,7 +92,7 @@ def test_torchserve_gauges_are_declared_and_emitted(tmp_path, caplog):
     cache.initialize_cache()
     with caplog.at_level(logging.INFO):
         for _ in range(2):  # same dimensions every time
-            metrics.report_to_torchserve(cache, metrics.device_memory_metrics(peak_activation_bytes=77), "m")
+            torchserve_metrics.report_to_torchserve(cache, metrics.device_memory_metrics(peak_activation_bytes=77), "m")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
     assert any(line.startswith("[METRICS]splitpack_peak_activation_bytes.Bytes:77.0|#ModelName:m,Level:Model")
                for line in lines)
@@ -129,7 +130,8 @@ def test_cuda_visible_devices_maps_torch_indices_to_nvml(monkeypatch):
 
 HANDLER = '''
 from ts.torch_handler.base_handler import BaseHandler
-from splitpack.serving.metrics import device_memory_metrics, report_to_torchserve
+from splitpack.serving.metrics import device_memory_metrics
+from splitpack.serving.torchserve.metrics import report_to_torchserve
 
 
 class MemoryOnly(BaseHandler):
@@ -159,7 +161,7 @@ def test_gauges_reach_torchserve_prometheus_endpoint_once_declared(tmp_path):
     store.mkdir()
     subprocess.run([str(bindir / "torch-model-archiver"), "--model-name", "mem", "--version", "1", "--handler",
                     str(tmp_path / "h.py"), "--export-path", str(store)], check=True)
-    (tmp_path / "metrics.yaml").write_text(metrics.torchserve_metrics_yaml())
+    (tmp_path / "metrics.yaml").write_text(torchserve_metrics.torchserve_metrics_yaml())
     sockets = [socket.socket() for _ in range(5)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))

@@ -95,7 +95,7 @@ def _flags(command: str) -> set[str]:
     ("archive", "torchserve", ()), ("triton-repo", "triton", ()), ("capacity", None, "PLANNED"),
 ])
 def test_cli_flags_come_from_the_schema(command, server, planned):
-    from splitpack.capacity.deploy import PLANNED
+    from splitpack.serving.deploy import PLANNED
 
     flags = _flags(command)
     excluded = PLANNED if planned else ()

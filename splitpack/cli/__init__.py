@@ -24,6 +24,8 @@ import os
 import sys
 import warnings
 
+from splitpack.argtypes import arg_type  # noqa: F401 (every command's argparse types)
+
 COMMANDS = {
     "bench": "splitpack.cli.bench",
     "archive": "splitpack.cli.archive",
@@ -54,18 +56,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (UsageError, ValueError, SplitError, ImportError, FileNotFoundError, IsADirectoryError,
             NotADirectoryError, PermissionError, FileExistsError)
-
-
-def arg_type(parse, name: str | None = None):
-    """An argparse ``type=`` from a parser that raises ValueError: its message becomes argparse's."""
-    def convert(text: str):
-        try:
-            return parse(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    convert.__name__ = name or getattr(parse, "__name__", "value")
-    return convert
 
 
 def _load(name: str):

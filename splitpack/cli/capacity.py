@@ -11,11 +11,12 @@ from splitpack.capacity.footprint import (BACKEND_HELP, BACKENDS, CONTEXT_OVERHE
 from splitpack.capacity.planner import PlanInputs, plan_capacity
 from splitpack.cli import arg_type, common
 from splitpack.core.plan.spec import parse_grid
-from splitpack.capacity.deploy import PLANNED
 from splitpack.measure.units import GiB, MiB, parse_bytes
 from splitpack.publish import staged_path
 from splitpack.cli.params import add_flags, given
 from splitpack.serving.config import MODEL_ARG_PARAMS
+from splitpack.serving.backend import CapacityWriter, backends
+from splitpack.serving.deploy import PLANNED
 
 WRITTEN_DEFAULTS = {"instance_kind": "gpu"}  # the plan is for a GPU
 
@@ -61,12 +62,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_json(parser, "the plan")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--png", help="write a plot of the plan here")
-    written = parser.add_argument_group("written configs", "--write-triton/--write-torchserve deploy the "
-                                        "recommendation; the plan sets " + ", ".join(PLANNED) + ", these the rest")
-    written.add_argument("--write-triton", metavar="DIR", help="write a Triton model directory for the recommendation")
-    written.add_argument("--write-torchserve", metavar="FILE",
-                         help="write model-config.yaml (or a whole archive if FILE ends in .mar)")
+    flags = "/".join(f"--write-{name}" for name in capacity_writers())
+    written = parser.add_argument_group("written configs", f"{flags} deploy the recommendation; the plan sets "
+                                        + ", ".join(PLANNED) + ", these the rest")
+    for name, writer in capacity_writers().items():
+        written.add_argument(f"--write-{name}", dest=f"write_{name}", metavar=writer.flag, help=writer.help)
     add_flags(written, None, exclude=PLANNED + tuple(p.name for p in MODEL_ARG_PARAMS), defaults=WRITTEN_DEFAULTS)
+
+
+def capacity_writers() -> dict[str, CapacityWriter]:
+    """Every backend that can write the config deploying a plan (``--write-<backend>``)."""
+    return {name: b.capacity for name, b in backends().items() if b.capacity is not None}
+
+
+def _written(args: argparse.Namespace) -> dict[str, str]:
+    """backend -> the destination its --write-<backend> names."""
+    return {name: getattr(args, f"write_{name}") for name in capacity_writers() if getattr(args, f"write_{name}")}
 
 
 def detect_gpu_memory(index: int = 0) -> tuple[int, str]:
@@ -119,8 +130,8 @@ def _check_backend(args: argparse.Namespace) -> None:
         return
     if args.measure_replicas:
         raise ValueError("--measure-replicas starts one process per replica: --backend python only")
-    if args.write_triton or args.write_torchserve:
-        raise ValueError("--write-triton/--write-torchserve deploy the python backend; for --backend libtorch "
+    if _written(args):
+        raise ValueError(f"{'/'.join(f'--write-{n}' for n in capacity_writers())} deploy the python backend; for --backend libtorch "
                          "write the model directory with `splitpack export --format triton-libtorch` and the "
                          "recommended plan and replicas")
 
@@ -136,23 +147,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_outputs(plan: dict, args: argparse.Namespace) -> None:
-    """--png, --write-triton, --write-torchserve: each built in a staging place, all moved into place
+    """--png and each --write-<backend>: each built in a staging place, all moved into place
     once every one of them is complete (one failing leaves none)."""
-    from splitpack.capacity import deploy
     from splitpack.capacity.report import plot_plan
 
     settings = WRITTEN_DEFAULTS | {k: v for k, v in given(args).items() if k not in PLANNED}
     weights = {"pretrained": args.pretrained, "weights": args.weights, "allow_pickle": args.allow_pickle}
+    writers = capacity_writers()
     with contextlib.ExitStack() as outputs:
-        if args.write_triton:
-            model_dir = Path(args.write_triton) / deploy.triton_model_name(plan)
-            stage = outputs.enter_context(staged_path(model_dir, directory=True))
-            deploy.write_triton_into(plan, stage, model_dir.name, settings, **weights)
-            plan["triton_model_dir"] = str(model_dir)
-        if args.write_torchserve:
-            deploy.write_torchserve_into(plan, outputs.enter_context(staged_path(args.write_torchserve)), settings,
-                                         **weights)
-            plan["torchserve_config"] = args.write_torchserve
+        for name, dest in _written(args).items():
+            writer = writers[name]
+            target = writer.target(plan, Path(dest))
+            stage = outputs.enter_context(staged_path(target, directory=writer.directory))
+            writer.write_into(plan, stage, target.name, settings, **weights)
+            plan[writer.plan_key] = str(target)
         if args.png:
             plot_plan(plan, outputs.enter_context(staged_path(args.png)))
             plan["png"] = args.png

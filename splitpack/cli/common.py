@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from splitpack.cli import arg_type
+from splitpack.argtypes import arg_type, positive_int  # noqa: F401 (positive_int: re-exported)
 from splitpack.core.plan.spec import grid_text, parse_grid
 
 MODES = ("exact", "seed")
@@ -14,13 +14,6 @@ MODES = ("exact", "seed")
 def grid_arg(text: str) -> str:
     """``--grid``: one grid ``RxC`` (or ``N`` for NxN), or one per stage (``4x4,2x2``), normalised to ``RxC``."""
     return ",".join(grid_text(parse_grid(g)) for g in text.split(","))
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_model(parser: argparse.ArgumentParser, weights: str | None = "use") -> None:

@@ -3,8 +3,8 @@
 :data:`METRICS` fixes the gauge names whatever the machine, so dashboards and
 the TorchServe metrics config never change shape; :func:`device_memory_metrics`
 gives their values for one replica (NVML on a GPU, host memory otherwise);
-:func:`report_to_torchserve` and :class:`TritonMemoryMetrics` push them through
-each server's custom-metrics API (see docs/capacity.md).
+each backend pushes them through its server's custom-metrics API
+(:mod:`splitpack.serving.torchserve.metrics`, :mod:`splitpack.serving.triton.metrics`; see docs/capacity.md).
 """
 from __future__ import annotations
 
@@ -126,96 +126,3 @@ def update_plan_gauges(update: Callable[[list[dict]], None], plans: list[dict]) 
         return None
     except Exception as err:  # noqa: BLE001
         return err
-
-
-# --- server adapters -------------------------------------------------------------
-
-def report_to_torchserve(metrics_cache: Any, values: dict[str, float], model_name: str) -> None:
-    """Emit ``values`` as TorchServe gauges (``context.metrics`` of a handler).
-
-    Dimensions are fixed (ModelName, Level=Model) so every emission matches the
-    declaration in :func:`torchserve_metrics_yaml`.
-    """
-    from ts.metrics.dimension import Dimension
-    from ts.metrics.metric_type_enum import MetricTypes
-
-    for name, value in values.items():
-        dims = [Dimension("ModelName", model_name), Dimension("Level", "Model")]
-        metrics_cache.add_metric(name, value, METRICS[name][0], dimensions=dims,
-                                 metric_type=MetricTypes.GAUGE)
-
-
-def report_plans_to_torchserve(metrics_cache: Any, plans: list[dict], model_name: str) -> None:
-    """Emit the resolved plans' gauges (dimensions ModelName, Level, Plan, InputSize)."""
-    from ts.metrics.dimension import Dimension
-    from ts.metrics.metric_type_enum import MetricTypes
-
-    for labels, values in plan_series(plans):
-        dims = [Dimension("ModelName", model_name), Dimension("Level", "Model"), Dimension("Plan", labels["plan"]),
-                Dimension("InputSize", labels["input_size"])]
-        for name, value in values.items():
-            metrics_cache.add_metric(name, value, PLAN_METRICS[name][0], dimensions=dims,
-                                     metric_type=MetricTypes.GAUGE)
-
-
-def torchserve_metrics_yaml() -> str:
-    """TorchServe's default metrics config with the splitpack gauges declared.
-
-    Prometheus mode only exports model metrics declared in the config (unless
-    ``model_metrics_auto_detect=true``): point ``metrics_config`` in
-    config.properties at a file with this text.
-    """
-    import importlib.resources
-
-    import yaml
-
-    base = yaml.safe_load(importlib.resources.files("ts").joinpath("configs/metrics.yaml").read_text())
-    gauges = base.setdefault("model_metrics", {}).setdefault("gauge", [])
-    known = {g["name"] for g in gauges}
-    for name, (unit, _) in METRICS.items():
-        if name not in known:
-            gauges.append({"name": name, "unit": unit, "dimensions": ["ModelName", "Level"]})
-    for name, (unit, _) in PLAN_METRICS.items():
-        if name not in known:
-            gauges.append({"name": name, "unit": unit, "dimensions": ["ModelName", "Level", "Plan", "InputSize"]})
-    return yaml.safe_dump(base, sort_keys=False)
-
-
-class TritonMemoryMetrics:
-    """Triton python-backend gauges for :data:`METRICS`, created once per model instance.
-
-    ``pb_utils`` is the ``triton_python_backend_utils`` module (only importable
-    inside the stub, hence passed in). Families are kept alive here: Triton
-    requires a family to outlive its metrics.
-    """
-
-    def __init__(self, pb_utils: Any, labels: dict[str, str]):
-        self._families = {
-            name: pb_utils.MetricFamily(name=name, description=help_text, kind=pb_utils.MetricFamily.GAUGE)
-            for name, (_, help_text) in METRICS.items()
-        }
-        self._metrics = {name: fam.Metric(labels=labels) for name, fam in self._families.items()}
-
-    def update(self, values: dict[str, float]) -> None:
-        for name, value in values.items():
-            self._metrics[name].set(float(value))
-
-
-class TritonPlanMetrics:
-    """Triton python-backend gauges for :data:`PLAN_METRICS`: one series per resolved plan."""
-
-    def __init__(self, pb_utils: Any, labels: dict[str, str]):
-        self._labels = labels
-        self._families = {
-            name: pb_utils.MetricFamily(name=name, description=help_text, kind=pb_utils.MetricFamily.GAUGE)
-            for name, (_, help_text) in PLAN_METRICS.items()
-        }
-        self._metrics: dict[tuple, Any] = {}
-
-    def update(self, plans: list[dict]) -> None:
-        for labels, values in plan_series(plans):
-            for name, value in values.items():
-                key = (name, labels["plan"], labels["input_size"])
-                if key not in self._metrics:
-                    self._metrics[key] = self._families[name].Metric(labels=self._labels | labels)
-                self._metrics[key].set(float(value))

@@ -19,8 +19,8 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from splitpack.serving.config import ServingConfig
-from splitpack.serving.metrics import (report_plans_to_torchserve, report_to_torchserve, update_memory_gauges,
-                                       update_plan_gauges)
+from splitpack.serving.metrics import update_memory_gauges, update_plan_gauges
+from splitpack.serving.torchserve.metrics import report_plans_to_torchserve, report_to_torchserve
 from splitpack.serving.predictor import BadRequest, InferenceFailed, Predictor
 from splitpack.serving.threads import configure_threads
 

@@ -18,14 +18,14 @@ import ipaddress
 import json
 import os
 import re
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitpack.serving.backend import Server
 from splitpack.serving.extras import console_script, require
 from splitpack.serving.health import ProbeResult, probe_image, timed_probe
+from splitpack.serving.process import port_free, tail, wait_exit
 from splitpack.serving.threads import default_threads, thread_env
 from splitpack.serving.torchserve.archive import DEFAULT_MODEL_STORE, TorchServeError, read_archive_config
 
@@ -107,13 +107,16 @@ def _read_properties(path: Path) -> dict[str, str]:
 
 
 @dataclass
-class TorchServe:
+class TorchServe(Server):
     """One TorchServe instance whose config, pid file, temp files and logs live in ``run_dir``."""
+
+    error = TorchServeError
 
     run_dir: Path = DEFAULT_RUN_DIR
     model_store: Path = DEFAULT_MODEL_STORE
     ports: Ports = field(default_factory=Ports)
     threads: int | None = field(default=None, init=False)  # per worker, set by start()
+    expected: list[str] = field(default_factory=list, init=False)  # the models start() waits for
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir).resolve()
@@ -127,6 +130,10 @@ class TorchServe:
     @property
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / "ts_log.log"
 
     @property
     def tmp_dir(self) -> Path:
@@ -169,14 +176,6 @@ class TorchServe:
     def pid_file(self) -> Path:
         return self.tmp_dir / ".model_server.pid"
 
-    def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError):
-            return None
-
     # lifecycle
     def start(self, models: list[str] | None = None, *, timeout_s: float = 300, token_auth: bool = True,
               bind: str = LOOPBACK, threads: int | None = None, enable_model_api: bool = False,
@@ -190,7 +189,7 @@ class TorchServe:
         names = models or [read_archive_config(m)[0] for m in sorted(self.model_store.glob("*.mar"))]
         if not names:
             raise TorchServeError(f"no .mar archives in {self.model_store}; build one with `splitpack archive`")
-        busy = [f"{port} ({api})" for api, port in vars(self.ports).items() if not _port_free(port)]
+        busy = [f"{port} ({api})" for api, port in vars(self.ports).items() if not port_free(port)]
         if busy:
             raise TorchServeError(f"port(s) in use on 127.0.0.1: {', '.join(busy)}; stop what holds them or "
                                   "choose others (--inference-port, --management-port, ...)")
@@ -198,7 +197,7 @@ class TorchServe:
             d.mkdir(parents=True, exist_ok=True)
         for old in self.log_dir.glob("*.log"):  # failure detection reads this run's logs only
             old.unlink()
-        from splitpack.serving.metrics import torchserve_metrics_yaml
+        from splitpack.serving.torchserve.metrics import torchserve_metrics_yaml
 
         metrics_file = self.run_dir / "metrics.yaml"
         metrics_file.write_text(torchserve_metrics_yaml())
@@ -220,10 +219,10 @@ class TorchServe:
                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
         if code != 0 or self.pid() is None:
             raise TorchServeError(f"torchserve --start failed ({code}): {start_log.read_text()}")
-        expected = [n.split("=", 1)[0].removesuffix(".mar") for n in names]
+        self.expected = [n.split("=", 1)[0].removesuffix(".mar") for n in names]
         try:
-            status = self.wait_ready(expected, timeout_s=timeout_s)
-            self.check_serving(expected)
+            status = self.wait_ready(timeout_s)
+            self.check_serving(self.expected)
             return status
         except TorchServeError:
             if stop_on_failure:
@@ -242,13 +241,6 @@ class TorchServe:
                 total += 1
         return total
 
-    def check_serving(self, names: list[str]) -> None:
-        """READY workers can still fail every request (a model that cannot load answers 503 at
-        once, see the handler): one real inference per model, or the model's reason."""
-        failed = [r for r in self.probe(names) if not r.ok]
-        if failed:
-            raise TorchServeError("; ".join(f"model {r.model!r} does not serve: {r.detail}" for r in failed))
-
     def probe(self, names: list[str] | None = None, timeout: float = 60.0) -> list[ProbeResult]:
         """One real inference (the bundled cat photo) per model (default: every registered model)."""
         requests = require("requests", "torchserve")
@@ -264,27 +256,24 @@ class TorchServe:
 
         return [timed_probe(n, lambda n=n: top1(n)) for n in names]
 
-    def wait_ready(self, names: list[str], *, timeout_s: float = 300) -> dict:
-        """Poll the management API until each model has its minWorkers READY; fail fast with the
-        model's own error when a worker dies while loading."""
-        deadline = time.monotonic() + timeout_s
-        status: dict = {}
-        while True:
-            if self.pid() is None:
-                raise TorchServeError(f"TorchServe exited while starting (see {self.log_dir}):\n"
-                                      + self.startup_error())
-            status = self.models_status(names)
-            if status and all(s["ready"] for s in status.values()):
-                return status
-            for name in names:
-                if not status.get(name, {}).get("ready"):
-                    error = self.load_error(name)
-                    if error:
-                        raise TorchServeError(f"model {name!r} failed to load: {error}")
-            if time.monotonic() > deadline:
-                raise TorchServeError(f"models not READY after {timeout_s:.0f}s: {json.dumps(status)}; "
-                                      f"see {self.log_dir}")
-            time.sleep(0.5)
+    def ready_state(self) -> dict | None:
+        """Every expected model has its minWorkers READY; fail fast with the model's own error when a
+        worker dies while loading."""
+        if self.pid() is None:
+            raise TorchServeError(f"TorchServe exited while starting (see {self.log_dir}):\n" + self.startup_error())
+        status = self.models_status(self.expected)
+        if status and all(s["ready"] for s in status.values()):
+            return status
+        for name in self.expected:
+            if not status.get(name, {}).get("ready"):
+                error = self.load_error(name)
+                if error:
+                    raise TorchServeError(f"model {name!r} failed to load: {error}")
+        return None
+
+    def status(self) -> dict:
+        pid = self.pid()
+        return {"pid": pid, "models": self.models_status() if pid else {}}
 
     def api_key(self, api: str = "management") -> str | None:
         """With token auth on, TorchServe writes its keys to key_file.json in the run folder."""
@@ -342,11 +331,7 @@ class TorchServe:
             errors = [line for line in lines if re.search(r"Exception|Error|Caused by", line)]
             if errors:
                 return "\n".join(errors[:5])
-        return self.last_log_lines("ts_log.log", 20)
-
-    def last_log_lines(self, log_name: str, n: int) -> str:
-        log = self.log_dir / log_name
-        return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.is_file() else ""
+        return tail(self.log_file, 20)
 
     def stop(self, timeout_s: float = 60) -> bool:
         """Stop the server and its workers; True if one was running."""
@@ -356,9 +341,7 @@ class TorchServe:
         subprocess.run([console_script("torchserve", "torchserve"), "--stop", "--foreground"], cwd=self.run_dir, env=self.env(),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                        timeout=timeout_s + 10)
-        deadline = time.monotonic() + timeout_s
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_exit(pid, timeout_s)
         return True
 
 
@@ -368,24 +351,3 @@ def _error_message(response) -> str:
     except ValueError:
         return response.text
 
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are no conflict
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:  # a zombie is as good as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True

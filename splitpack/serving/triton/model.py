@@ -101,7 +101,7 @@ class SplitPackTritonModel:
     def _memory_metrics(self):
         """Device-memory gauges (splitpack.serving.metrics) for capacity planning; None if metrics are off."""
         try:
-            from splitpack.serving.metrics import TritonMemoryMetrics, TritonPlanMetrics
+            from splitpack.serving.triton.metrics import TritonMemoryMetrics, TritonPlanMetrics
 
             labels = {"model": self.name, "instance": self.instance}
             self.plan_metrics = TritonPlanMetrics(self.pb, labels)

@@ -11,20 +11,23 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitpack.errors import ServerError
+from splitpack.serving.process import read_pid as read_process_pid, terminate
+from splitpack.serving.backend import Server
+from splitpack.serving.health import ProbeResult, probe_image, timed_probe
 
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_RUN_DIR = Path(".run")
+SERVER_COMMAND = "tritonserver"
 
 
 class TritonServerError(ServerError):
@@ -104,14 +107,58 @@ def server_env(install: TritonInstall | None = None, base: dict | None = None) -
     return env
 
 
+class TritonProcess(Server):
+    """What a bare tritonserver and a whole deployment share: the run folder ``<run_dir>/triton``, the
+    server's log, the gRPC url and the probe through it."""
+
+    error = TritonServerError
+    run_dir: Path
+    grpc_port: int
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.run_dir) / "triton"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "tritonserver.log"
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def served_models(self) -> list[str]:
+        """The models a probe without names asks."""
+        return []
+
+    def probe(self, models: list[str] | None = None, timeout: float = 30.0) -> list[ProbeResult]:
+        """One real inference (the bundled cat photo) per model."""
+        import tritonclient.grpc as grpcclient
+
+        from splitpack.serving.triton.client import classify
+
+        image = probe_image()
+        with grpcclient.InferenceServerClient(self.url) as client:
+            def top1(model: str) -> str:
+                top = classify(client, model, [image], timeout=timeout)[0].top_k
+                return top[0]["label"] if top else ""
+
+            return [timed_probe(m, lambda m=m: top1(m)) for m in models or self.served_models()]
+
+
 @dataclass
-class TritonServer:
+class TritonServer(TritonProcess):
     """One tritonserver process bound to 127.0.0.1.
 
     ``http_port``/``metrics_port`` of ``None`` turn those endpoints off. With ``models``
     given, the server runs in explicit model-control mode and loads only those at start
     (others can be loaded later through the client's ``load_model``).
     """
+
+    pid_command = SERVER_COMMAND
 
     repository: Path
     grpc_port: int = DEFAULT_GRPC_PORT
@@ -124,20 +171,13 @@ class TritonServer:
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def state_dir(self) -> Path:
-        return Path(self.run_dir) / "triton"
-
-    @property
     def pid_file(self) -> Path:
         return self.state_dir / "tritonserver.pid"
 
     @property
-    def log_file(self) -> Path:
-        return self.state_dir / "tritonserver.log"
+    def config_file(self) -> Path:
+        """The command line the server was started with (tritonserver takes its settings as flags)."""
+        return self.state_dir / "tritonserver.args"
 
     def command(self, install: TritonInstall, backends: Path) -> list[str]:
         cmd = [
@@ -159,17 +199,17 @@ class TritonServer:
         """Start the server in its own session and wait until it (and its models) are ready."""
         if not Path(self.repository).is_dir():
             raise TritonServerError(f"model repository {self.repository} does not exist")
-        running = read_pid(self.pid_file)
+        running = self.pid()
         if running is not None:
             raise TritonServerError(f"tritonserver already running (pid {running}, {self.pid_file})")
         install = locate_triton()
         backends = prepare_backends(Path(self.run_dir) / "triton_backends", install)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        command = self.command(install, backends)
+        self.config_file.write_text(shlex.join(command) + "\n")
         with open(self.log_file, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command(install, backends), env=server_env(install), stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+            self.process = subprocess.Popen(command, env=server_env(install), stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid_file.write_text(f"{self.process.pid}\n")
         try:
             self.wait_ready(timeout)
@@ -178,86 +218,36 @@ class TritonServer:
             raise
         return self
 
-    def wait_ready(self, timeout: float) -> None:
+    def ready_state(self) -> dict | None:
         import tritonclient.grpc as grpcclient
 
-        deadline = time.monotonic() + timeout
-        client = grpcclient.InferenceServerClient(self.url)
-        try:
-            while True:
-                if self.process is not None and self.process.poll() is not None:
-                    raise TritonServerError(
-                        f"tritonserver exited with code {self.process.returncode} during start; "
-                        f"log {self.log_file}:\n{self.log_tail()}")
-                with contextlib.suppress(Exception):
-                    if client.is_server_ready() and all(client.is_model_ready(m) for m in self.models or []):
-                        return
-                if time.monotonic() > deadline:
-                    raise TritonServerError(f"tritonserver not ready after {timeout:.0f} s; "
-                                            f"log {self.log_file}:\n{self.log_tail()}")
-                time.sleep(0.5)
-        finally:
-            client.close()
+        if self.process is not None and self.process.poll() is not None:
+            raise TritonServerError(f"tritonserver exited with code {self.process.returncode} during start; "
+                                    f"log {self.log_file}:\n{self.log_tail()}")
+        with contextlib.suppress(Exception), grpcclient.InferenceServerClient(self.url) as client:
+            if client.is_server_ready() and all(client.is_model_ready(m) for m in self.models or []):
+                return self.status()
+        return None
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM the server (it drains in-flight requests), SIGKILL its session if it hangs."""
-        pid = self.process.pid if self.process is not None else read_pid(self.pid_file)
+    def served_models(self) -> list[str]:
+        return list(self.models or [])
+
+    def status(self) -> dict:
+        return {"pid": self.pid(), "grpc": self.url, "models": self.served_models()}
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """SIGTERM the server (it drains in-flight requests), SIGKILL its session (the stubs) if it hangs."""
+        pid = self.process.pid if self.process is not None else self.pid()
         if pid is not None:
-            stop_pid(pid, timeout, child=self.process)
+            terminate(pid, timeout, child=self.process)
         self.process = None
         self.pid_file.unlink(missing_ok=True)
-
-    def log_text(self) -> str:
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return pid is not None
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 def read_pid(pid_file: Path) -> int | None:
     """The pid in ``pid_file`` if that process is alive and is a tritonserver, else None."""
-    try:
-        pid = int(Path(pid_file).read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    # A stale pid file may name a recycled pid: only trust it if it is still our server.
-    return pid if b"tritonserver" in cmdline.split(b"\0")[0] else None
-
-
-def stop_pid(pid: int, timeout: float, child: subprocess.Popen | None = None) -> None:
-    """Stop the server with ``pid`` (a session leader we started) and any stub left behind."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if not _wait_gone(pid, timeout, child):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        _wait_gone(pid, 10, child)
-    # Stubs are in the server's session; normally they exit with it.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _wait_gone(pid: int, timeout: float, child: subprocess.Popen | None) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child is not None:
-            if child.poll() is not None:
-                return True
-        elif not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    return read_process_pid(pid_file, SERVER_COMMAND)
