@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from typing import Callable, TypeVar
 
 import psutil
 import pytest
@@ -74,3 +77,24 @@ def process_tree_rss(pid: int) -> int:
         except psutil.Error:  # a child that exited while we looked
             pass
     return total
+
+
+T = TypeVar("T")
+
+
+def under_load(client_loop: Callable[[threading.Event], None], action: Callable[[], T], clients: int = 4) -> T:
+    """Run ``action`` (a fault and the wait for recovery) while ``clients`` threads run ``client_loop(stop)``
+    (requests until ``stop`` is set): 3 s of load before it, 3 s after; its result."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=client_loop, args=(stop,)) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(3)
+        result = action()
+        time.sleep(3)
+        return result
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=150)

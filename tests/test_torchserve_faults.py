@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import threading
 import time
 
 import psutil
@@ -20,7 +19,7 @@ from splitpack import cli
 from splitpack.serving.net import free_ports
 from splitpack.serving.predictor import SAMPLE_IMAGE
 from splitpack.serving.torchserve.server import Ports, TorchServe, TorchServeError
-from conftest import process_tree_rss
+from conftest import process_tree_rss, under_load
 
 MODEL = "lite0"
 pytestmark = pytest.mark.slow
@@ -132,20 +131,15 @@ def test_256_mib_request_is_refused_before_it_is_buffered(server):
 def test_killed_worker_is_replaced_under_load(server):
     image = SAMPLE_IMAGE.read_bytes()
     outcomes: list[tuple[float, int]] = []
-    stop = threading.Event()
 
-    def client_loop():
+    def client_loop(stop):
         session = requests.Session()
         headers = {"Content-Type": "application/octet-stream", **server.headers("inference")}
         while not stop.is_set():
             r = session.post(f"{server.inference_url}/predictions/{MODEL}", data=image, headers=headers, timeout=120)
             outcomes.append((time.monotonic(), r.status_code))
 
-    clients = [threading.Thread(target=client_loop) for _ in range(4)]
-    for c in clients:
-        c.start()
-    try:
-        time.sleep(3)
+    def kill_a_worker():
         victim = workers(server)[0]
         killed_at = time.monotonic()
         victim.kill()
@@ -155,11 +149,9 @@ def test_killed_worker_is_replaced_under_load(server):
             status = server.models_status([MODEL]).get(MODEL, {})
             if status.get("ready") and len(workers(server)) == 2 and time.monotonic() - killed_at > 5:
                 break
-        time.sleep(3)
-    finally:
-        stop.set()
-        for c in clients:
-            c.join(timeout=150)
+        return victim, killed_at
+
+    victim, killed_at = under_load(client_loop, kill_a_worker)
     after = [o for o in outcomes if o[0] > killed_at]
     failures = [o for o in after if o[1] != 200]
     last_failure = max((t for t, _ in failures), default=killed_at)

@@ -30,6 +30,7 @@ from splitpack.serving.triton.client import classify, classify_each, image_input
 from splitpack.serving.triton.model import format_top_k
 from splitpack.serving.config import ServingConfig
 from splitpack.serving.net import free_port
+from splitpack.serving.process import wait_exit
 from splitpack.serving.triton.server import TritonServer, locate_triton, prepare_backends, read_pid
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -338,12 +339,4 @@ def test_cli_start_stop_and_client(repo, tmp_path):
 
 def _exited(pid: int, wait: float = 10.0) -> bool:
     """Gone, or a zombie waiting for init to reap it (the server was orphaned by the CLI)."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True
-        except (OSError, IndexError):
-            return True
-        time.sleep(0.2)
-    return False
+    return wait_exit(pid, wait)

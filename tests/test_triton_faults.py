@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from splitpack.serving.triton.client import classify, image_input
 from splitpack.serving.triton.deployment import TritonDeployment
 from splitpack.serving.triton.repo import TritonModelSpec, generate_model_dir
 from splitpack.serving.triton.server import TritonServerError
-from conftest import process_tree_rss
+from conftest import process_tree_rss, under_load
 
 MODEL = "lite0"
 pytestmark = pytest.mark.slow
@@ -139,9 +138,8 @@ def test_killed_instance_is_replaced_under_load(deployment):
 
     image = cat()
     outcomes: list[tuple[float, bool, str]] = []
-    stop = threading.Event()
 
-    def client_loop():
+    def client_loop(stop):
         with client_for(deployment) as client:
             while not stop.is_set():
                 try:
@@ -150,11 +148,7 @@ def test_killed_instance_is_replaced_under_load(deployment):
                 except InferenceServerException as err:
                     outcomes.append((time.monotonic(), False, err.message()))
 
-    clients = [threading.Thread(target=client_loop) for _ in range(4)]
-    for c in clients:
-        c.start()
-    try:
-        time.sleep(3)
+    def kill_a_stub():
         victim = stubs(deployment)[0]
         name = victim.cmdline()[-2]
         killed_at = time.monotonic()
@@ -162,11 +156,9 @@ def test_killed_instance_is_replaced_under_load(deployment):
         deadline = killed_at + 120
         while not deployment.recoveries() and time.monotonic() < deadline:
             time.sleep(0.5)
-        time.sleep(3)
-    finally:
-        stop.set()
-        for c in clients:
-            c.join(timeout=150)
+        return name, killed_at
+
+    name, killed_at = under_load(client_loop, kill_a_stub)
     [recovery] = deployment.recoveries()
     after = [o for o in outcomes if o[0] > killed_at]
     failures = [o for o in after if not o[1]]

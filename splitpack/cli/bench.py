@@ -14,7 +14,7 @@ from splitpack.experiments.bench import bench
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model(parser, "measure")
     common.add_input(parser)
-    common.add_split(parser, merge_required=True)
+    common.add_split(parser, required=True)
     parser.add_argument("--repeats", type=arg_type(common.positive_int, "repeats"), default=3,
                         help="timed runs, interleaved (best reported; default: 3)")
     common.add_device(parser)

@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from splitpack.argtypes import arg_type, positive_int  # noqa: F401 (positive_int: re-exported)
-from splitpack.core.plan.spec import grid_text, parse_grid
+from splitpack.cli.params import add_param
+from splitpack.serving.config import BY_NAME, MODES  # noqa: F401 (MODES: re-exported)
 
-MODES = ("exact", "seed")
-
-
-def grid_arg(text: str) -> str:
-    """``--grid``: one grid ``RxC`` (or ``N`` for NxN), or one per stage (``4x4,2x2``), normalised to ``RxC``."""
-    return ",".join(grid_text(parse_grid(g)) for g in text.split(","))
 
 
 def add_model(parser: argparse.ArgumentParser, weights: str | None = "use") -> None:
@@ -69,16 +64,19 @@ def add_input(parser: argparse.ArgumentParser, batch_help: str = "images per bat
     parser.add_argument("--batch-size", type=arg_type(positive_int, "batch size"), default=1, help=batch_help)
 
 
-def add_split(parser: argparse.ArgumentParser, *, merge_layer: bool = True, merge_required: bool = False) -> None:
-    """``--merge-layer``, ``--grid RxC`` and ``--mode``."""
-    if merge_layer:
-        parser.add_argument("--merge-layer", required=merge_required,
-                            help="module name to merge the packs at (splitpack.merge_layers lists them), or a "
-                                 "staged plan: one per stage, comma-separated (maxpool,layer3.0,global_pool)")
-    parser.add_argument("--grid", type=arg_type(grid_arg, "grid"), default="2x2",
-                        help="packs as RxC, or one grid per stage (4x4,2x2) (default: 2x2)")
-    parser.add_argument("--mode", choices=MODES, default="exact",
-                        help="exact (halo, output equals the unsplit model; default) or seed (no halo)")
+def add_split(parser: argparse.ArgumentParser, *, merge_layer: bool = True, mode: bool = True,
+              required: bool = False, defaults: Mapping[str, Any] | None = None,
+              shown: Mapping[str, str] | None = None) -> None:
+    """``--merge-layer``, ``--grid RxC`` and ``--mode``, for every command that takes them: spelled, parsed
+    and explained as the serving schema declares them (:func:`splitpack.cli.params.add_param`).
+    ``required``: the merge layer must be given; ``defaults``: the command's own (else the schema's);
+    ``shown``: how the help names a default that is not a value (decided later by the command)."""
+    wanted = ("merge_layer",) * merge_layer + ("grid",) + ("mode",) * mode
+    for name in wanted:
+        param = BY_NAME[name]
+        default = (defaults or {}).get(name, param.default)
+        add_param(parser, param, default=default, shown=(shown or {}).get(name),
+                  required=required and name == "merge_layer")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

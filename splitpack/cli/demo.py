@@ -13,7 +13,6 @@ from pathlib import Path
 
 from splitpack.cli import arg_type
 from splitpack.cli import common
-from splitpack.cli.common import grid_arg
 from splitpack.core.plan.spec import parse_grid
 from splitpack.errors import ServerError
 from splitpack.serving.extras import require
@@ -52,8 +51,7 @@ def memory_saving(model_name: str, merge_layer: str, grid: tuple[int, int], size
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=str(SAMPLE_IMAGE), help="image to classify (default: bundled cat photo)")
-    parser.add_argument("--merge-layer", default=DEMO_MERGE_LAYER)
-    parser.add_argument("--grid", type=arg_type(grid_arg, "grid"), default=DEMO_GRID)
+    common.add_split(parser, mode=False, defaults={"merge_layer": DEMO_MERGE_LAYER, "grid": DEMO_GRID})
     parser.add_argument("--model-store", default=str(DEFAULT_MODEL_STORE))
     parser.add_argument("--run-dir", default=str(DEMO_RUN_DIR))
     parser.add_argument("--memory-sizes", type=arg_type(_sizes, "sizes"), default=[224, 896],

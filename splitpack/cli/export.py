@@ -21,10 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model(parser, "export")
     parser.add_argument("--size", type=arg_type(common.positive_int, "size"), required=True,
                         help="input height = width the artifact runs at (any batch size)")
-    parser.add_argument("--merge-layer", required=True,
-                        help="merge layer(s): a module name or a comma list, one per stage (exact mode)")
-    parser.add_argument("--grid", type=arg_type(common.grid_arg, "grid"), default="2x2",
-                        help="packs as RxC, or one grid per stage (4x4,2x2; default: 2x2)")
+    common.add_split(parser, mode=False, required=True)  # exact mode: the artifact equals the unsplit model
     parser.add_argument("--format", choices=FORMATS, required=True,
                         help="torchscript (torch.jit.load), exported-program (torch.export.load, a .pt2 file) or "
                              "triton-libtorch (a Triton model directory with the TorchScript file)")

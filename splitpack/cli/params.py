@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Mapping
 
-from splitpack.cli import arg_type
+from splitpack.argtypes import arg_type
 from splitpack.serving.config import PARAMS, SERVERS, Param, boolean, params_for
 
 
@@ -16,18 +16,28 @@ def add_flags(parser: argparse.ArgumentParser, server: str | None, *, exclude: t
     for p in params_for(server, params=params):
         if p.name in exclude:
             continue
-        default = p.text(p.default_for(server))
+        shown = p.text(p.default_for(server))
         if (defaults or {}).get(p.name) is not None:
-            default = p.text(defaults[p.name])
+            shown = p.text(defaults[p.name])
         elif server is None and p.server_defaults:
-            default = ", ".join(f"{p.text(p.default_for(s))} ({s})" for s in SERVERS if s in p.servers)
-        help_text = p.help if p.name == "model_name" else f"{p.help} (default: {default or 'none'})"
-        if p.parse is boolean:
-            parser.add_argument(p.cli_flag, dest=p.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-            continue
-        parser.add_argument(p.cli_flag, dest=p.name, type=arg_type(p.read, p.name), default=None,
-                            choices=p.choices, metavar=p.metavar, help=help_text)
+            shown = ", ".join(f"{p.text(p.default_for(s))} ({s})" for s in SERVERS if s in p.servers)
+        add_param(parser, p, shown=shown)
+
+
+def add_param(parser: argparse.ArgumentParser, p: Param, *, default: Any = None, shown: str | None = None,
+              required: bool = False, help: str | None = None) -> None:
+    """The flag of one schema parameter: every command declares a serving parameter's flag through here,
+    so its spelling, parser and help are the schema's. ``shown``: the default the help names
+    (default: ``default``'s text); ``help``: the schema's text unless a command means something narrower."""
+    help_text = help or p.help
+    if p.name != "model_name" and not required:
+        help_text += f" (default: {(p.text(default) if shown is None else shown) or 'none'})"
+    if p.parse is boolean:
+        parser.add_argument(p.cli_flag, dest=p.name, action=argparse.BooleanOptionalAction, default=default,
+                            help=help_text)
+        return
+    parser.add_argument(p.cli_flag, dest=p.name, type=arg_type(p.read, p.name), default=default,
+                        required=required, choices=p.choices, metavar=p.metavar, help=help_text)
 
 
 def given(args: argparse.Namespace, section: str | None = None, params: tuple[Param, ...] = PARAMS) -> dict[str, Any]:

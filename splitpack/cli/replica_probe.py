@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 
 from splitpack.cli import arg_type, common
+from splitpack.serving.config import UNSPLIT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model(parser, weights=None)
     common.add_input(parser)
-    parser.add_argument("--merge-layer", default="", help="module name to merge the packs at (default: unsplit)")
-    common.add_split(parser, merge_layer=False)
+    common.add_split(parser)
     common.add_device(parser)
     parser.add_argument("--repeats", type=arg_type(int, "repeats"), default=1, help="timed calls (default: 1)")
     parser.add_argument("--hold", action="store_true",
@@ -20,5 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from splitpack.capacity.probe import run_probe
 
-    return run_probe(common.model_spec(args), args.size, args.batch_size, args.merge_layer or None, args.grid, args.mode,
+    merge_layer = None if args.merge_layer == UNSPLIT else args.merge_layer
+    return run_probe(common.model_spec(args), args.size, args.batch_size, merge_layer, args.grid, args.mode,
                      args.device, args.repeats, args.hold)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from splitpack.cli import arg_type, common
+from splitpack.cli import common
 from splitpack.core.plan.spec import parse_grid
 
 
@@ -18,9 +18,8 @@ def square_grid(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model(parser, "show")
     parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--merge-layer", help="merge layer (default: a quarter into the block-level layers)")
-    parser.add_argument("--grid", type=arg_type(square_grid, "grid"), default=2,
-                        help="packs, NxN (default 2x2: the poster's)")
+    common.add_split(parser, mode=False, defaults={"merge_layer": None},  # seed and exact, side by side
+                     shown={"merge_layer": "a quarter into the block-level layers", "grid": "2x2, the poster's; NxN"})
     parser.add_argument("--layers", help="comma list of layers to show, at or after the merge layer "
                                          "(default: 4 spread from the merge layer to the last block)")
     parser.add_argument("--size", type=int, help="input size (default: the model's native size)")
@@ -37,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from splitpack.experiments.seams import feature_maps, plot_seams, seam_report, tap_modules
     from splitpack.publish import staged_path, write_text
 
+    grid = square_grid(args.grid)  # before minutes of loading
     model, spec = common.build_model(args)
     transform, cfg = data_transform(model, args.size)
     with Image.open(args.image) as img:
@@ -52,16 +52,16 @@ def run(args: argparse.Namespace) -> int:
     observable = tap_modules(model, curve, strict=False)
     curve = [l for l in curve if l in observable]
     shown = [l for l in shown if l in curve]
-    result = feature_maps(model, x, curve, merge_layer, args.grid)
+    result = feature_maps(model, x, curve, merge_layer, grid)
     report = seam_report(result, curve)
-    report.update(model=spec.title, image=str(args.image), merge_layer=merge_layer, grid=args.grid,
+    report.update(model=spec.title, image=str(args.image), merge_layer=merge_layer, grid=grid,
                   input_size=cfg["input_size"][-1])
-    title = (f"{spec.title} @ {cfg['input_size'][-1]}px, {args.grid}x{args.grid} packs merged after {merge_layer}; "
+    title = (f"{spec.title} @ {cfg['input_size'][-1]}px, {grid}x{grid} packs merged after {merge_layer}; "
              f"top-1 same as unsplit: seed {report['logits']['seed']['same_top1']}, "
              f"exact {report['logits']['exact']['same_top1']} (max |dlogit| seed "
              f"{report['logits']['seed']['max_abs_diff']:.2g}, exact {report['logits']['exact']['max_abs_diff']:.2g})")
     with staged_path(args.png) as tmp:
-        plot_seams(result, shown, curve, tmp, title, args.grid)
+        plot_seams(result, shown, curve, tmp, title, grid)
     if args.out:
         write_text(args.out, json.dumps(report, indent=1))
     if args.json:

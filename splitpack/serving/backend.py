@@ -18,11 +18,23 @@ from pathlib import Path
 from typing import Callable, ClassVar, Mapping
 
 from splitpack.errors import ServerError
+from splitpack.serving.extras import EXTRAS
 from splitpack.serving.health import ProbeResult
 from splitpack.serving.process import poll, read_pid, tail
 
 # The backends that ship with splitpack: the modules that register them when imported.
 BUILTIN = ("splitpack.serving.torchserve", "splitpack.serving.triton")
+
+
+class in_run_dir:  # noqa: N801 -- used like @property
+    """A file or folder of a server's run folder, declared in one line: ``pid_file = in_run_dir("tmp/x.pid")``
+    reads as ``Path(self.run_dir) / "tmp/x.pid"``."""
+
+    def __init__(self, relative: str):
+        self.relative = relative
+
+    def __get__(self, server, owner=None):
+        return self if server is None else Path(server.run_dir) / self.relative
 
 
 class Server(ABC):
@@ -117,6 +129,7 @@ class Backend:
     server: Callable[[argparse.Namespace], Server]             # the server those flags name
     start: Callable[[Server, argparse.Namespace], list[str]]   # start it until it serves; lines to print
     capacity: CapacityWriter | None = None
+    extra: str | None = None  # what its pip extra (named like the backend) installs, for MissingExtra messages
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -128,7 +141,14 @@ def register(backend: Backend) -> Backend:
     if known is not None and known != backend:
         raise ValueError(f"a backend named {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
+    if backend.extra is not None:
+        EXTRAS.setdefault(backend.name, backend.extra)
     return backend
+
+
+def unregister(name: str) -> None:
+    """Remove a backend (a test's fake one, say); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
 
 
 def backends() -> Mapping[str, Backend]:

@@ -7,7 +7,6 @@ comes from ``settings``. Each backend writes its own config from these
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 from splitpack.serving.config import DEPLOY, MODEL, BY_NAME, ServingConfig

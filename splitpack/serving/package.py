@@ -59,10 +59,11 @@ def check_settings(config: ServingConfig, weights_file: str | Path | None, base_
     """Load ``config`` exactly as a server worker will (its files in ``base_dir``) and classify the bundled
     sample image, so a bad merge layer or weights file fails now, with the valid names, not at serve time;
     the class count."""
-    from splitpack.serving.predictor import SAMPLE_IMAGE, Predictor
+    from splitpack.serving.predictor import SAMPLE_IMAGE
+    from splitpack.serving.replica import build_predictor
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "random weights": already said by source_model
-        predictor = Predictor(config, weights=str(weights_file) if weights_file else None, base_dir=base_dir)
+        predictor = build_predictor(config, str(weights_file) if weights_file else None, base_dir=base_dir)
     predictor.predict([predictor.decode(SAMPLE_IMAGE.read_bytes())])
     return predictor.num_classes

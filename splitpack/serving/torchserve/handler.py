@@ -1,11 +1,11 @@
 """TorchServe handler that runs split-pack inference inside the worker.
 
-Thin glue over :mod:`splitpack.serving.predictor`: the split-pack settings come from the
-``handler:`` section of the archive's model-config.yaml (written by
-``splitpack archive``), the weights from the archive's serialized state dict.
+Thin glue over :class:`splitpack.serving.replica.Replica` (loading, serving, gauges, error mapping,
+shared with the Triton model): the split-pack settings come from the ``handler:`` section of the
+archive's model-config.yaml (written by ``splitpack archive``), the weights from the archive's
+serialized state dict. What is TorchServe's here: request rows in, JSON and HTTP statuses out.
 
-Each request is isolated by :meth:`Predictor.serve`, the policy the Triton model
-runs too: a bad image (not an image, truncated, too large, empty, too small for the
+Each request is isolated by the replica: a bad image (not an image, truncated, too large, empty, too small for the
 grid) gets HTTP 400 (413 when over a size limit) with a JSON message, a server-side
 failure HTTP 500, for that request only; the rest of the batch is served.
 """
@@ -18,11 +18,9 @@ import os
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from splitpack.serving.config import ServingConfig
-from splitpack.serving.metrics import update_memory_gauges, update_plan_gauges
+from splitpack.serving.predictor import BadRequest
+from splitpack.serving.replica import Replica, answer
 from splitpack.serving.torchserve.metrics import report_plans_to_torchserve, report_to_torchserve
-from splitpack.serving.predictor import BadRequest, InferenceFailed, Predictor
-from splitpack.serving.threads import configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +66,16 @@ class SplitPackHandler(BaseHandler):
             self.device = torch.device("cpu")
 
         model_yaml = getattr(context, "model_yaml_config", None) or {}
-        config, artifacts = ServingConfig.from_section(dict(model_yaml.get("handler") or {}), "torchserve")
-        threads = configure_threads(config.threads, int(model_yaml.get("minWorkers") or 1))
         serialized = self.manifest["model"].get("serializedFile")
         weights = os.path.join(properties.get("model_dir"), serialized) if serialized else None
-
-        self.predictor = Predictor(config, weights=weights, device=self.device, base_dir=properties.get("model_dir"))
-        self.predictor.warmup()
+        self.replica = Replica(model_yaml.get("handler") or {}, "torchserve", replicas=int(model_yaml.get("minWorkers") or 1),
+                               weights=lambda artifacts: weights, device=self.device, base_dir=properties.get("model_dir"),
+                               warn=logger.warning)
+        self.replica.gauges = TorchServeGauges(context)
+        self.predictor = self.replica.predictor
         self.model = self.predictor.model
-        settings = self.predictor.describe() | threads | {
-            "weights": serialized or "random", "weights_source": artifacts.get("weights_source", "file"),
+        settings = self.replica.describe() | {
+            "weights": serialized or "random", "weights_source": self.replica.artifacts.get("weights_source", "file"),
             "batch_size": properties.get("batch_size")}
         logger.info("splitpack handler ready: %s", json.dumps(settings))
 
@@ -99,25 +97,29 @@ class SplitPackHandler(BaseHandler):
         return payloads
 
     def inference(self, data, *args, **kwargs):
-        """Per request: probabilities, or its BadRequest / InferenceFailed (Predictor.serve)."""
-        outcomes = self.predictor.serve(data)
-        metrics, name = self.context.metrics, self.context.model_name
-        errors = (update_memory_gauges(lambda values: report_to_torchserve(metrics, values, name), self.device,
-                                       self.predictor.last_peak_bytes),
-                  update_plan_gauges(lambda plans: report_plans_to_torchserve(metrics, plans, name),
-                                     self.predictor.plans()))
-        for error in filter(None, errors):  # metrics must never fail a prediction
-            logger.warning("splitpack metrics not reported: %r", error)
-        return outcomes
+        """Per request: probabilities, or its BadRequest / InferenceFailed (the replica's policy)."""
+        return self.replica.serve(data)
 
     def postprocess(self, data):
-        responses = []
-        for idx, item in enumerate(data):
-            if isinstance(item, (BadRequest, InferenceFailed)):
-                self.context.set_response_status(item.status, str(item), idx)
-                responses.append({"code": item.status, "type": type(item).__name__, "message": str(item)})
-            else:
-                responses.append({"predictions": self.predictor.top_k(item[0])})
+        def refuse(error, idx: int) -> dict:
+            self.context.set_response_status(error.status, str(error), idx)
+            return {"code": error.status, "type": type(error).__name__, "message": str(error)}
+
+        responses = [answer(item, lambda probs: {"predictions": self.predictor.top_k(probs[0])},
+                            lambda error, idx=idx: refuse(error, idx)) for idx, item in enumerate(data)]
         for idx in range(len(data)):
             self.context.set_response_header(idx, "x-splitpack-batch-size", str(len(data)))
         return responses
+
+
+class TorchServeGauges:
+    """splitpack's gauges through the handler's ``context.metrics`` (read at each update: TorchServe owns it)."""
+
+    def __init__(self, context):
+        self.context = context
+
+    def memory(self, values: dict[str, float]) -> None:
+        report_to_torchserve(self.context.metrics, values, self.context.model_name)
+
+    def plans(self, plans: list[dict]) -> None:
+        report_plans_to_torchserve(self.context.metrics, plans, self.context.model_name)

@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitpack.serving.backend import Server
+from splitpack.serving.backend import Server, in_run_dir
 from splitpack.serving.extras import console_script, require
 from splitpack.serving.health import ProbeResult, probe_image, timed_probe
 from splitpack.serving.process import port_free, tail, wait_exit
@@ -123,33 +123,17 @@ class TorchServe(Server):
         self.model_store = Path(self.model_store).resolve()
 
     # paths and URLs
-    @property
-    def config_file(self) -> Path:
-        return self.run_dir / "config.properties"
+    config_file = in_run_dir("config.properties")
+    log_dir = in_run_dir("logs")
+    log_file = in_run_dir("logs/ts_log.log")
+    tmp_dir = in_run_dir("tmp")  # TMPDIR: torchserve writes its pid file here
+    pid_file = in_run_dir("tmp/.model_server.pid")
+    inference_url = property(lambda self: self.api_url("inference"))
+    management_url = property(lambda self: self.api_url("management"))
+    metrics_url = property(lambda self: self.api_url("metrics"))
 
-    @property
-    def log_dir(self) -> Path:
-        return self.run_dir / "logs"
-
-    @property
-    def log_file(self) -> Path:
-        return self.log_dir / "ts_log.log"
-
-    @property
-    def tmp_dir(self) -> Path:
-        return self.run_dir / "tmp"
-
-    @property
-    def inference_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.inference}"
-
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.management}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.metrics}"
+    def api_url(self, api: str) -> str:
+        return f"http://127.0.0.1:{getattr(self.ports, api)}"
 
     @classmethod
     def from_run_dir(cls, run_dir: Path = DEFAULT_RUN_DIR) -> "TorchServe":
@@ -171,10 +155,6 @@ class TorchServe(Server):
                    METRICS_LOCATION=str(self.log_dir))
         env.pop("TS_CONFIG_FILE", None)
         return env
-
-    @property
-    def pid_file(self) -> Path:
-        return self.tmp_dir / ".model_server.pid"
 
     # lifecycle
     def start(self, models: list[str] | None = None, *, timeout_s: float = 300, token_auth: bool = True,

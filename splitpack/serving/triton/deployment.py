@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitpack.serving.backend import in_run_dir
 from splitpack.serving.process import kill_group, tail, terminate
 from splitpack.serving.triton.gateway import GatewayLimits
 from splitpack.serving.triton.server import (DEFAULT_GRPC_PORT, DEFAULT_RUN_DIR, TritonProcess, TritonServerError,
@@ -49,18 +50,9 @@ class TritonDeployment(TritonProcess):
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     # -- files ----------------------------------------------------------------------------
-    @property
-    def pid_file(self) -> Path:
-        return self.state_dir / "supervisor.pid"
-
-    @property
-    def config_file(self) -> Path:
-        """state.json: what the deployment runs (ports, models, threads) or why it failed."""
-        return self.state_dir / "state.json"
-
-    @property
-    def supervisor_log(self) -> Path:
-        return self.state_dir / "supervisor.log"
+    pid_file = in_run_dir("triton/supervisor.pid")
+    config_file = in_run_dir("triton/state.json")  # what it runs (ports, models, threads) or why it failed
+    supervisor_log = in_run_dir("triton/supervisor.log")
 
     def state(self) -> dict:
         return StateFile(self.config_file).read()

@@ -44,3 +44,17 @@ class TritonPlanMetrics:
                 if key not in self._metrics:
                     self._metrics[key] = self._families[name].Metric(labels=self._labels | labels)
                 self._metrics[key].set(float(value))
+
+
+class TritonGauges:
+    """Both gauge families of one model instance, as the replica pushes them (:class:`splitpack.serving.replica.Gauges`)."""
+
+    def __init__(self, pb_utils: Any, labels: dict[str, str]):
+        self.plan_metrics = TritonPlanMetrics(pb_utils, labels)
+        self.memory_metrics = TritonMemoryMetrics(pb_utils, labels)
+
+    def memory(self, values: dict[str, float]) -> None:
+        self.memory_metrics.update(values)
+
+    def plans(self, plans: list[dict]) -> None:
+        self.plan_metrics.update(plans)

@@ -2,11 +2,12 @@
 
 Runs inside Triton's python-backend stub (``triton_python_backend_utils`` is only
 importable there, so it is imported lazily or passed in). Settings come from the
-``parameters`` of config.pbtxt; decoding, split-pack inference and top-k come from
-:mod:`splitpack.serving.predictor`, shared with the TorchServe handler.
+``parameters`` of config.pbtxt; loading, serving, gauges and error mapping come from
+:class:`splitpack.serving.replica.Replica`, shared with the TorchServe handler. What is Triton's
+here: input tensors in, output tensors and ``TritonError`` codes out.
 
 Each request carries a batch of encoded images (``IMAGE``, shape ``[n, 1]``). Requests
-are isolated by :meth:`Predictor.serve`, the policy the TorchServe handler runs too: a
+are isolated by the replica, the policy the TorchServe handler runs too: a
 request whose image is bad (or too small for the grid) gets its own INVALID_ARGUMENT
 ``TritonError``, a server-side failure INTERNAL; the other requests of the same dynamic
 batch are served.
@@ -14,16 +15,13 @@ batch are served.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from splitpack.serving.config import ServingConfig
-from splitpack.serving.metrics import update_memory_gauges, update_plan_gauges
-from splitpack.serving.predictor import BadRequest, InferenceFailed, Predictor
-from splitpack.serving.threads import configure_threads
+from splitpack.serving.predictor import BadRequest, Predictor
+from splitpack.serving.replica import Replica, answer
 from splitpack.serving.triton.repo import INPUT_IMAGE, OUTPUT_PROBABILITIES, OUTPUT_TOP_K, config_parameters
 
 
@@ -73,39 +71,32 @@ class SplitPackTritonModel:
         self.model_config = json.loads(args["model_config"])
         self.name = args["model_name"]
         self.instance = args.get("model_instance_name", self.name)
-        config, artifacts = ServingConfig.from_section(config_parameters(self.model_config), "triton")
-        self.threads = configure_threads(config.threads, _instances(self.model_config))
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
-        weights = resolve_weights(artifacts.get("weights", ""), version_dir)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            # An unknown merge layer raises ValueError naming the valid layers: Triton logs it
-            # and marks the model as failed to load.
-            self.predictor = Predictor(config, weights=weights, device=instance_device(args), base_dir=version_dir)
-        for w in caught:
-            self.log_warn(str(w.message))
-        self._check_outputs()
-        self.predictor.warmup()  # planned (merge_layer auto: the plan resolved) before the first request
-        self.metrics = self._memory_metrics()
-        self.log_info(f"{self.instance} ready: {json.dumps(self.predictor.describe() | self.threads)}")
+        # An unknown merge layer raises ValueError naming the valid layers: Triton logs it and marks the
+        # model as failed to load.
+        self.replica = Replica(config_parameters(self.model_config), "triton", replicas=_instances(self.model_config),
+                               weights=lambda artifacts: resolve_weights(artifacts.get("weights", ""), version_dir),
+                               device=instance_device(args), base_dir=version_dir, warn=self.log_warn,
+                               check=self._check_outputs)
+        self.predictor = self.replica.predictor
+        self.replica.gauges = self._gauges()
+        self.log_info(f"{self.instance} ready: {json.dumps(self.replica.describe())}")
 
-    def _check_outputs(self) -> None:
+    def _check_outputs(self, predictor: Predictor) -> None:
         """config.pbtxt dims must match the model; a mismatch is a generation mistake."""
-        num_classes, topk = self.predictor.num_classes, self.predictor.config.topk
+        num_classes, topk = predictor.num_classes, predictor.config.topk
         if _output_dims(self.model_config, OUTPUT_PROBABILITIES) != [num_classes]:
             raise ValueError(f"{OUTPUT_PROBABILITIES} dims must be [{num_classes}] for "
-                             f"{self.predictor.config.model_spec().title}")
+                             f"{predictor.config.model_spec().title}")
         if _output_dims(self.model_config, OUTPUT_TOP_K) != [min(topk, num_classes)]:
             raise ValueError(f"{OUTPUT_TOP_K} dims must be [{min(topk, num_classes)}] (parameter topk={topk})")
 
-    def _memory_metrics(self):
-        """Device-memory gauges (splitpack.serving.metrics) for capacity planning; None if metrics are off."""
+    def _gauges(self):
+        """Device-memory and plan gauges for capacity planning; None if metrics are off."""
         try:
-            from splitpack.serving.triton.metrics import TritonMemoryMetrics, TritonPlanMetrics
+            from splitpack.serving.triton.metrics import TritonGauges
 
-            labels = {"model": self.name, "instance": self.instance}
-            self.plan_metrics = TritonPlanMetrics(self.pb, labels)
-            return TritonMemoryMetrics(self.pb, labels)
+            return TritonGauges(self.pb, {"model": self.name, "instance": self.instance})
         except Exception as err:  # metrics disabled on the server, or an older backend
             self.log_info(f"memory metrics not reported: {err}")
             return None
@@ -113,14 +104,9 @@ class SplitPackTritonModel:
     # -- requests -------------------------------------------------------------------
 
     def execute(self, requests: list) -> list:
-        """One response per request, each isolated by :meth:`Predictor.serve` (the TorchServe handler's policy)."""
-        outcomes = self.predictor.serve([self._payload(request) for request in requests])
-        if self.metrics is not None:
-            errors = (update_memory_gauges(self.metrics.update, self.predictor.device, self.predictor.last_peak_bytes),
-                      update_plan_gauges(self.plan_metrics.update, self.predictor.plans()))
-            for error in filter(None, errors):  # reporting must never fail a request
-                self.log_warn(f"metrics update failed: {error!r}")
-        return [self._response(outcome) for outcome in outcomes]
+        """One response per request, each isolated by the replica (the TorchServe handler's policy)."""
+        outcomes = self.replica.serve([self._payload(request) for request in requests])
+        return [answer(outcome, self._response, self._refuse) for outcome in outcomes]
 
     def _payload(self, request) -> list | BadRequest:
         """The request's encoded images (``IMAGE``, shape ``[n, 1]``)."""
@@ -131,25 +117,22 @@ class SplitPackTritonModel:
 
     def _response(self, outcome):
         pb = self.pb
-        if isinstance(outcome, BadRequest):
-            return self._error(str(outcome), "INVALID_ARG")
-        if isinstance(outcome, InferenceFailed):
-            return self._error(str(outcome), "INTERNAL")
         top = np.array([format_top_k(self.predictor.top_k(row)) for row in outcome], dtype=object)
         return pb.InferenceResponse(output_tensors=[
             pb.Tensor(OUTPUT_PROBABILITIES, outcome.numpy().astype(np.float32)),
             pb.Tensor(OUTPUT_TOP_K, top),
         ])
 
-    def _error(self, message: str, code: str):
+    def _refuse(self, outcome):
+        """INVALID_ARGUMENT for the caller's fault (a bad image), INTERNAL for the server's."""
         error_type = self.pb.TritonError
-        code_value = getattr(error_type, code, None)
-        error = error_type(message, code_value) if code_value is not None else error_type(message)
+        code_value = getattr(error_type, "INVALID_ARG" if outcome.status < 500 else "INTERNAL", None)
+        error = error_type(str(outcome), code_value) if code_value is not None else error_type(str(outcome))
         return self.pb.InferenceResponse(output_tensors=[], error=error)
 
     def finalize(self) -> None:
         self.log_info(f"{self.instance} unloading")
-        self.predictor = None
+        self.predictor = self.replica = None
 
     # -- logging into the server log --------------------------------------------------
 
@@ -161,3 +144,16 @@ class SplitPackTritonModel:
 
     def log_error(self, message: str) -> None:
         self.pb.Logger.log_error(f"[splitpack] {message}")
+
+
+class TritonPythonModel:
+    """The class Triton's python backend instantiates (every generated ``1/model.py`` imports it)."""
+
+    def initialize(self, args):
+        self.model = SplitPackTritonModel(args)
+
+    def execute(self, requests):
+        return self.model.execute(requests)
+
+    def finalize(self):
+        self.model.finalize()

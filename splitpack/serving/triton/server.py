@@ -21,7 +21,7 @@ from pathlib import Path
 
 from splitpack.errors import ServerError
 from splitpack.serving.process import read_pid as read_process_pid, terminate
-from splitpack.serving.backend import Server
+from splitpack.serving.backend import Server, in_run_dir
 from splitpack.serving.health import ProbeResult, probe_image, timed_probe
 
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
@@ -119,13 +119,8 @@ class TritonProcess(Server):
     def url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    @property
-    def state_dir(self) -> Path:
-        return Path(self.run_dir) / "triton"
-
-    @property
-    def log_file(self) -> Path:
-        return self.state_dir / "tritonserver.log"
+    state_dir = in_run_dir("triton")
+    log_file = in_run_dir("triton/tritonserver.log")
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
@@ -170,14 +165,8 @@ class TritonServer(TritonProcess):
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
-    @property
-    def pid_file(self) -> Path:
-        return self.state_dir / "tritonserver.pid"
-
-    @property
-    def config_file(self) -> Path:
-        """The command line the server was started with (tritonserver takes its settings as flags)."""
-        return self.state_dir / "tritonserver.args"
+    pid_file = in_run_dir("triton/tritonserver.pid")
+    config_file = in_run_dir("triton/tritonserver.args")  # its command line: tritonserver takes flags
 
     def command(self, install: TritonInstall, backends: Path) -> list[str]:
         cmd = [
