@@ -20,7 +20,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from splitpack.serving.predictor import BadRequest
 from splitpack.serving.replica import Replica, answer
-from splitpack.serving.torchserve.metrics import report_plans_to_torchserve, report_to_torchserve
+from splitpack.serving.torchserve.metrics import TorchServeGauges
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def request_bytes(row) -> bytes | object:
                      f"{', '.join(IMAGE_FIELDS)} (got fields {', '.join(sorted(map(str, row)))})")
 
 
+# TorchServe loads a handler file with exactly one class: helpers live in other modules.
 class SplitPackHandler(BaseHandler):
     """Image classification with split-pack; settings from model-config.yaml ``handler:``."""
 
@@ -111,15 +112,3 @@ class SplitPackHandler(BaseHandler):
             self.context.set_response_header(idx, "x-splitpack-batch-size", str(len(data)))
         return responses
 
-
-class TorchServeGauges:
-    """splitpack's gauges through the handler's ``context.metrics`` (read at each update: TorchServe owns it)."""
-
-    def __init__(self, context):
-        self.context = context
-
-    def memory(self, values: dict[str, float]) -> None:
-        report_to_torchserve(self.context.metrics, values, self.context.model_name)
-
-    def plans(self, plans: list[dict]) -> None:
-        report_plans_to_torchserve(self.context.metrics, plans, self.context.model_name)

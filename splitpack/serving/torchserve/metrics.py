@@ -56,3 +56,16 @@ def torchserve_metrics_yaml() -> str:
         if name not in known:
             gauges.append({"name": name, "unit": unit, "dimensions": ["ModelName", "Level", "Plan", "InputSize"]})
     return yaml.safe_dump(base, sort_keys=False)
+
+
+class TorchServeGauges:
+    """splitpack's gauges through the handler's ``context.metrics`` (read at each update: TorchServe owns it)."""
+
+    def __init__(self, context):
+        self.context = context
+
+    def memory(self, values: dict[str, float]) -> None:
+        report_to_torchserve(self.context.metrics, values, self.context.model_name)
+
+    def plans(self, plans: list[dict]) -> None:
+        report_plans_to_torchserve(self.context.metrics, plans, self.context.model_name)
