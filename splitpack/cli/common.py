@@ -10,7 +10,6 @@ from splitpack.cli.params import add_param
 from splitpack.serving.config import BY_NAME, MODES  # noqa: F401 (MODES: re-exported)
 
 
-
 def add_model(parser: argparse.ArgumentParser, weights: str | None = "use") -> None:
     """The model: ``--model NAME`` or ``--model-file FILE.py --model-class NAME [--model-kwargs JSON]``, with
     ``--num-classes`` and ``--labels`` (the schema's model parameters, splitpack.serving.config), and unless
