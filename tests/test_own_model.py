@@ -308,6 +308,29 @@ def test_every_model_command_takes_your_own_model(files, capsys, command):
     assert report["model"] == CLASS
 
 
+def test_capacity_plans_your_own_model_and_writes_a_self_contained_deployment(files, tmp_path, capsys):
+    args = ["capacity", *own(files), "--weights", str(files["weights"]), "--labels", str(files["labels"]),
+            "--size", "48", "--gpu-memory", "8GiB", "--merge-layers", "block", "--repeats", "0", "--quiet", "--json",
+            "--write-triton", str(tmp_path / "repo")]
+    assert cli.main(args) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"] == CLASS
+    version = Path(plan["triton_model_dir"]) / "1"
+    assert {"user_model.py", "labels.txt", "model.pt"} <= {f.name for f in version.iterdir()}
+
+
+def test_export_and_a_pickled_model_with_allow_pickle(files, tmp_path, capsys):
+    model = build_model(ModelSpec(model_file=files["model_file"], model_class=CLASS, weights=files["weights"]))
+    torch.save(model, tmp_path / "whole.pt")
+    out = tmp_path / "tiny.pt"
+    args = ["export", *own(files), "--weights", str(tmp_path / "whole.pt"), "--allow-pickle", "--size", "48",
+            "--merge-layer", "block", "--format", "torchscript", "--out", str(out)]
+    assert cli.main(args) == 0
+    x = torch.randn(2, 3, 48, 48)
+    with torch.inference_mode():
+        assert rel_error(torch.jit.load(out)(x), model(x)) <= REL_TOL
+
+
 # --- the real servers ----------------------------------------------------------------------------------
 
 def _expected(config: ServingConfig, weights: Path, base_dir: Path) -> torch.Tensor:
