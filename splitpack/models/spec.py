@@ -287,13 +287,13 @@ def head_classes(model: nn.Module) -> int:
 
 
 def read_labels(path: str | Path) -> list[str]:
-    """Class names from TorchServe's ``index_to_name.json`` (``{"0": "cat"}``, values may be
-    ``[wnid, name]``), a JSON list, or a text file with one label per line (Triton's label file)."""
+    """Class names from a ``.json`` file: TorchServe's ``index_to_name.json`` (``{"0": "cat"}``, values may be
+    ``[wnid, name]``) or a list; any other file: one label per line (Triton's label file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" or text.lstrip()[:1] in ("{", "["):
+    if path.suffix.lower() == ".json":  # (a text file's first label may well start with a bracket)
         return _json_labels(text, path)
     labels = [line.strip() for line in text.rstrip("\r\n").splitlines()]
     empty = [i + 1 for i, label in enumerate(labels) if not label]
