@@ -1,29 +1,55 @@
 """KServe: manifests from a capacity plan, checked against the vendored CRD and KServe's own rules."""
 from __future__ import annotations
 
+import ast
+import base64
 import contextlib
 import copy
+import hashlib
 import io
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
+from PIL import Image
 
+import splitpack
 from splitpack import cli
 from splitpack.serving.kserve import manifests, validate
 from splitpack.serving.kserve.plan import KServePlan, from_capacity, quantity
+from splitpack.serving.kserve.storage import write_kserve
+from splitpack.serving.predictor import SAMPLE_IMAGE
+from conftest import rel_error
 
 MiB, GiB = 1 << 20, 1 << 30
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, err.getvalue() if code else out.getvalue()
 
 
 @pytest.fixture(scope="module")
 def capacity_report() -> dict:
     """A real `splitpack capacity` report: resnet18 @64, batch 2, one explicit split candidate."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(["capacity", "--model", "resnet18", "--size", "64", "--batch-size", "2", "--gpu-memory",
+    code, out = run_cli(["capacity", "--model", "resnet18", "--size", "64", "--batch-size", "2", "--gpu-memory",
                          "2GiB", "--merge-layers", "layer1", "--repeats", "0", "--quiet", "--json"])
-    assert code == 0, err.getvalue()
-    return json.loads(out.getvalue())
+    assert code == 0, out
+    return json.loads(out)
 
 
 def cpu_plan(**changes) -> KServePlan:
@@ -136,3 +162,208 @@ def test_names_and_quantities():
     assert cpu_plan(model="tf_efficientnet_b7").service_name == "tf-efficientnet-b7"
     assert cpu_plan(model="tv:resnet18").service_name == "tv-resnet18"
     assert quantity(1) == "1Mi" and quantity(MiB) == "1Mi" and quantity(MiB + 1) == "2Mi"
+
+
+# --- the written directory: both flavours' storage --------------------------------------------------------
+
+STOCK_MODEL, STOCK_SIZE = "tf_efficientnet_lite0", 224  # pretrained weights ship offline (splitpack[pretrained])
+IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "imagenet-sample"
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> tuple[KServePlan, Path]:
+    """Both flavours for lite0 @224 with a split plan: 1 worker x batch 2 per CPU pod."""
+    plan = KServePlan(STOCK_MODEL, STOCK_SIZE, batch_size=2, workers=1, merge_layer="blocks.2", grid="2x2",
+                      mode="exact", memory_limit_bytes=2 * GiB, memory_request_bytes=GiB, max_pods=2)
+    out = tmp_path_factory.mktemp("kserve") / "out"
+    write_kserve(plan, out, pretrained=True, storage_uri="s3://bucket/lite0", log=lambda m: None)
+    return plan, out
+
+
+def test_written_directory_has_both_flavours_and_valid_manifests(written):
+    plan, out = written
+    for flavour in manifests.FLAVOURS:
+        manifest = yaml.safe_load((out / flavour / "inferenceservice.yaml").read_text())
+        validate.check_manifest(manifest)
+        assert manifest["spec"]["predictor"]["model"]["storageUri"] == f"s3://bucket/lite0/{flavour}"
+    storage = out / "torchserve" / "storage"
+    assert sorted(p.name for p in (storage / "model-store").iterdir()) == ["tf_efficientnet_lite0.mar"]
+    assert (storage / "config" / "config.properties").read_text() == manifests.config_properties(plan)
+    with zipfile.ZipFile(storage / "model-store" / "tf_efficientnet_lite0.mar") as mar:
+        names = set(mar.namelist())
+        assert names == {"model.pt", "splitpack_stock_handler.py", "splitpack_decode.py", "splitpack_model.json",
+                         "MAR-INF/MANIFEST.json"}
+        handler = mar.read("splitpack_stock_handler.py").decode()
+    imported = {n.split(".")[0] for node in ast.walk(ast.parse(handler)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])}
+    assert imported <= {"__future__", "base64", "json", "logging", "os", "torch", "torchvision", "ts",
+                        "splitpack_decode"}, imported  # what KServe's TorchServe image has
+
+
+def test_triton_directory_is_a_libtorch_model_plain_torch_loads(written):
+    from splitpack.serving.triton.repo import read_model_config
+
+    plan, out = written
+    model_dir = out / "triton" / "storage" / "tf_efficientnet_lite0_libtorch"
+    config = read_model_config(model_dir / "config.pbtxt")  # Triton's own ModelConfig protobuf
+    assert config.platform == "pytorch_libtorch" and config.max_batch_size == plan.batch_size
+    assert [(g.count, g.kind) for g in config.instance_group] == [(plan.workers, 2)]  # KIND_CPU
+    assert list(config.input[0].dims) == [3, STOCK_SIZE, STOCK_SIZE] and list(config.output[0].dims) == [1000]
+    program = torch.jit.load(str(model_dir / "1" / "model.pt"))  # what the libtorch backend does
+    model = splitpack.create_model(STOCK_MODEL, pretrained=True).eval()
+    x = torch.randn(3, 3, STOCK_SIZE, STOCK_SIZE)
+    with torch.inference_mode():
+        out, reference = program(x), model(x)
+    assert rel_error(out, reference) <= 1e-5  # exact mode, fp32 (README)
+
+
+def test_capacity_writes_kserve_from_its_plan(tmp_path, capacity_report):
+    out = tmp_path / "kserve"
+    code, err = run_cli(["capacity", "--model", "resnet18", "--size", "64", "--batch-size", "2", "--gpu-memory",
+                         "2GiB", "--merge-layers", "layer1", "--repeats", "0", "--quiet", "--instance-kind", "cpu",
+                         "--max-pods", "4", "--storage-uri", "gs://b/r18", "--write-kserve", str(out)])
+    assert code == 0, err
+    rec = capacity_report["recommended"]
+    for flavour in manifests.FLAVOURS:
+        manifest = yaml.safe_load((out / flavour / "inferenceservice.yaml").read_text())
+        validate.check_manifest(manifest)
+        predictor = manifest["spec"]["predictor"]
+        assert predictor["containerConcurrency"] == rec["replicas"] * 2 and predictor["maxReplicas"] == 4
+    assert (out / "triton" / "storage" / "resnet18_libtorch" / "1" / "model.pt").is_file()
+    code, err = run_cli(["capacity", "--model", "resnet18", "--size", "64", "--gpu-memory", "2GiB", "--repeats", "0",
+                         "--merge-layers", "layer1", "--quiet", "--min-pods", "3", "--max-pods", "2",
+                         "--write-kserve", str(tmp_path / "bad")])
+    assert code == 2 and "pods" in err and not (tmp_path / "bad").exists()
+    code, err = run_cli(["capacity", "--model", "resnet18", "--size", "64", "--gpu-memory", "2GiB", "--repeats", "0",
+                         "--merge-layers", "layer1", "--quiet", "--native-resolution",
+                         "--write-kserve", str(tmp_path / "bad")])
+    assert code == 2 and "--native-resolution" in err and not (tmp_path / "bad").exists()
+
+
+# --- the TorchServe storage on the stock runtime's packages only ------------------------------------------
+
+# what KServe's TorchServe image has, at this project's versions (no splitpack, no timm)
+STOCK_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "torchserve==0.12.0", "torch-model-archiver==0.12.0",
+                  "pillow", "numpy<2", "pyyaml")
+
+
+@pytest.fixture(scope="session")
+def stock_venv(request) -> Path:
+    """A fresh virtual environment with only :data:`STOCK_PACKAGES`, built once into pytest's cache
+    (about a minute on a quiet machine) and reused while its package list is the same."""
+    key = hashlib.sha256(" ".join((sys.version, *STOCK_PACKAGES)).encode()).hexdigest()[:12]
+    root = Path(request.config.cache.mkdir(f"stock-torchserve-{key}"))
+    venv, done = root / "venv", root / "complete"
+    if not done.exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # not --system-site-packages
+        pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--no-input", "--quiet", *STOCK_PACKAGES],
+                             capture_output=True, text=True, env=clean_env(venv), timeout=1200)
+        if pip.returncode != 0:
+            shutil.rmtree(venv, ignore_errors=True)
+            pytest.skip("cannot build the stock TorchServe environment offline: pip: "
+                        + " ".join((pip.stderr or pip.stdout).strip().splitlines()[-3:]))
+        done.touch()
+    missing = subprocess.run([str(venv / "bin" / "python"), "-c", "import splitpack"], capture_output=True,
+                             env=clean_env(venv), cwd=root)
+    assert missing.returncode != 0, "the stock environment must not see splitpack"
+    return venv
+
+
+def clean_env(venv: Path, **extra: str) -> dict[str, str]:
+    """The environment of a process in ``venv`` only: no PYTHONPATH, no project venv on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return env | {"PATH": os.pathsep.join([str(venv / "bin"), "/usr/local/bin", "/usr/bin", "/bin"])} | extra
+
+
+def localized(text: str, mount: Path, ports: dict[int, int]) -> str:
+    """KServe's paths and ports -> this machine's: /mnt/models at ``mount``, every port to a free one, loopback."""
+    text = text.replace(manifests.MOUNT, str(mount)).replace("0.0.0.0", "127.0.0.1")
+    for port, free in ports.items():
+        text = re.sub(rf"(?<![0-9]){port}(?![0-9])", str(free), text)
+    return text
+
+
+def held_out_images() -> dict[str, bytes]:
+    """The bundled photo, ImageNet sample photos when present, and images the decoder must convert."""
+    chelsea = SAMPLE_IMAGE.read_bytes()
+    images = {"chelsea.jpg": chelsea}
+    for path in sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[:4] if IMAGENET_SAMPLE.is_dir() else []:
+        images[path.name] = path.read_bytes()
+    photo = Image.open(io.BytesIO(chelsea)).convert("RGB")
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    grey16 = Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)  # 16-bit greyscale
+    for name, image in (("alpha.png", rgba), ("grey16.png", grey16)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        images[name] = buffer.getvalue()
+    return images
+
+
+def post_json(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_stock_torchserve_serves_the_written_storage_like_the_unsplit_model(written, stock_venv, tmp_path):
+    from splitpack.serving.config import ServingConfig, weights_data_config
+    from splitpack.serving.net import free_ports
+    from splitpack.serving.predictor import Predictor
+
+    plan, out = written
+    mount = tmp_path / "mnt-models"  # /mnt/models, where the storage initializer puts storageUri
+    shutil.copytree(out / "torchserve" / "storage", mount)
+    ports = dict(zip((manifests.TS_INFERENCE_PORT, manifests.METRICS_PORTS["torchserve"], *manifests.TS_GRPC_PORTS),
+                     free_ports(4)))
+    config = mount / "config" / "config.properties"
+    config.write_text(localized(config.read_text(), mount, ports))
+    manifest = yaml.safe_load((out / "torchserve" / "inferenceservice.yaml").read_text())
+    probes = {kind: [localized(a, mount, ports) for a in manifest["spec"]["predictor"]["model"][kind]["exec"]["command"]]
+              for kind in ("readinessProbe", "livenessProbe")}
+    run = tmp_path / "run"
+    run.mkdir()
+    # the container's env: the runtime sets TS_SERVICE_ENVELOPE from the protocol (v1: kserve)
+    env = clean_env(stock_venv, TMPDIR=str(run), TEMP=str(run), TS_SERVICE_ENVELOPE="kserve")
+    args = manifests.runtime_command("torchserve", str(mount))
+    with open(run / "torchserve.out", "w") as log:
+        subprocess.run(args, env=env, cwd=run, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                       check=True, timeout=120)
+    try:
+        deadline = time.monotonic() + 600
+        while subprocess.run(probes["readinessProbe"], env=env, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, (run / "logs" / "model_log.log").read_text()[-3000:]
+            time.sleep(2)
+        assert subprocess.run(probes["livenessProbe"], env=env).returncode == 0
+
+        predictor = Predictor(ServingConfig.from_mapping({
+            "model_name": STOCK_MODEL, "merge_layer": "none",
+            "data_config": weights_data_config(splitpack.create_model(STOCK_MODEL, pretrained=True)) | {
+                "input_size": [3, STOCK_SIZE, STOCK_SIZE]}}), weights="pretrained")
+        url = f"http://127.0.0.1:{ports[manifests.TS_INFERENCE_PORT]}/predictions/{STOCK_MODEL}"
+        images = held_out_images()
+        status, answer = post_json(url, {"instances": [{"data": base64.b64encode(b).decode()}
+                                                       for b in images.values()]})
+        assert status == 200, answer
+        for (name, data), served in zip(images.items(), answer["predictions"]):
+            expected = predictor.top_k(predictor.predict([predictor.decode(data)])[0])
+            assert [(p["index"], p["label"]) for p in served["predictions"]] == \
+                [(p["index"], p["label"]) for p in expected], name
+            # exact mode: logits within 1e-5 of their scale, so probabilities move by far less than 1e-4
+            assert max(abs(s["probability"] - e["probability"])
+                       for s, e in zip(served["predictions"], expected)) < 1e-4, name
+        status, answer = post_json(url, {"instances": [{"data": base64.b64encode(b"not an image").decode()}]})
+        assert status == 400 and "not an image" in answer["predictions"][0]["message"]
+        status, answer = post_json(url, {"instances": [{"data": base64.b64encode(images["chelsea.jpg"]).decode()}]})
+        assert status == 200  # still serving
+        metrics_url = f"http://127.0.0.1:{ports[manifests.METRICS_PORTS['torchserve']]}/metrics"
+        with urllib.request.urlopen(metrics_url, timeout=30) as response:
+            assert "ts_inference_requests_total" in response.read().decode()
+    finally:
+        subprocess.run(["torchserve", "--stop", "--foreground"], env=env, cwd=run, capture_output=True, timeout=120)

@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         + ", ".join(PLANNED) + ", these the rest")
     for name, writer in capacity_writers().items():
         written.add_argument(f"--write-{name}", dest=f"write_{name}", metavar=writer.flag, help=writer.help)
+    for name, writer in capacity_writers().items():
+        if writer.add_arguments is not None:
+            writer.add_arguments(parser.add_argument_group(f"--write-{name}", f"settings of --write-{name}"))
     add_flags(written, None, exclude=PLANNED + tuple(p.name for p in MODEL_ARG_PARAMS), defaults=WRITTEN_DEFAULTS)
 
 
@@ -159,7 +162,8 @@ def _write_outputs(plan: dict, args: argparse.Namespace) -> None:
             writer = writers[name]
             target = writer.target(plan, Path(dest))
             stage = outputs.enter_context(staged_path(target, directory=writer.directory))
-            writer.write_into(plan, stage, target.name, settings, **weights)
+            options = {option: getattr(args, option) for option in writer.options}
+            writer.write_into(plan, stage, target.name, settings, **weights, **options)
             plan[writer.plan_key] = str(target)
         if args.png:
             plot_plan(plan, outputs.enter_context(staged_path(args.png)))

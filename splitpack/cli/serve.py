@@ -13,6 +13,8 @@ from splitpack.serving.backend import backends, get
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="server", required=True)
     for backend in backends().values():
+        if backend.server is None:  # writes configs only (splitpack capacity --write-NAME)
+            continue
         p = sub.add_parser(backend.name, help=backend.help)
         p.set_defaults(_parser=p)
         add_common_arguments(p)

@@ -23,7 +23,7 @@ from splitpack.serving.health import ProbeResult
 from splitpack.serving.process import poll, read_pid, tail
 
 # The backends that ship with splitpack: the modules that register them when imported.
-BUILTIN = ("splitpack.serving.torchserve", "splitpack.serving.triton")
+BUILTIN = ("splitpack.serving.torchserve", "splitpack.serving.triton", "splitpack.serving.kserve")
 
 
 class in_run_dir:  # noqa: N801 -- used like @property
@@ -114,8 +114,12 @@ class CapacityWriter:
     plan_key: str                                # where the plan records what was written
     directory: bool                              # the output is a folder (else a file)
     target: Callable[[dict, Path], Path]         # (plan, DEST) -> the path written
-    # (plan, staged path, name of the target, settings, pretrained=, weights=): the content, into a staged path
+    # (plan, staged path, name of the target, settings, pretrained=, weights=, **options): the content, into a
+    # staged path
     write_into: Callable[..., None]
+    # its own `splitpack capacity` flags (added to a group), whose values write_into gets as keywords
+    add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None
+    options: tuple[str, ...] = ()                # the dest names of those flags
 
 
 @dataclass(frozen=True)
@@ -125,9 +129,10 @@ class Backend:
     name: str                                                  # `splitpack serve NAME`, `--write-NAME`
     title: str                                                 # how messages name it
     help: str                                                  # one line, for `splitpack serve --help`
-    add_arguments: Callable[[argparse.ArgumentParser], None]   # its own `splitpack serve NAME` flags
-    server: Callable[[argparse.Namespace], Server]             # the server those flags name
-    start: Callable[[Server, argparse.Namespace], list[str]]   # start it until it serves; lines to print
+    # a backend that only writes configs for servers elsewhere (KServe) has no `splitpack serve NAME`: None
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None   # its own `splitpack serve NAME` flags
+    server: Callable[[argparse.Namespace], Server] | None             # the server those flags name
+    start: Callable[[Server, argparse.Namespace], list[str]] | None   # start it until it serves; lines to print
     capacity: CapacityWriter | None = None
     extra: str | None = None  # what its pip extra (named like the backend) installs, for MissingExtra messages
 

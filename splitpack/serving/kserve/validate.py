@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import gzip
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -106,9 +107,12 @@ def _component_errors(component: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-def check_manifest(manifest: Mapping[str, Any], schema: bool = True) -> None:
-    """Raise :class:`InvalidManifest` listing every problem: the CRD's (with ``schema``), then, on a manifest
-    of the right shape, KServe's rules (which assume the schema's types, as the webhook does)."""
+def check_manifest(manifest: Mapping[str, Any], schema: bool | None = True) -> None:
+    """Raise :class:`InvalidManifest` listing every problem: the CRD's (with ``schema``; None: when the
+    jsonschema package is installed), then, on a manifest of the right shape, KServe's rules (which assume
+    the schema's types, as the webhook does)."""
+    if schema is None:
+        schema = importlib.util.find_spec("jsonschema") is not None
     errors = schema_errors(manifest) if schema else []
     errors = errors or kserve_rule_errors(manifest)
     if errors:
