@@ -147,6 +147,19 @@ def test_plan_from_a_capacity_report(capacity_report):
     assert from_capacity(capacity_report, {"instance_kind": "cpu"}, pod_memory_bytes=3 * GiB).memory_limit_bytes == 3 * GiB
 
 
+def test_plan_reads_the_memory_cgroup_fields_of_a_capacity_report(capacity_report):
+    """A report that planned under a memory limit says so; its figures win over the GPU-memory ones."""
+    report = copy.deepcopy(capacity_report)
+    report["recommended"].update(merge_layer="layer1", grid="2x2", mode="exact", replicas=3, batch_size=4)
+    report.update(memory_limit_bytes=3 * GiB, predicted_usage_bytes=2 * GiB + 5, inflight_images_split=10)
+    plan = from_capacity(report, {"instance_kind": "cpu"})
+    assert (plan.workers, plan.batch_size, plan.images_in_flight) == (3, 4, 10)
+    assert (plan.memory_limit_bytes, plan.memory_request_bytes) == (3 * GiB, 2 * GiB + 5)
+    predictor = manifests.inference_service(plan, "torchserve", "pvc://m/r18")["spec"]["predictor"]
+    assert predictor["containerConcurrency"] == predictor["scaleTarget"] == 10
+    assert predictor["model"]["resources"]["requests"]["memory"] == "2049Mi"
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"memory_request_bytes": 9 * GiB}, "over its limit"),
     ({"min_pods": 4, "max_pods": 3}, "pods"),
