@@ -64,3 +64,25 @@ def plot_plan(plan: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def format_shape(plan: dict) -> str:
+    """A --memory-limit plan (and its validation) for people."""
+    rec, t = plan["recommended"], plan["terms"]
+    what = "unsplit" if rec["merge_layer"] is None else f"split-pack {plan['split']['plan']}"
+    lines = [f"{plan['model']} @{plan['size']} on {plan['server']} ({plan['device']}) under "
+             f"{format_bytes(plan['memory_limit_bytes'])} ({plan['memory_limit_source']})",
+             f"fixed costs: server {format_bytes(t['server_bytes'])}, per process {format_bytes(t['process_bytes'])}, "
+             f"weights {format_bytes(t['weights_bytes'])} per copy ({t['source']})",
+             f"activations per image: split {format_bytes(plan['split']['activation_bytes_per_image'])}, unsplit "
+             f"{format_bytes(plan['unsplit']['activation_bytes_per_image'])} (cost model replay)",
+             f"images in flight: split {plan['inflight_images_split']}, unsplit {plan['inflight_images_unsplit']}",
+             f"recommended: {what}: {rec['replicas']} replica(s) x batch {rec['batch_size']}, predicted usage "
+             f"{format_bytes(plan['predicted_usage_bytes'])} ({rec['reason']})"]
+    for key, label in (("planned", "validated"), ("unsplit_same_shape", "unsplit, same shape")):
+        run = plan.get("validation", {}).get(key)
+        if run:
+            lines.append(f"{label}: served {run.get('served', 0)}, failed {run.get('failed', 0)}, OOM kills "
+                         f"{run['oom_kills']}, peak {format_bytes(run['peak_usage_bytes'])}"
+                         + ("" if run.get("started", True) else f"; did not start: {run.get('start_error')}"))
+    return "\n".join(lines)

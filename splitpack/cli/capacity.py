@@ -17,8 +17,10 @@ from splitpack.cli.params import add_flags, given
 from splitpack.serving.config import MODEL_ARG_PARAMS
 from splitpack.serving.backend import CapacityWriter, backends
 from splitpack.serving.deploy import PLANNED
+from splitpack.capacity.fixed_costs import DEFAULT_CACHE, SERVERS
+from splitpack.capacity.shape import DEFAULT_MAX_BATCH
 
-WRITTEN_DEFAULTS = {"instance_kind": "gpu"}  # the plan is for a GPU
+WRITTEN_DEFAULTS = {"instance_kind": "gpu"}  # a --gpu-memory plan is for a GPU; a --memory-limit plan for the CPU
 
 
 def memory_size(text: str) -> str:
@@ -27,12 +29,37 @@ def memory_size(text: str) -> str:
     return text
 
 
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be positive, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model(parser, "ship in the written configs:")
     common.add_input(parser, batch_help="batch size each replica runs (default: 1)")
     parser.add_argument("--gpu-memory", type=arg_type(memory_size),
                         help="GPU memory to plan for (80GiB, 80GB, ...); default: NVML total of --gpu-index")
     parser.add_argument("--gpu-index", type=int, default=0)
+    limit = parser.add_argument_group("deployment shape under a memory limit", "plan replicas x batch size for the "
+                                      "most images in flight within a host/pod memory limit (--device cpu), with "
+                                      "the server's fixed costs measured on this machine")
+    limit.add_argument("--memory-limit", type=arg_type(memory_size),
+                       help="the pod/host memory limit to plan for (3GiB, ...): plans the deployment shape")
+    limit.add_argument("--server", choices=SERVERS, default="torchserve",
+                       help="whose fixed costs to measure and plan with (default: torchserve)")
+    limit.add_argument("--largest-batch", type=arg_type(common.positive_int, "batch size"), default=DEFAULT_MAX_BATCH,
+                       help=f"largest batch to consider (default {DEFAULT_MAX_BATCH})")
+    limit.add_argument("--fixed-costs", type=Path, default=DEFAULT_CACHE, metavar="JSON",
+                       help=f"cache of the measured fixed costs (default {DEFAULT_CACHE})")
+    limit.add_argument("--remeasure", action="store_true", help="measure the fixed costs again, ignoring the cache")
+    limit.add_argument("--validate", action="store_true",
+                       help="start the written deployment inside a memory cgroup set to the limit, drive it with "
+                            "as many clients as images in flight, then the unsplit model in the same shape "
+                            "(exit 2 where no memory cgroup can be made)")
+    limit.add_argument("--duration", type=arg_type(seconds, "seconds"), default=60.0,
+                       help="--validate: seconds to drive each deployment (default 60)")
     parser.add_argument("--headroom", default="10%", help="kept free: a percentage of the GPU or a size (default 10%%)")
     parser.add_argument("--merge-layers", nargs="*", metavar="LAYER",
                         help="merge layers to measure, one-stage plans at each of --grids (default: the planner's "
@@ -143,10 +170,74 @@ def run(args: argparse.Namespace) -> int:
     from splitpack.capacity.report import format_plan
 
     common.build_model(args)  # a model, weights or labels that do not fit: found out before minutes of measuring
+    if args.memory_limit:
+        return run_memory_limit(args)
+    if args.validate:
+        raise ValueError("--validate proves a plan under a memory limit: give --memory-limit")
     plan = plan_capacity(_inputs_from_args(args), quiet=args.quiet)
     _write_outputs(plan, args)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
+
+
+def run_memory_limit(args: argparse.Namespace) -> int:
+    """--memory-limit: the deployment shape with the most images in flight; --validate proves it."""
+    from splitpack.capacity.report import format_shape
+    from splitpack.capacity.shape import plan_shape
+
+    if args.device != "cpu":
+        raise ValueError("--memory-limit plans a host/pod limit with fixed costs measured from CPU servers: "
+                         "--device cpu (for a GPU use --gpu-memory)")
+    cgroup = _cgroup_check() if args.validate else None
+    if cgroup:
+        raise CgroupUnavailableError(cgroup)
+    inputs, activations = _shape_inputs(args)
+    plan = plan_shape(inputs, activations, quiet=args.quiet)
+    _write_outputs(plan, args)
+    if args.validate:
+        from splitpack.capacity.validate import validate_plan
+        from splitpack.serving.plan_deployment import Deployment
+
+        plan["validation"] = validate_plan(Deployment.write, plan, args.duration, _written_settings(args),
+                                           quiet=args.quiet, pretrained=args.pretrained, weights=args.weights,
+                                           allow_pickle=args.allow_pickle)
+    print(json.dumps(plan, indent=2) if args.json else format_shape(plan))
+    return 0
+
+
+class CgroupUnavailableError(ValueError):
+    """No memory cgroup here: a usage error of --validate on this machine (exit 2 with the reason)."""
+
+
+def _cgroup_check() -> str | None:
+    """None if a memory cgroup can be made here, else why not."""
+    from splitpack.capacity.cgroup import CgroupUnavailable, MemoryCgroup
+
+    try:
+        MemoryCgroup(1 << 30).remove()
+    except (CgroupUnavailable, OSError) as e:
+        return f"--validate needs a memory cgroup and none can be made here: {e}"
+    return None
+
+
+def _shape_inputs(args: argparse.Namespace):
+    from splitpack.capacity.fixed_costs import fixed_costs
+    from splitpack.capacity.shape import ActivationModel, ShapeInputs, Terms
+    from splitpack.serving.plan_deployment import Deployment
+
+    activations = ActivationModel(args.model, args.size)
+    costs = fixed_costs(args.server, args.model, activations.weights_bytes, Deployment.write, args.fixed_costs,
+                        args.remeasure, quiet=args.quiet)
+    terms = Terms(costs.server_bytes, costs.process_bytes, costs.weights_bytes)
+    inputs = ShapeInputs(args.model, args.size, args.server, parse_bytes(args.memory_limit),
+                         f"--memory-limit {args.memory_limit}", terms, costs.measured,
+                         allocator_slack=args.allocator_slack, max_batch=args.largest_batch)
+    return inputs, activations
+
+
+def _written_settings(args: argparse.Namespace) -> dict:
+    defaults = WRITTEN_DEFAULTS | ({"instance_kind": "cpu"} if args.memory_limit else {})
+    return defaults | {k: v for k, v in given(args).items() if k not in PLANNED}
 
 
 def _write_outputs(plan: dict, args: argparse.Namespace) -> None:
@@ -154,7 +245,7 @@ def _write_outputs(plan: dict, args: argparse.Namespace) -> None:
     once every one of them is complete (one failing leaves none)."""
     from splitpack.capacity.report import plot_plan
 
-    settings = WRITTEN_DEFAULTS | {k: v for k, v in given(args).items() if k not in PLANNED}
+    settings = _written_settings(args)
     weights = {"pretrained": args.pretrained, "weights": args.weights, "allow_pickle": args.allow_pickle}
     writers = capacity_writers()
     with contextlib.ExitStack() as outputs:

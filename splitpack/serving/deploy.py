@@ -24,9 +24,25 @@ def planned_settings(plan: dict, settings: Mapping[str, Any] | None, server: str
         raise ValueError(f"{', '.join(decided)}: set by the plan, not by the written config")
     rec = plan["recommended"]
     own_class = settings.get("model_class") is not None  # else the plan's model is a timm/torchvision name
-    config = ServingConfig.from_mapping({k: v for k, v in settings.items() if BY_NAME[k].section == MODEL} | {
+    model = {k: v for k, v in settings.items() if BY_NAME[k].section == MODEL}
+    config = ServingConfig.from_mapping(model | {
         "model_name": None if own_class else plan["model"], "merge_layer": rec["merge_layer"],
-        "grid": rec["grid"] or "2x2", "mode": rec["mode"] or "exact"})
+        "grid": rec["grid"] or "2x2", "mode": rec["mode"] or "exact",
+        "data_config": planned_data_config(plan, model.get("data_config"))})
     deploy = {k: v for k, v in settings.items() if BY_NAME[k].section == DEPLOY and server in BY_NAME[k].servers}
-    deploy |= {"replicas": max(1, rec["replicas"]), "batch_size": plan["batch_size"]}
+    deploy |= {"replicas": max(1, rec["replicas"]), "batch_size": rec.get("batch_size") or plan["batch_size"]}
     return config, deploy
+
+
+def planned_data_config(plan: dict, given: Any) -> dict | None:
+    """The written data config serves at the planned input size (``--size``): the memory was planned for it."""
+    from splitpack.serving.config import data_config
+
+    given = data_config(given) or {}
+    if "size" not in plan:
+        return given or None
+    planned = (3, int(plan["size"]), int(plan["size"]))
+    if "input_size" in given and tuple(given["input_size"]) != planned:
+        raise ValueError(f"data_config input_size {list(given['input_size'])}: the plan is for "
+                         f"{plan['size']}x{plan['size']} images (--size)")
+    return given | {"input_size": planned}

@@ -49,10 +49,9 @@ def ship_model_files(config: ServingConfig, directory: Path) -> ServingConfig:
 
 
 def pin_data_config(config: ServingConfig, model: torch.nn.Module) -> ServingConfig:
-    """``config`` with the eval transform the weights expect (unless it names one itself)."""
-    if config.data_config is not None:
-        return config
-    return dataclasses.replace(config, data_config=weights_data_config(model))
+    """``config`` with the eval transform the weights expect; the keys ``config`` names itself win
+    (a capacity plan pins only the input size it planned for)."""
+    return dataclasses.replace(config, data_config=weights_data_config(model) | (config.data_config or {}))
 
 
 def check_settings(config: ServingConfig, weights_file: str | Path | None, base_dir: str | Path | None = None) -> int:
