@@ -74,8 +74,8 @@ def resnet18_224():
 
 def test_activations_come_from_the_cost_model_replay(resnet18_224):
     import splitpack
-    from splitpack.core.predict import allocation_profile, unsplit_peak
-    from splitpack.core.planner import Planner
+    from splitpack.core.cost.exact_peak import allocation_profile, unsplit_peak
+    from splitpack.core.search.planner import Planner
 
     model = splitpack.create_model("resnet18")
     assert resnet18_224.choice.plan == splitpack.plan_for(model, (1, 3, 224, 224)).plan

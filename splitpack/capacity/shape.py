@@ -10,7 +10,7 @@ Three terms, paid at three rates::
 * ``server``: once per deployment (TorchServe's frontend, tritonserver, shared libraries);
 * ``process`` and ``weights``: once per replica process (each has its own runtime and copy of the weights);
 * ``batch_bytes``: per batch being run; ``activations(b)`` is the cost model's replayed peak of the
-  plan (or of the unsplit model) for a batch of ``b`` (:mod:`splitpack.core.predict`), the inputs are
+  plan (or of the unsplit model) for a batch of ``b`` (:mod:`splitpack.core.cost.exact_peak`), the inputs are
   the batch tensor and each image's own tensor before stacking, plus one being decoded.
 
 On the CPU the fixed terms are measured from real servers (:mod:`splitpack.capacity.fixed_costs`);
@@ -102,8 +102,8 @@ class ActivationModel:
 
     def __init__(self, model_name: str, size: int, max_overhead: float | None = None):
         import splitpack
-        from splitpack.core.planner import Planner
-        from splitpack.core.predict import allocation_profile, plan_cost, unsplit_peak
+        from splitpack.core.search.planner import Planner
+        from splitpack.core.cost.exact_peak import allocation_profile, plan_cost, unsplit_peak
         from splitpack.capacity.footprint import module_bytes
 
         model = splitpack.create_model(model_name).eval()
