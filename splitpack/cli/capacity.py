@@ -225,11 +225,14 @@ def _shape_inputs(args: argparse.Namespace):
     from splitpack.capacity.shape import ActivationModel, ShapeInputs, Terms
     from splitpack.serving.plan_deployment import Deployment
 
-    activations = ActivationModel(args.model, args.size)
-    costs = fixed_costs(args.server, args.model, activations.weights_bytes, Deployment.write, args.fixed_costs,
+    model = args.model_name
+    if not model or getattr(args, "model_class", None):
+        raise ValueError("--memory-limit plans a timm/torchvision model named with --model")
+    activations = ActivationModel(model, args.size)
+    costs = fixed_costs(args.server, model, activations.weights_bytes, Deployment.write, args.fixed_costs,
                         args.remeasure, quiet=args.quiet)
     terms = Terms(costs.server_bytes, costs.process_bytes, costs.weights_bytes)
-    inputs = ShapeInputs(args.model, args.size, args.server, parse_bytes(args.memory_limit),
+    inputs = ShapeInputs(model, args.size, args.server, parse_bytes(args.memory_limit),
                          f"--memory-limit {args.memory_limit}", terms, costs.measured,
                          allocator_slack=args.allocator_slack, max_batch=args.largest_batch)
     return inputs, activations
