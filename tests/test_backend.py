@@ -150,6 +150,17 @@ def test_a_registered_backend_with_a_capacity_writer_gets_its_write_flag(echo):
     assert args.write_echo == "plan.json"
 
 
+def test_a_backend_that_only_writes_configs_is_not_a_serve_command():
+    register(Backend(name="echo-config", title="Echo config", help="", capacity=ECHO.capacity))
+    try:
+        assert cli.build_parser("capacity").parse_args(
+            ["capacity", "--model", "resnet18", "--size", "64", "--write-echo-config", "x.json"]).write_echo_config
+        with pytest.raises(SystemExit):
+            cli.build_parser("serve").parse_args(["serve", "echo-config", "status"])
+    finally:
+        unregister("echo-config")
+
+
 def test_a_backend_name_is_registered_once(echo):
     with pytest.raises(ValueError, match="already registered"):
         register(Backend(name="echo", title="Other", help="", add_arguments=add_echo_arguments,

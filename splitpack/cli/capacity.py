@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     written = parser.add_argument_group("written configs", f"{flags} deploy the recommendation; the plan sets "
                                         + ", ".join(PLANNED) + ", these the rest")
     for name, writer in capacity_writers().items():
-        written.add_argument(f"--write-{name}", dest=f"write_{name}", metavar=writer.flag, help=writer.help)
+        written.add_argument(f"--write-{name}", dest=_dest(name), metavar=writer.flag, help=writer.help)
     for name, writer in capacity_writers().items():
         if writer.add_arguments is not None:
             writer.add_arguments(parser.add_argument_group(f"--write-{name}", f"settings of --write-{name}"))
@@ -105,9 +105,13 @@ def capacity_writers() -> dict[str, CapacityWriter]:
     return {name: b.capacity for name, b in backends().items() if b.capacity is not None}
 
 
+def _dest(name: str) -> str:
+    return "write_" + name.replace("-", "_")
+
+
 def _written(args: argparse.Namespace) -> dict[str, str]:
     """backend -> the destination its --write-<backend> names."""
-    return {name: getattr(args, f"write_{name}") for name in capacity_writers() if getattr(args, f"write_{name}")}
+    return {name: getattr(args, _dest(name)) for name in capacity_writers() if getattr(args, _dest(name))}
 
 
 def detect_gpu_memory(index: int = 0) -> tuple[int, str]:
@@ -161,9 +165,9 @@ def _check_backend(args: argparse.Namespace) -> None:
     if args.measure_replicas:
         raise ValueError("--measure-replicas starts one process per replica: --backend python only")
     if _written(args):
-        raise ValueError(f"{'/'.join(f'--write-{n}' for n in capacity_writers())} deploy the python backend; for --backend libtorch "
-                         "write the model directory with `splitpack export --format triton-libtorch` and the "
-                         "recommended plan and replicas")
+        flags = "/".join(f"--write-{name}" for name in capacity_writers())
+        raise ValueError(f"{flags} deploy the python backend; for --backend libtorch write the model directory "
+                         "with `splitpack export --format triton-libtorch` and the recommended plan and replicas")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -124,15 +124,17 @@ class CapacityWriter:
 
 @dataclass(frozen=True)
 class Backend:
-    """A way of serving, as the CLI and the capacity planner see it."""
+    """A way of serving, as the CLI and the capacity planner see it: a server splitpack runs
+    (``splitpack serve NAME``: ``add_arguments``, ``server``, ``start``), a config it writes for a plan
+    (``capacity``: ``splitpack capacity --write-NAME``), or both."""
 
     name: str                                                  # `splitpack serve NAME`, `--write-NAME`
     title: str                                                 # how messages name it
     help: str                                                  # one line, for `splitpack serve --help`
     # a backend that only writes configs for servers elsewhere (KServe) has no `splitpack serve NAME`: None
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None   # its own `splitpack serve NAME` flags
-    server: Callable[[argparse.Namespace], Server] | None             # the server those flags name
-    start: Callable[[Server, argparse.Namespace], list[str]] | None   # start it until it serves; lines to print
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None  # its own `serve NAME` flags
+    server: Callable[[argparse.Namespace], Server] | None = None            # the server those flags name
+    start: Callable[[Server, argparse.Namespace], list[str]] | None = None  # start it until it serves; lines to print
     capacity: CapacityWriter | None = None
     extra: str | None = None  # what its pip extra (named like the backend) installs, for MissingExtra messages
 
