@@ -9,7 +9,7 @@ from torch import fx, nn
 from splitpack.core.compile.recording import compile_mode, compiled_runner
 from splitpack.core.cost.counts import checkpoint_bytes, program_macs, unsplit_macs
 from splitpack.core.execute.executor import Executor, empty_like_layout, run_consts
-from splitpack.core.capture.graph import TracedModel, describe_op, head_graph, module_path, node_shapes, tail_graph, trace
+from splitpack.core.capture.graph import TracedModel, head_graph, node_shapes, tail_graph, trace
 from splitpack.core.plan.spec import AutoPlan, Plan, grid_text, parse_plan
 from splitpack.core.plan.schedule import Program, Unsplittable, bounds, build_program, stage_graphs, unsplittable_nodes
 from splitpack.errors import SplitError
@@ -25,10 +25,8 @@ def _unsplittable(traced: TracedModel, err: Unsplittable, checkpoint: str) -> Sp
               if traced.index[cp] < traced.index[node] and cp not in blocked]
     hint = f"the latest merge layer before it that exact mode supports is {before[-1]!r}" if before else \
         "no merge layer before it is supported in exact mode"
-    return SplitError(
-        f"exact split-pack cannot merge at {checkpoint!r}: op {describe_op(node, traced.gm)} at module "
-        f"{module_path(node) or '<model>'!r} ({node.name}) cannot be split: {err}; {hint}; seed mode runs it per pack"
-    )
+    return SplitError(f"exact split-pack cannot merge at {checkpoint!r}: {err.describe(traced.gm)}; {hint}; "
+                      "seed mode runs it per pack")
 
 
 def _check_plan(traced: TracedModel, plan: Plan, mode: str, model_name: str) -> None:

@@ -26,6 +26,9 @@ from splitpack.errors import SplitError
 
 Shape = torch.Size | tuple  # a tensor's size, or a tuple of sizes for a tuple-valued node (torch.split)
 SIZE_PROBE = 64  # the second shape-propagation size is this much larger (a multiple of every usual stride)
+# modules computed as one op by their split rule although fx could trace them: their forward moves
+# pixels into channels with view / permute / view, which read as global ops one by one
+KEPT_WHOLE = ("SpaceToDepth",)
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
@@ -39,16 +42,41 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
 
 
 class _ScopeTracer(fx.Tracer):
-    """fx tracer that records each module call's output node."""
+    """fx tracer that records each module call's output node.
+
+    timm keeps some blocks out of fx (its leaf modules) for its own reasons, e.g. NormFreeBlock
+    because an unused in-place ``mul_`` result would drop out of the graph. A leaf block that has
+    no split rule would be refused as a whole, so it is traced into instead whenever fx can trace
+    its forward: split-pack then judges the ops it is made of (in-place results are rejoined to
+    the graph by :func:`_rejoin_in_place`).
+    """
 
     def __init__(self):
         leaf_types, functions = _timm_notrace()
         super().__init__(autowrap_functions=functions)
         self._leaf_types = leaf_types
+        self._traced_into: dict[int, bool] = {}
         self.module_calls: dict[str, list[fx.Node | None]] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self._leaf_types) or super().is_leaf_module(m, qualname)
+        if type(m).__name__ in KEPT_WHOLE:
+            return True
+        if isinstance(m, self._leaf_types):
+            return not self._trace_into(m)
+        return super().is_leaf_module(m, qualname)
+
+    def _trace_into(self, m: nn.Module) -> bool:
+        from splitpack.core.capture.rules.base import has_module_rule  # the rules import this module
+
+        if has_module_rule(m):
+            return False
+        if id(m) not in self._traced_into:
+            try:
+                _ScopeTracer().trace(m)
+                self._traced_into[id(m)] = True
+            except Exception:  # noqa: BLE001  (control flow on tensor values, ...: it stays one op)
+                self._traced_into[id(m)] = False
+        return self._traced_into[id(m)]
 
     def call_module(self, m, forward, args, kwargs):
         out = super().call_module(m, forward, args, kwargs)
@@ -132,6 +160,7 @@ def trace(model: nn.Module) -> TracedModel:
                          f"({type(err).__name__}: {err}); make its forward traceable (no Python control flow on "
                          "tensor values), or run it unsplit (merge layer none)") from err
     gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    _rejoin_in_place(gm)
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -151,6 +180,22 @@ def trace(model: nn.Module) -> TracedModel:
     traced = TracedModel(gm, nodes, index, input_node, {}, dependent, spatial, shapes, dtype)
     traced.checkpoints = _checkpoints(traced, tracer.module_calls)
     return traced
+
+
+def _rejoin_in_place(gm: fx.GraphModule) -> None:
+    """``out.mul_(g)`` whose result is unused: fx keeps the op but later reads of ``out`` do not
+    depend on it. An in-place op returns its input, so later reads are rewired to its result."""
+    from splitpack.core.capture.rules.base import mutates_input  # the rules import this module
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        target = mutates_input(node, gm)
+        if target is None:
+            continue
+        for user in list(target.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(target, node)
+    gm.recompile()
 
 
 def reference_input_size(model: nn.Module) -> tuple[int, int, int]:

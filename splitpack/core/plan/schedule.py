@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from splitpack.core.capture.graph import Shape, TracedModel
+from splitpack.core.capture.graph import Shape, TracedModel, describe_op, module_path
 from splitpack.core.plan.spec import Grid, Plan
 from splitpack.core.capture.rules import NCHW, Layout, MetaQuery, NoRule, OpContext, Reduce, Region, Rule, make_rule, \
     mutates_input, spatial_dims
@@ -46,6 +46,11 @@ class Unsplittable(Exception):
     def __init__(self, node: fx.Node, reason: str):
         super().__init__(reason)
         self.node = node
+
+    def describe(self, gm: fx.GraphModule) -> str:
+        """``op GroupNorm at module 'norm' (norm) cannot be split: <reason>``."""
+        return (f"op {describe_op(self.node, gm)} at module {module_path(self.node) or '<model>'!r} "
+                f"({self.node.name}) cannot be split: {self}")
 
 
 # --------------------------------------------------------------------------- size-independent structure

@@ -105,6 +105,15 @@ def distinct_checkpoints(traced: TracedModel) -> list[Checkpoint]:
             for n in ordered]
 
 
+def _first_obstacle(traced: TracedModel) -> str:
+    """Why no checkpoint is reachable: the earliest op without a split rule, or no single live value."""
+    blocked = unsplittable_nodes(traced)
+    if not blocked:
+        return "no module output is ever the only value the rest of the network needs"
+    first = min(blocked.values(), key=lambda err: traced.index[err.node])
+    return f"the first obstacle is {first.describe(traced.gm)}"
+
+
 @dataclass
 class _Path:
     """A plan as stage options and grids."""
@@ -120,7 +129,8 @@ class Planner:
         self.dtype = dtype or self.traced.dtype
         self.checkpoints = distinct_checkpoints(self.traced)
         if not self.checkpoints:
-            raise ValueError("the model has no checkpoint exact split-pack can merge at: nothing to plan")
+            raise SplitError(f"nothing to plan: the model has no checkpoint exact split-pack can merge at; "
+                             f"{_first_obstacle(self.traced)}")
 
     # ------------------------------------------------------------------ public
     def choose(self, shape, memory_budget: int | None = None, max_overhead: float | None = None,

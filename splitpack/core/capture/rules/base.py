@@ -216,6 +216,10 @@ def register_module(*kinds: type | str):
     return add
 
 
+def has_module_rule(module: nn.Module) -> bool:
+    return type(module) in _MODULES or type(module).__name__ in _MODULES
+
+
 def register_function(*functions: Callable):
     def add(maker: RuleMaker) -> RuleMaker:
         for fn in functions:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from splitpack.core.capture.rules.base import (NoRule, Window, arg, pair, register_function, register_module,
-                                       require_nchw, window_dims)
+from splitpack.core.capture.rules.base import (NCHW, Interval, NoRule, Rule, Window, arg, pair, register_function,
+                                       register_module, require_nchw, window_dims)
 
 
 def same_total(size: int, k: int, s: int, d: int = 1) -> int:
@@ -181,14 +181,16 @@ def _functional_avg_pool(node, ctx, xs, layout) -> Window:
 
 # --------------------------------------------------------------------------- constant padding
 
-def pad_rule(node, x, pad, value, mode) -> Window:
-    if mode != "constant":
-        raise NoRule(f"padding mode {mode!r} (only constant padding is split)")
+def pad_rule(node, x, pad, value, mode, in_hw) -> Rule:
     pad = list(pad)
     if len(pad) < 4 or any(pad[4:]):
         if len(pad) != 2:
             raise NoRule("padding of non-spatial dims")
         pad = pad + [0, 0]
+    if mode in MirrorPad.MODES:
+        return MirrorPad(node, x, (pad[2], pad[3]), (pad[0], pad[1]), mode, in_hw)
+    if mode != "constant":
+        raise NoRule(f"padding mode {mode!r} (constant, reflect and replicate padding are split)")
     value = 0.0 if value is None else float(value)
 
     def op(t, out, values):
@@ -200,10 +202,83 @@ def pad_rule(node, x, pad, value, mode) -> Window:
 @register_module(nn.ZeroPad2d, nn.ConstantPad2d)
 def _pad_module(node, ctx, xs, layout, m) -> Window:
     require_nchw(layout, "padding")
-    return pad_rule(node, xs[0], m.padding, getattr(m, "value", 0.0), "constant")
+    return pad_rule(node, xs[0], m.padding, getattr(m, "value", 0.0), "constant", _in_hw(ctx, xs[0]))
 
 
 @register_function(F.pad)
 def _functional_pad(node, ctx, xs, layout) -> Window:
     require_nchw(layout, "padding")
-    return pad_rule(node, xs[0], arg(node, 1, "pad"), arg(node, 3, "value", 0.0), arg(node, 2, "mode", "constant"))
+    return pad_rule(node, xs[0], arg(node, 1, "pad"), arg(node, 3, "value", 0.0), arg(node, 2, "mode", "constant"),
+                    _in_hw(ctx, xs[0]))
+
+
+class MirrorPad(Rule):
+    """Reflect / replicate padding: past the true border an output pixel copies an inner pixel
+    (row -j reads row j, or row 0), so a pack at the border also reads those rows; interior
+    packs read their window as it is. Anti-aliased downsampling (BlurPool) pads this way."""
+
+    MODES = ("reflect", "replicate")
+
+    def __init__(self, node, x, rows: tuple[int, int], cols: tuple[int, int], mode: str, in_hw: tuple[int, int]):
+        super().__init__(node, [x], NCHW)
+        self.pads, self.mode, self.in_hw = (rows, cols), mode, in_hw
+
+    def _source(self, out: Interval, d: int) -> Interval:
+        """Input rows (d=0) or columns the output interval reads, mirror sources included;
+        past-border positions stay in the window, where the executor fills placeholders."""
+        before, size = self.pads[d][0], self.in_hw[d]
+        start, stop = out[0] - before, out[1] - before
+        if start < 0:  # mirror of -j is j (reflect) or 0 (replicate)
+            stop = max(stop, -start + 1 if self.mode == "reflect" else 1)
+        if stop > size:  # mirror of size-1+j is size-1-j (reflect) or size-1 (replicate)
+            start = min(start, 2 * size - stop - 1 if self.mode == "reflect" else size - 1)
+        return start, stop
+
+    def input_window(self, out, i):
+        return self._source(out[0], 0), self._source(out[1], 1)
+
+    def compute(self, values, out):
+        t = values[self.spatial_inputs[0]]
+        inner, pads, crop = [], [], []
+        for d in (0, 1):
+            start, stop = self._source(out[d], d)
+            lo, hi = max(start, 0), min(stop, self.in_hw[d])
+            inner.append(slice(lo - start, hi - start))
+            before, after = max(0, -start), max(0, stop - self.in_hw[d])
+            pads.append((before, after))
+            first = out[d][0] - self.pads[d][0]  # input coordinate of the first output pixel
+            crop.append(slice(first - (lo - before), first - (lo - before) + out[d][1] - out[d][0]))
+        real = t[..., inner[0], inner[1]]
+        mirrored = F.pad(real, (*pads[1], *pads[0]), mode=self.mode)
+        return mirrored[..., crop[0], crop[1]]
+
+
+# --------------------------------------------------------------------------- space to depth
+
+def space_to_depth_rule(node, x, block: int, op) -> Window:
+    """Each output pixel is one block x block patch of input pixels moved into channels:
+    a window of that size and stride, without padding."""
+    def run(t, out, values, padding=(0, 0)):
+        return op(t)
+
+    return Window(node, x, window_dims(block, block, 1, 0), 0.0, run, pad_limit=(0, 0))
+
+
+@register_module(nn.PixelUnshuffle)
+def _pixel_unshuffle(node, ctx, xs, layout, m) -> Window:
+    require_nchw(layout, "pixel unshuffle")
+    return space_to_depth_rule(node, xs[0], m.downscale_factor, m)
+
+
+@register_function(F.pixel_unshuffle, torch.pixel_unshuffle)
+def _functional_pixel_unshuffle(node, ctx, xs, layout) -> Window:
+    require_nchw(layout, "pixel unshuffle")
+    factor = arg(node, 1, "downscale_factor")
+    return space_to_depth_rule(node, xs[0], factor, lambda t: F.pixel_unshuffle(t, factor))
+
+
+@register_module("SpaceToDepth")
+def _space_to_depth(node, ctx, xs, layout, m) -> Window:
+    """timm's SpaceToDepth (TResNet's stem): a view / permute / view kept whole as one module."""
+    require_nchw(layout, "space to depth")
+    return space_to_depth_rule(node, xs[0], m.bs, m)
