@@ -48,6 +48,19 @@ def test_normfree_blocks_are_traced_into_not_refused():
     assert _exact_in_float64(model, ["block1.act1", "head"], "2x3,3x2", (64, 64)) <= F64_TOL
 
 
+def test_standardised_kernels_are_not_all_alive_at_once():
+    """Split-pack standardises each kernel when its convolution runs, as the unsplit model does."""
+    from splitpack.measure.meter import peak_activation_bytes
+
+    convs = [ScaledStdConv2d(3 if i == 0 else 256, 256, 3, padding=1) for i in range(4)]  # 2.4 MB kernels
+    model = nn.Sequential(*convs).eval()
+    x = torch.randn(1, 3, 16, 16)  # 256 KB activations
+    split = splitpack.wrap(model, "1", "2x2")
+    with torch.no_grad():
+        assert rel_error(split(x), model(x)) <= 1e-5
+    assert peak_activation_bytes(split, x) <= peak_activation_bytes(model, x)
+
+
 class _SpaceToDepthNet(nn.Module):
     """TResNet's stem (space-to-depth), anti-aliased downsampling, replicate padding, pixel unshuffle."""
 

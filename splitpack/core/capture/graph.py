@@ -26,9 +26,10 @@ from splitpack.errors import SplitError
 
 Shape = torch.Size | tuple  # a tensor's size, or a tuple of sizes for a tuple-valued node (torch.split)
 SIZE_PROBE = 64  # the second shape-propagation size is this much larger (a multiple of every usual stride)
-# modules computed as one op by their split rule although fx could trace them: their forward moves
-# pixels into channels with view / permute / view, which read as global ops one by one
-KEPT_WHOLE = ("SpaceToDepth",)
+# modules computed as one op by their split rule although fx could trace them: space-to-depth moves
+# pixels into channels with view / permute / view, which read as global ops one by one; traced,
+# weight-standardised convolutions would have every standardised kernel computed once up front
+KEPT_WHOLE = ("SpaceToDepth", "StdConv2d", "ScaledStdConv2d")
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:

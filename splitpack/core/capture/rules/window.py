@@ -43,17 +43,38 @@ def _conv_padding(conv: nn.Conv2d, in_hw: tuple[int, int], tf_same: bool) -> tup
     return before[0], before[1]
 
 
-@register_module(nn.Conv2d, "Conv2dSame")
-def _conv(node, ctx, xs, layout, conv: nn.Conv2d) -> Window:
+def conv_rule(node, ctx, xs, layout, conv: nn.Conv2d, weight, tf_same: bool) -> Window:
+    """``weight()``: the kernel as the module's forward computes it, at each call."""
     require_nchw(layout, "convolution")
     if conv.padding_mode != "zeros":
         raise NoRule(f"convolution with padding_mode={conv.padding_mode!r} (only zero padding is split)")
-    before = _conv_padding(conv, _in_hw(ctx, xs[0]), type(conv).__name__ == "Conv2dSame")
+    before = _conv_padding(conv, _in_hw(ctx, xs[0]), tf_same)
 
     def op(t, out, values, padding=(0, 0)):
-        return F.conv2d(t, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+        return F.conv2d(t, weight(), conv.bias, conv.stride, padding, conv.dilation, conv.groups)
 
     return Window(node, xs[0], window_dims(conv.kernel_size, conv.stride, conv.dilation, before), 0.0, op)
+
+
+@register_module(nn.Conv2d, "Conv2dSame")
+def _conv(node, ctx, xs, layout, conv: nn.Conv2d) -> Window:
+    return conv_rule(node, ctx, xs, layout, conv, lambda: conv.weight, type(conv).__name__ == "Conv2dSame")
+
+
+def standardized_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """timm's (scaled) weight standardisation, the same ops as its forward (so the same bits)."""
+    scale = getattr(conv, "gain", None)
+    return F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None,
+                        weight=None if scale is None else (conv.gain * conv.scale).view(-1),
+                        training=True, momentum=0., eps=conv.eps).reshape_as(conv.weight)
+
+
+@register_module("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+def _std_conv(node, ctx, xs, layout, conv: nn.Conv2d) -> Window:
+    """A convolution whose weights are standardised (NFNets): not a spatial op, so the region rule is
+    the convolution's. The kernel is standardised in each call as the module does: precomputed, every
+    standardised kernel of the network would be alive at once (as much memory as the parameters)."""
+    return conv_rule(node, ctx, xs, layout, conv, lambda: standardized_weight(conv), getattr(conv, "same_pad", False))
 
 
 @register_function(F.conv2d)
