@@ -88,7 +88,8 @@ def run_under_limit(deploy, server: str, plan: dict, limit_bytes: int, clients: 
     result["peak_usage_bytes"] = result["cgroup"]["max_usage_bytes"]
     result["oom_kills"] = result["cgroup"]["oom_kills"]
     _log(f"  -> served {result.get('served', 0)}, failed {result.get('failed', 0)}, OOM kills {result['oom_kills']}, "
-         f"peak {result['peak_usage_bytes'] / 2**30:.2f} GiB", quiet)
+         f"peak {result['peak_usage_bytes'] / 2**30:.2f} GiB"
+         + ("" if result["started"] else f"; did not start: {result['start_error']}"), quiet)
     return result
 
 

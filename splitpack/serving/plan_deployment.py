@@ -70,7 +70,7 @@ class Deployment:
         self.stop()
 
     # -- lifecycle through the CLI, as an operator runs it ----------------------------------------
-    def start_command(self, timeout_s: float = 600) -> list[str]:
+    def start_command(self, timeout_s: float = 1800) -> list[str]:
         cmd = [sys.executable, "-m", "splitpack.cli", "serve", self.server, "start", "--run-dir", str(self.run_dir),
                "--timeout", str(timeout_s)]
         if self.server == "torchserve":
@@ -80,7 +80,7 @@ class Deployment:
                           "--grpc-port", str(grpc)]
         return cmd + ["--repo", str(self.directory), "--grpc-port", str(self.ports[0])]
 
-    def start(self, preexec_fn: Callable[[], None] | None = None, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    def start(self, preexec_fn: Callable[[], None] | None = None, timeout_s: float = 1800) -> subprocess.CompletedProcess:
         """``splitpack serve SERVER start``; ``preexec_fn`` runs in the child first (joining a cgroup:
         the servers it starts inherit it). Raises DeploymentError with its output when it fails."""
         done = subprocess.run(self.start_command(timeout_s), capture_output=True, text=True, preexec_fn=preexec_fn,
