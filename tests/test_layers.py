@@ -1,4 +1,5 @@
-"""The README's architecture, checked: each layer of the package imports only the layers above it."""
+"""The README's architecture, checked: each layer of the package imports only the layers above it, and no
+module of the package imports itself back through others (at any depth, function-level imports included)."""
 from __future__ import annotations
 
 import ast
@@ -65,3 +66,45 @@ def test_docs_name_modules_and_files_that_exist():
             if obj is None:
                 missing.append(f"{doc.name}: {dotted}")
     assert not missing, missing
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The splitpack modules a file imports when it runs (at module or function level; not the
+    ``if TYPE_CHECKING:`` ones), each ``from X import name`` counting X and X.name."""
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and
+                 getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                 for stmt in block.body for n in ast.walk(stmt)}
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n.startswith("splitpack.")}
+
+
+def test_no_import_cycles():
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: sorted(_runtime_imports(path) & modules.keys() - {name}) for name, path in modules.items()}
+    cycles = []
+    state: dict[str, str] = {}  # "open" while on the depth-first path, "done" after
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for imported in graph[name]:
+            if state.get(imported) == "open":
+                cycles.append(" -> ".join(path[path.index(imported):] + [name, imported]))
+            elif imported not in state:
+                visit(imported, path + [name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert not cycles, cycles

@@ -21,7 +21,8 @@ from splitpack.core.search.auto import AutoSplitPack
 from splitpack.core.cost.fast_estimate import Estimator
 from splitpack.core.plan.spec import Plan, Stage, parse_plan
 from splitpack.core.search.planner import BudgetTooSmall, Planner, _Path, _SizeContext
-from splitpack.core.cost.exact_peak import allocation_profile, fake_run_peak, plan_cost
+from splitpack.core.cost.exact_peak import allocation_profile, fake_run_peak
+from splitpack.core.cost.plan_cost import plan_cost
 from splitpack.measure.meter import peak_activation_bytes
 
 from conftest import REL_TOL, randomize_norms, rel_error

@@ -21,90 +21,41 @@ Both meters keep per-layer *windows* for profiles: :meth:`mark` records
 """
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+from splitpack.core.cost.bytes import ByteTracker
 
 
-@dataclass
-class _Live:
-    nbytes: int
-    refs: int = 0
-
-
-@dataclass
-class ActivationTracker(TorchDispatchMode):
-    """CPU meter: live activation bytes op by op; ``peak`` is the maximum seen.
+class ActivationTracker(ByteTracker):
+    """CPU meter: the core's byte tracker (splitpack.core.cost.bytes) on real tensors, whose ``peak``
+    is the maximum seen, with per-layer windows.
 
     ``marks`` holds (label, live bytes) and ``windows`` (label, live bytes, peak
     since the previous mark) pairs recorded by :meth:`mark`, for per-layer profiles.
     """
 
-    live: dict[int, _Live] = field(default_factory=dict)
-    preexisting: set[int] = field(default_factory=set)
-    current: int = 0
-    peak: int = 0
-    marks: list[tuple[str, int]] = field(default_factory=list)
-    windows: list[tuple[str, int, int]] = field(default_factory=list)
-    _window_peak: int = -1  # -1: no op since the last mark yet
-
-    def __post_init__(self):
+    def __init__(self):
         super().__init__()
-
-    def _release(self, key: int) -> None:
-        entry = self.live.get(key)
-        if entry is None:
-            return
-        entry.refs -= 1
-        if entry.refs == 0:
-            self.current -= entry.nbytes
-            del self.live[key]
-
-    def _track(self, t: torch.Tensor, input_keys: set[int]) -> None:
-        if t.device.type == "meta" or isinstance(t, FakeTensor) or not t.untyped_storage().nbytes():
-            return  # shape inference (fake tensors) allocates nothing
-        key = _storage_key(t)
-        if key in self.preexisting:
-            return
-        entry = self.live.get(key)
-        if entry is None:
-            if key in input_keys:  # a view of memory that existed before the call
-                self.preexisting.add(key)
-                return
-            entry = self.live[key] = _Live(t.untyped_storage().nbytes())
-            self.current += entry.nbytes
-            self.peak = max(self.peak, self.current)
-        entry.refs += 1
-        weakref.finalize(t, self._release, key)
+        self.marks: list[tuple[str, int]] = []
+        self.windows: list[tuple[str, int, int]] = []
+        self._window_open = False  # no op since the last mark yet
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self._window_peak < 0:
+        if not self._window_open:
             # a window starts at the layer's first op, after the caller dropped
             # what the previous layer no longer needs
-            self._window_peak = self.current
-        out = func(*args, **(kwargs or {}))
-        inputs, _ = tree_flatten((args, kwargs))
-        input_keys = {_storage_key(a) for a in inputs
-                      if isinstance(a, torch.Tensor) and a.device.type != "meta" and not isinstance(a, FakeTensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t, input_keys)
-        self._window_peak = max(self._window_peak, self.current)
-        return out
+            self.open_window()
+            self._window_open = True
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
     def mark(self, label: str) -> None:
+        window_peak = self.window_peak if self._window_open else -1
         self.marks.append((label, self.current))
-        self.windows.append((label, self.current, max(self._window_peak, self.current)))
-        self._window_peak = -1
+        self.windows.append((label, self.current, max(window_peak, self.current)))
+        self._window_open = False
 
 
 class CudaAllocatorMeter:

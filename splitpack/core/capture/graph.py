@@ -16,6 +16,7 @@ pooling (a stage reduces into it pack by pack).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -202,6 +203,13 @@ def _rejoin_in_place(gm: fx.GraphModule) -> None:
 def reference_input_size(model: nn.Module) -> tuple[int, int, int]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     return tuple(cfg.get("input_size", (3, 224, 224)))
+
+
+def shape_numel(shape: Shape) -> int:
+    """Elements of a value of ``shape`` (a tuple of sizes: a tuple of channel splits, all counted)."""
+    if isinstance(shape, tuple) and shape and isinstance(shape[0], torch.Size):
+        return sum(math.prod(s) for s in shape)
+    return math.prod(shape)
 
 
 def _shape_of(value) -> Shape | None:

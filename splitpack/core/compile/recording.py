@@ -31,7 +31,7 @@ from torch import fx
 from splitpack.core.compile.tape import memory_format, record_batch_free
 
 if TYPE_CHECKING:
-    from splitpack.core.engine import SplitPack
+    from splitpack.core.execute.module import SplitPack
 
 OFF, PROGRAM, INDUCTOR = "off", "program", "inductor"
 MODES = (OFF, PROGRAM, INDUCTOR)
@@ -122,18 +122,3 @@ class CompiledPlans:
         return [{"size": list(key[0]), "dtype": str(key[1]).removeprefix("torch."), "device": str(key[2]),
                  "channels_last": key[3], "mode": self.mode, "ops": plan.ops, "record_s": plan.record_s,
                  "first_call_s": dict(plan.first_call_s)} for key, plan in self._plans.items()]
-
-
-def compiled_runner(split: "SplitPack", mode: str, cuda_graphs: bool = False) -> Callable | None:
-    """What runs ``split``'s forward: None (the interpreter), its compiled programs, or CUDA graphs of them."""
-    mode = compile_mode(mode)
-    if mode == OFF and not cuda_graphs:
-        return None
-    if split.mode != "exact":
-        raise ValueError("compile and cuda_graphs need mode='exact' (seed mode is interpreted)")
-    plans = CompiledPlans(split, PROGRAM if mode == OFF else mode)
-    if not cuda_graphs:
-        return plans
-    from splitpack.core.compile.cudagraphs import GraphedPlans
-
-    return GraphedPlans(plans)

@@ -8,14 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from splitpack.core.capture.graph import Shape, TracedModel
+from splitpack.core.capture.graph import Shape, TracedModel, shape_numel
 from splitpack.core.plan.schedule import Program, full_shape
 
 
-def _numel(shape: Shape) -> int:
-    if isinstance(shape, tuple) and shape and isinstance(shape[0], torch.Size):
-        return sum(math.prod(s) for s in shape)
-    return math.prod(shape)
 
 
 def node_macs(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, Shape]) -> int:
@@ -34,7 +30,7 @@ def node_macs(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, Shape]) -
         weight = shapes.get(node.args[1]) if isinstance(node.args[1], fx.Node) else None
         if weight is not None:
             per_output = math.prod(weight[1:])
-    return per_output * _numel(out) // out[0] if per_output else 0
+    return per_output * shape_numel(out) // out[0] if per_output else 0
 
 
 def unsplit_macs(traced: TracedModel, shapes) -> int:

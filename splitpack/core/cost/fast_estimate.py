@@ -26,11 +26,11 @@ import torch
 from torch import fx
 
 from splitpack.core.cost.counts import node_macs
-from splitpack.core.capture.graph import Shape, TracedModel
+from splitpack.core.capture.graph import Shape, TracedModel, shape_numel
 from splitpack.core.plan.spec import Plan, Stage
 from splitpack.core.cost.exact_peak import AllocationProfile
 from splitpack.core.capture.rules import NCHW, Rule, Window, spatial_dims
-from splitpack.core.plan.schedule import StageGraph, bounds, stage_graphs, stage_rules
+from splitpack.core.plan.schedule import StageGraph, bounds, node_kind, pass_level, stage_graphs, stage_rules
 
 MAX_TILES = 8  # grids 1x1 .. 8x8, every rows x cols combination
 EMPTY = 1 << 40
@@ -195,7 +195,7 @@ class Estimator:
         self.rules, layouts = stage_rules(traced, whole, shapes, NCHW, dtype)
         self.whole = whole
         self.hw = {n: tuple(spatial_dims(shapes[n], layouts[n])) for n in whole.spatial}
-        self.pixel_numel = {n: _numel(shapes[n]) / max(1, self.hw[n][0] * self.hw[n][1]) for n in whole.spatial}
+        self.pixel_numel = {n: shape_numel(shapes[n]) / max(1, self.hw[n][0] * self.hw[n][1]) for n in whole.spatial}
         self.index = traced.index
         reduction_inputs = [self.rules[r].spatial_inputs[0] for r in whole.reductions]
         self.targets = list(dict.fromkeys([c.node for c in checkpoints if c.spatial] + reduction_inputs))
@@ -224,7 +224,7 @@ class Estimator:
 
     def full_bytes(self, c: Checkpoint) -> int:
         """Batch-1 bytes of a checkpoint's merged value (the last stage writes it whole)."""
-        return _numel(self.shapes[c.node]) * self.itemsize(c.node)
+        return shape_numel(self.shapes[c.node]) * self.itemsize(c.node)
 
     def _root(self, node: fx.Node) -> fx.Node:
         """The node whose storage ``node``'s value lives in (itself, or what it is in place in / a view of)."""
@@ -346,20 +346,12 @@ class Estimator:
     def _levels_from(self, source: fx.Node, last: fx.Node, max_level: int) -> dict[fx.Node, int]:
         """stage_graphs' pass levels for a stage starting at ``source`` (valid for any end), up to ``last``
         or the first node past ``max_level``."""
-        from splitpack.core.plan.schedule import node_kind
-
         level = {source: 0}
         for n in self.traced.nodes[self.index[source] + 1:self.index[last] + 1]:
             parents = [p for p in n.all_input_nodes if p in level]
             if not parents and n not in self.traced.input_dependent:
                 continue
-            kind = node_kind(self.traced, n)
-            if kind == "reduction":
-                level[n] = max(level[p] + (1 if p in self.traced.spatial else 0) for p in parents)
-            elif kind == "meta":
-                level[n] = max((level[p] for p in parents if p not in self.traced.spatial), default=0)
-            else:
-                level[n] = max((level[p] for p in parents), default=0)
+            level[n] = pass_level(node_kind(self.traced, n), parents, level, self.traced.spatial)
             if level[n] > max_level:
                 break
         return level
@@ -427,9 +419,3 @@ class Estimator:
                 out[rp - 1] = np.maximum.reduceat(rows, OFFSETS) * row_bytes
         option._bands = out
         return out
-
-
-def _numel(shape: Shape) -> int:
-    if isinstance(shape, tuple) and shape and isinstance(shape[0], torch.Size):
-        return sum(math.prod(s) for s in shape)
-    return math.prod(shape)

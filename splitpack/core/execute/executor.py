@@ -57,6 +57,9 @@ def empty_like_layout(sample: torch.Tensor, shape) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- checkpoint storage
+# The storage classes hold the bookkeeping (which band, which rows are written, what to release);
+# the leaves that touch values (_allocate, _copy_in, _gather, read of a whole value) are what a
+# replay of the executor's memory behaviour (splitpack.core.cost.exact_peak) overrides.
 
 class Whole:
     """A full-size value (the image, or the last checkpoint before the rest of the network)."""
@@ -69,7 +72,13 @@ class Whole:
 
     def write(self, region: Region, part: torch.Tensor) -> None:
         if self.value is None:
-            self.value = empty_like_layout(part, self.shape)
+            self.value = self._allocate(part)
+        self._copy_in(region, part)
+
+    def _allocate(self, part: torch.Tensor) -> torch.Tensor:
+        return empty_like_layout(part, self.shape)
+
+    def _copy_in(self, region: Region, part: torch.Tensor) -> None:
         cut(self.value, region_narrows(region, self.layout)).copy_(part)
 
     def release_below(self, row: int) -> None:
@@ -85,7 +94,7 @@ class Bands:
 
     def __init__(self, rows: list[tuple[int, int]], layout: Layout, shape):
         self.rows, self.layout, self.shape = rows, layout, shape
-        self.bands: list[torch.Tensor | None] = [None] * len(rows)
+        self.bands: list[Any] = [None] * len(rows)
         self.written = 0  # rows [0, written) are complete
         self.producer: Iterator[int] | None = None
 
@@ -101,29 +110,41 @@ class Bands:
 
     def write(self, region: Region, part: torch.Tensor) -> None:
         i = self._band(region)
-        lo, hi = self.rows[i]
         if self.bands[i] is None:
-            shape = list(self.shape)
-            shape[self.layout[0]] = hi - lo
-            self.bands[i] = empty_like_layout(part, shape)
-        local = ((region[0][0] - lo, region[0][1] - lo), region[1])
-        cut(self.bands[i], region_narrows(local, self.layout)).copy_(part)
+            self.bands[i] = self._allocate(i, part)
+        self._copy_in(i, region, part)
 
     def read(self, region: Region) -> torch.Tensor:
-        (r0, r1), cols = region
+        (r0, r1), _ = region
         self.ensure(r1)
-        parts = []
-        for (lo, hi), band in zip(self.rows, self.bands):
-            if hi <= r0 or lo >= r1:
-                continue
-            local = ((max(r0, lo) - lo, min(r1, hi) - lo), cols)
-            parts.append(cut(band, region_narrows(local, self.layout)))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.layout[0])
+        overlapping = [i for i, (lo, hi) in enumerate(self.rows) if not (hi <= r0 or lo >= r1)]
+        return self._gather(region, overlapping)
 
     def release_below(self, row: int) -> None:
         for i, (lo, hi) in enumerate(self.rows):
             if hi <= row:
                 self.bands[i] = None
+
+    def _allocate(self, i: int, part: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.rows[i]
+        shape = list(self.shape)
+        shape[self.layout[0]] = hi - lo
+        return empty_like_layout(part, shape)
+
+    def _copy_in(self, i: int, region: Region, part: torch.Tensor) -> None:
+        lo = self.rows[i][0]
+        local = ((region[0][0] - lo, region[0][1] - lo), region[1])
+        cut(self.bands[i], region_narrows(local, self.layout)).copy_(part)
+
+    def _gather(self, region: Region, overlapping: list[int]) -> torch.Tensor:
+        """The region's rows from the bands that hold them (a copy when it spans several)."""
+        (r0, r1), cols = region
+        parts = []
+        for i in overlapping:
+            lo, hi = self.rows[i]
+            local = ((max(r0, lo) - lo, min(r1, hi) - lo), cols)
+            parts.append(cut(self.bands[i], region_narrows(local, self.layout)))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.layout[0])
 
 
 # --------------------------------------------------------------------------- running a program
@@ -139,15 +160,28 @@ def run_consts(gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Node, Any]:
 
 
 class Executor:
-    """Interprets a program over a batch; ``on_node`` is told about every op as it runs (profiling)."""
+    """Interprets a program over a batch; ``on_node`` is told about every op as it runs (profiling).
 
-    def __init__(self, gm: fx.GraphModule, program: Program, on_node: OnNode = None):
+    The walk (:meth:`_walk`, :meth:`_stage`, :meth:`_run_pack`: stages interleaved band by band,
+    passes, packs, steps, frees) is the one loop over a program. What it does with values is in its
+    leaves -- :meth:`_output` (a checkpoint's storage), :meth:`_clone_read`, :meth:`_cut_input`,
+    :meth:`_accumulate`, :meth:`_compute`, :meth:`_finalize`, :meth:`_global` -- which the peak
+    replay (splitpack.core.cost.exact_peak) overrides to count bytes instead of computing tensors,
+    as torch.fx's ShapeProp overrides ``Interpreter.run_node``.
+    """
+
+    def __init__(self, gm: fx.GraphModule | None, program: Program, on_node: OnNode = None):
         self.gm, self.program, self.on_node = gm, program, on_node
+        self._interpreter: fx.Interpreter | None = None
 
     def run(self, x: torch.Tensor, consts: dict[fx.Node, Any]) -> Any:
         """The last checkpoint's value (full size, or the global pooling's result)."""
         self.dtype, self.batch, self.consts = x.dtype, x.shape[0], consts
-        source: Whole | Bands = Whole(x, (-2, -1))
+        return self._walk(Whole(x, (-2, -1)))
+
+    # ----------------------------------------------------------------------- the walk
+
+    def _walk(self, source) -> Any:
         stages = self.program.stages
         for i, stage in enumerate(stages):
             out = self._output(stage, last=i == len(stages) - 1)
@@ -158,13 +192,6 @@ class Executor:
         for _ in rows:  # drive the last stage; it pulls everything before it
             pass
         return out.value
-
-    def _output(self, stage: StageProgram, last: bool):
-        graph = stage.graph
-        if not graph.spatial_target:
-            return Whole(None, stage.target_layout)  # a global pooling: set when the stage ends
-        shape = full_shape(stage.shapes[graph.target], self.batch)
-        return Whole(None, stage.target_layout, shape) if last else Bands(stage.bands, stage.target_layout, shape)
 
     def _stage(self, stage: StageProgram, source, out) -> Iterator[int]:
         """Runs the stage; after each row of packs of its last pass, yields how many checkpoint rows are done."""
@@ -182,8 +209,8 @@ class Executor:
                 if pack.write is not None and (i + 1) % columns == 0:
                     yield pack.write[0][1]
             for r in pass_.reductions:
-                total, dtype = sums.pop(r)
-                globals_[r] = stage.rules[r].finalize(total, stage.counts[r], dtype)
+                total, kind = sums.pop(r)
+                globals_[r] = self._finalize(stage, r, total, kind)
                 self._notify(r)
             self._run_globals(stage, pass_.after, globals_)
         source.release_below(1 << 62)  # nothing of the previous checkpoint is read any more
@@ -194,20 +221,21 @@ class Executor:
         env = kept if kept is not None else Env(globals_)
         if not dict.__contains__(env, stage.graph.source):
             read = source.read(pack.read)
-            env[stage.graph.source] = read.clone() if pack.copy_read else read
+            env[stage.graph.source] = self._clone_read(stage, pack.read, read) if pack.copy_read else read
+        # ``held`` and ``part`` are the references a step keeps until the next step replaces them (the
+        # input it read last, a reduction's partial sum): they decide when storages are freed, so
+        # the walk keeps them here, for the executor and the replay alike.
+        held = part = None
         for step in pack.steps:
             values = Env(env)
             for src, narrows, pads in step.inputs:
-                t = cut(env[src], narrows)
-                values[src] = t if pads is None else F.pad(t, pads, value=step.rule.pad_value)
+                held = env[src]
+                values[src] = self._cut_input(stage, step, src, held, narrows, pads)
             if step.reduce:
-                t = values[step.inputs[0][0]]
-                part = step.rule.partial(t)
-                total = sums.get(step.node)
-                sums[step.node] = [step.rule.combine(total[0] if total else None, part), t.dtype]
+                held = values[step.inputs[0][0]]
+                sums[step.node], part = self._accumulate(stage, step, held, sums.get(step.node))
             else:
-                env[step.node] = step.rule.compute(values, step.region) if step.padding is None \
-                    else step.rule.compute(values, step.region, step.padding)
+                env[step.node] = self._compute(stage, step, values)
                 self._notify(step.node)
             del values
             for p in step.frees:
@@ -216,23 +244,60 @@ class Executor:
             out.write(pack.write, env[stage.graph.target])
 
     def _run_globals(self, stage: StageProgram, nodes: list[fx.Node], globals_: Env) -> None:
-        """Global values (SE gates, pooled features, sizes), computed once from finished reductions.
-        A size query reads a stand-in of the full-size value on the meta device."""
-        if not nodes:
-            return
-        interp = fx.Interpreter(self.gm)
+        """Global values (SE gates, pooled features, sizes), computed once from finished reductions."""
         for node in nodes:
-            scope = Env(globals_)
-            for p in node.all_input_nodes:
-                if p in stage.graph.spatial:
-                    scope[p] = _stand_in(stage.shapes[p], self.batch, self.dtype)
-            interp.env = scope
-            globals_[node] = interp.run_node(node)
+            globals_[node] = self._global(stage, node, globals_)
             self._notify(node)
 
     def _notify(self, node: fx.Node) -> None:
         if self.on_node is not None:
             self.on_node(node)
+
+    # ----------------------------------------------------------------------- the leaves
+
+    def _output(self, stage: StageProgram, last: bool):
+        """The storage of the stage's checkpoint: written whole (the last stage's, or a global
+        pooling's, set when the stage ends) or as row bands the next stage reads."""
+        graph = stage.graph
+        if not graph.spatial_target:
+            return Whole(None, stage.target_layout)
+        shape = full_shape(stage.shapes[graph.target], self.batch)
+        return Whole(None, stage.target_layout, shape) if last else Bands(stage.bands, stage.target_layout, shape)
+
+    def _clone_read(self, stage: StageProgram, region: Region, read: torch.Tensor) -> torch.Tensor:
+        """A copy of the pack's read (an in-place op writes to the stage source)."""
+        return read.clone()
+
+    def _cut_input(self, stage: StageProgram, step, src: fx.Node, value: Any, narrows, pads) -> Any:
+        """A step's input: the part of ``value`` the step reads, padded at the image border."""
+        t = cut(value, narrows)
+        return t if pads is None else F.pad(t, pads, value=step.rule.pad_value)
+
+    def _accumulate(self, stage: StageProgram, step, t: torch.Tensor, total: list | None) -> tuple[list, Any]:
+        """A reduction's running total with this pack's part added ([total, input dtype]), and the part."""
+        part = step.rule.partial(t)
+        return [step.rule.combine(total[0] if total else None, part), t.dtype], part
+
+    def _compute(self, stage: StageProgram, step, values: Env) -> Any:
+        return step.rule.compute(values, step.region) if step.padding is None \
+            else step.rule.compute(values, step.region, step.padding)
+
+    def _finalize(self, stage: StageProgram, r: fx.Node, total: Any, dtype: torch.dtype) -> Any:
+        return stage.rules[r].finalize(total, stage.counts[r], dtype)
+
+    def _global(self, stage: StageProgram, node: fx.Node, globals_: Env) -> Any:
+        """A global value; a size query reads a stand-in of the full-size value on the meta device."""
+        if self._interpreter is None:
+            self._interpreter = fx.Interpreter(self.gm)
+        scope = Env(globals_)
+        for p in node.all_input_nodes:
+            if p in stage.graph.spatial:
+                scope[p] = _stand_in(stage.shapes[p], self.batch, self.dtype)
+        self._interpreter.env = scope
+        try:
+            return self._interpreter.run_node(node)
+        finally:
+            self._interpreter.env = {}  # holds no value past the call
 
 
 def _stand_in(shape, batch: int, dtype: torch.dtype):

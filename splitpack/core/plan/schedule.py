@@ -79,6 +79,17 @@ class StageGraph:
         return self.level[self.target] + (1 if self.spatial_target else 0)
 
 
+def pass_level(kind: str | None, parents: list[fx.Node], level: dict[fx.Node, int], spatial) -> int:
+    """The pass level of a node of kind ``kind`` (:func:`node_kind`) from its parents' levels: a reduction
+    comes one pass after the spatial values it reduces, a size query needs only its global inputs,
+    anything else is as late as its latest input."""
+    if kind == "reduction":
+        return max(level[p] + (1 if p in spatial else 0) for p in parents)
+    if kind == "meta":
+        return max((level[p] for p in parents if p not in spatial), default=0)
+    return max((level[p] for p in parents), default=0)
+
+
 def stage_graphs(traced: TracedModel, plan: Plan) -> list[StageGraph]:
     stages, source = [], traced.input_node
     for number, stage in enumerate(plan.stages, 1):
@@ -88,18 +99,12 @@ def stage_graphs(traced: TracedModel, plan: Plan) -> list[StageGraph]:
         spatial = {n for n in nodes if n in traced.spatial} | {source}
         reductions, metas, level = [], set(), {source: 0}
         for n in nodes:
-            parents = [p for p in n.all_input_nodes if p in level]
             kind = node_kind(traced, n)
-            if kind == "spatial":
-                level[n] = max((level[p] for p in parents), default=0)
-            elif kind == "reduction":
+            if kind == "reduction":
                 reductions.append(n)
-                level[n] = max(level[p] + (1 if p in spatial else 0) for p in parents)
             elif kind == "meta":
                 metas.add(n)
-                level[n] = max((level[p] for p in parents if p not in spatial), default=0)
-            else:
-                level[n] = max((level[p] for p in parents), default=0)
+            level[n] = pass_level(kind, [p for p in n.all_input_nodes if p in level], level, spatial)
         stages.append(StageGraph(number, stage.checkpoint, stage.grid, source, target, nodes, spatial,
                                  reductions, metas, level))
         source = target

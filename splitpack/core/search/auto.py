@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from splitpack.core.engine import PLAN_CACHE_SIZE, SplitPack
+from splitpack.core.execute.module import PLAN_CACHE_SIZE, SplitPack
 from splitpack.core.plan.spec import AutoPlan
 from splitpack.core.search.planner import PlanChoice, Planner
 from splitpack.errors import SplitError

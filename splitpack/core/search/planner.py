@@ -35,7 +35,8 @@ from splitpack.core.cost.counts import unsplit_macs
 from splitpack.core.cost.fast_estimate import MAX_TILES, Checkpoint, Estimator, StageOption
 from splitpack.core.capture.graph import TracedModel, trace
 from splitpack.core.plan.spec import Plan, Stage
-from splitpack.core.cost.exact_peak import PlanCost, allocation_profile, plan_cost
+from splitpack.core.cost.exact_peak import allocation_profile
+from splitpack.core.cost.plan_cost import PlanCost, plan_cost
 from splitpack.core.plan.schedule import unsplittable_nodes
 from splitpack.errors import SplitError
 
