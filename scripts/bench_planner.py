@@ -35,7 +35,7 @@ import splitpack  # noqa: E402
 from splitpack.core.cost.fast_estimate import Estimator  # noqa: E402
 from splitpack.core.plan.spec import Plan, Stage, parse_plan  # noqa: E402
 from splitpack.core.search.planner import Planner, _SizeContext  # noqa: E402
-from splitpack.core.cost.exact_peak import plan_cost  # noqa: E402
+from splitpack.core.cost.plan_cost import plan_cost  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 from splitpack.measure.units import MiB  # noqa: E402
 
@@ -158,6 +158,12 @@ def mib(n: int) -> str:
     return f"{n / MiB:.2f}"
 
 
+def table(columns: list[str], rows: list[list]) -> list[str]:
+    """A markdown table's lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + \
+        ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def markdown(results: dict, command: str) -> str:
     load = results["load"]
     lines = [BEGIN, "## Planner (`merge_layer: auto`, `splitpack plan`)", "",
@@ -168,12 +174,11 @@ def markdown(results: dict, command: str) -> str:
              + (" (shared with other work: the timings are from a loaded machine)" if max(load[0], 1e-9) > 1.0 else "")
              + ". Predicted = `splitpack.core.cost.exact_peak` (the executor's memory behaviour replayed on the program, "
                "allocations per op from one fake-tensor run); measured = `splitpack.measure.meter` on a real run.",
-             "", "### Predicted vs measured peak activation memory", "",
-             "| model | size | plan | MACs ratio | predicted MiB | measured MiB | error |", "|---|---|---|---|---|---|---|"]
-    for r in results["accuracy"]:
-        tag = " (planner)" if r["kind"] == "planner" else ""
-        lines.append(f"| {r['model']} | {r['size']} | `{r['plan']}`{tag} | {r['macs_ratio']:.3f} | {mib(r['predicted'])} | "
-                     f"{mib(r['measured'])} | {100 * r['error']:+.2f}% |")
+             "", "### Predicted vs measured peak activation memory", ""]
+    lines += table(["model", "size", "plan", "MACs ratio", "predicted MiB", "measured MiB", "error"],
+                   [[r["model"], r["size"], f"`{r['plan']}`" + (" (planner)" if r["kind"] == "planner" else ""),
+                     f"{r['macs_ratio']:.3f}", mib(r["predicted"]), mib(r["measured"]), f"{100 * r['error']:+.2f}%"]
+                    for r in results["accuracy"]])
     worst = max((abs(r["error"]) for r in results["accuracy"]), default=0.0)  # --models with none: timing only
     lines += ["", f"Largest error over {len(results['accuracy'])} plans: {100 * worst:.2f}%.", "",
               f"### Planner vs brute force (@{results['brute_size']}, within {results['cap']}x MACs)", "",
@@ -181,23 +186,21 @@ def markdown(results: dict, command: str) -> str:
               "checkpoints (top-level modules and the blocks of a top-level sequence: `layer3`, `blocks.4`, "
               "`stages.2`; all pairs would be up to 15,000 replays per model) x square grids 1..6 per stage, within "
               "the cap, ranked by predicted peak (the replay, which equals the measured peak); its three best and "
-              "the planner's choice measured.", "",
-              "| model | plans | brute force s | planner s | best brute-force plan | measured MiB | planner's plan | "
-              "measured MiB | MACs ratio | planner / best |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["brute"]:
-        lines.append(f"| {r['model']} | {r['plans']} | {r['brute_seconds']:.0f} | {r['planning_seconds']:.1f} | "
-                     f"`{r['best_plan']}` | {mib(r['best_measured'])} | `{r['chosen']}` | {mib(r['chosen_measured'])} | "
-                     f"{r['chosen_macs_ratio']:.3f} | **{r['ratio']:.2f}** |")
+              "the planner's choice measured.", ""]
+    lines += table(["model", "plans", "brute force s", "planner s", "best brute-force plan", "measured MiB",
+                    "planner's plan", "measured MiB", "MACs ratio", "planner / best"],
+                   [[r["model"], r["plans"], f"{r['brute_seconds']:.0f}", f"{r['planning_seconds']:.1f}",
+                     f"`{r['best_plan']}`", mib(r["best_measured"]), f"`{r['chosen']}`", mib(r["chosen_measured"]),
+                     f"{r['chosen_macs_ratio']:.3f}", f"**{r['ratio']:.2f}**"] for r in results["brute"]])
     lines += ["", "`planner / best` is the planner's measured peak over the brute force's best measured peak: below 1, the "
               "planner's plan needs less memory than any plan the brute force tried (it searches staged plans of any "
               "length over every checkpoint, with rows x columns grids up to 8x8).",
-              "", "### Planning time", "",
-              "| model | size | checkpoints | trace s | plan s (wall) | plan s (CPU) | plan | predicted MiB | MACs ratio |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["planning"]:
-        lines.append(f"| {r['model']} | {r['size']} | {r['checkpoints']} | {r['trace_seconds']:.1f} | "
-                     f"{r['planning_seconds']:.1f} | {r['cpu_seconds']:.1f} | `{r['plan']}` | {mib(r['predicted_peak'])} | "
-                     f"{r['macs_ratio']:.3f} |")
+              "", "### Planning time", ""]
+    lines += table(["model", "size", "checkpoints", "trace s", "plan s (wall)", "plan s (CPU)", "plan", "predicted MiB",
+                    "MACs ratio"],
+                   [[r["model"], r["size"], r["checkpoints"], f"{r['trace_seconds']:.1f}", f"{r['planning_seconds']:.1f}",
+                     f"{r['cpu_seconds']:.1f}", f"`{r['plan']}`", mib(r["predicted_peak"]), f"{r['macs_ratio']:.3f}"]
+                    for r in results["planning"]])
     lines += ["", "`plan s` is `Planner.choose` (allocation profile and shapes from one fake-tensor run, the search, "
               "the finalists' exact replays), as wall-clock and as this process's CPU time (one thread: the CPU "
               "time is what an idle machine's wall clock would show); `trace s` is the fx trace every split-pack "

@@ -17,21 +17,18 @@ from splitpack.experiments.bench import bench
 from splitpack.models import create_model
 
 # (model, size, batch, merge layer, grid, mode)
+def exact(model: str, size: int, plans: list[tuple[str, str]]) -> list[tuple]:
+    """Batch-1 exact-mode rows of one model and size, one per (merge layer, grid)."""
+    return [(model, size, 1, merge_layer, grid, "exact") for merge_layer, grid in plans]
+
+
 SINGLE = [
-    ("resnet50", 1024, 1, "layer1", "2x2", "exact"),
-    ("resnet50", 1024, 1, "layer2", "2x2", "exact"),
-    ("resnet50", 1024, 1, "layer2", "3x3", "exact"),
-    ("resnet50", 1024, 1, "layer2", "4x4", "exact"),
+    *exact("resnet50", 1024, [("layer1", "2x2"), ("layer2", "2x2"), ("layer2", "3x3"), ("layer2", "4x4")]),
     ("resnet50", 1024, 1, "layer2", "3x3", "seed"),
-    ("mobilenetv2_100", 224, 1, "blocks.1", "2x2", "exact"),
-    ("mobilenetv2_100", 224, 1, "blocks.2", "2x2", "exact"),
-    ("mobilenetv2_100", 224, 1, "blocks.2", "4x4", "exact"),
-    ("mobilenetv2_100", 224, 1, "blocks.3", "4x4", "exact"),
-    ("mobilenetv2_100", 512, 1, "blocks.2", "2x2", "exact"),
-    ("mobilenetv2_100", 512, 1, "blocks.2", "4x4", "exact"),
-    ("mobilenetv2_100", 512, 1, "blocks.3", "4x4", "exact"),
-    ("efficientnet_b0", 600, 1, "blocks.0.0.aa", "2x2", "exact"),  # last layer before the first SE block
-    ("efficientnet_b0", 600, 1, "blocks.0.0.aa", "4x4", "exact"),
+    *exact("mobilenetv2_100", 224, [("blocks.1", "2x2"), ("blocks.2", "2x2"), ("blocks.2", "4x4"), ("blocks.3", "4x4")]),
+    *exact("mobilenetv2_100", 512, [("blocks.2", "2x2"), ("blocks.2", "4x4"), ("blocks.3", "4x4")]),
+    # the last layer before the first SE block
+    *exact("efficientnet_b0", 600, [("blocks.0.0.aa", "2x2"), ("blocks.0.0.aa", "4x4")]),
     ("efficientnet_b0", 600, 1, "blocks.2", "2x2", "seed"),
 ]
 

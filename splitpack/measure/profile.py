@@ -16,7 +16,7 @@ tracker or CUDA allocator) and its per-layer windows.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -86,19 +86,24 @@ def _finish(name, merge_layer, grid, mode, tracker, head: set[str]) -> Profile:
     return Profile(name, merge_layer, grid, mode, int(tracker.peak), top.label, points)
 
 
+def _metered_call(tracker, fn: Callable, x: torch.Tensor, detach: Callable[[], Any]) -> None:
+    """``fn(x)`` under ``tracker``, the output marked and dropped inside the window; then ``detach``
+    the marking hooks, even if the call failed."""
+    try:
+        with torch.inference_mode(), tracker:
+            out = fn(x)
+            tracker.mark("output")
+            del out
+    finally:
+        detach()
+
+
 def profile_unsplit(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | None = None) -> Profile:
     """Per-layer memory of ``model(x)``; ``layers`` = module names to mark (default: all leaves)."""
     tracker = peak_meter(x.device)
     handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: tracker.mark(n))
                for n, m in hooked_modules(model, layers)]
-    try:
-        with torch.inference_mode(), tracker:
-            out = model(x)
-            tracker.mark("output")
-            del out
-    finally:
-        for h in handles:
-            h.remove()
+    _metered_call(tracker, model, x, lambda: [h.remove() for h in handles])
     return _finish("unsplit", None, None, None, tracker, head=set())
 
 
@@ -122,13 +127,7 @@ def profile_split(model: nn.Module, x: torch.Tensor, merge_layer: str, grid=(2, 
         wrapped(x)
     tracker = peak_meter(x.device)
     wrapped.on_layer = tracker.mark  # the engine names each merge-layer candidate as its output is made
-    try:
-        with torch.inference_mode(), tracker:
-            out = wrapped(x)
-            tracker.mark("output")
-            del out
-    finally:
-        wrapped.on_layer = None
+    _metered_call(tracker, wrapped, x, lambda: setattr(wrapped, "on_layer", None))
     name = f"split@{merge_layer} {grid_text(grid)} {mode}"
     return _finish(name, merge_layer, grid_text(grid), mode, tracker, head=_head_names(model, merge_layer))
 

@@ -203,17 +203,22 @@ _FUNCTIONS: dict[Callable, RuleMaker] = {}
 _METHODS: dict[str, RuleMaker] = {}
 
 
+def _registrar(table: dict, keys: tuple) -> Callable[[RuleMaker], RuleMaker]:
+    """A decorator that files its rule maker in ``table`` under each of ``keys``."""
+    def add(maker: RuleMaker) -> RuleMaker:
+        for key in keys:
+            table[key] = maker
+        return maker
+    return add
+
+
 def register_module(*kinds: type | str):
     """Rule for modules of exactly these types (a type, or a type name for library types).
 
     Exact types, not subclasses: a subclass may change what forward computes (timm's
     StdConv2d standardises its weights), so it must register itself.
     """
-    def add(maker: RuleMaker) -> RuleMaker:
-        for kind in kinds:
-            _MODULES[kind] = maker
-        return maker
-    return add
+    return _registrar(_MODULES, kinds)
 
 
 def has_module_rule(module: nn.Module) -> bool:
@@ -221,19 +226,13 @@ def has_module_rule(module: nn.Module) -> bool:
 
 
 def register_function(*functions: Callable):
-    def add(maker: RuleMaker) -> RuleMaker:
-        for fn in functions:
-            _FUNCTIONS[fn] = maker
-        return maker
-    return add
+    """Rule for calls of these functions (``torch.cat``, ``operator.add``, ``F.pad``, ...)."""
+    return _registrar(_FUNCTIONS, functions)
 
 
 def register_method(*names: str):
-    def add(maker: RuleMaker) -> RuleMaker:
-        for name in names:
-            _METHODS[name] = maker
-        return maker
-    return add
+    """Rule for calls of these tensor methods, by name."""
+    return _registrar(_METHODS, names)
 
 
 _IN_PLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "relu_", "sigmoid_", "tanh_"}
