@@ -3,6 +3,7 @@
 
 usage: scripts/bench_planner.py [--models M ...] [--sizes 512 1024] [--brute-size 512] [--cap 1.25]
                                 [--planning-model efficientnet_b7 --planning-size 600]
+                                [--parts accuracy brute planning]
                                 [--write BENCHMARKS.md] [--json benchmarks/planner.json]
 
 1. Prediction accuracy: for every model and size, the predicted peak (splitpack.core.cost.exact_peak: the
@@ -49,6 +50,7 @@ FIXED = {  # one checkpoint; a staged plan to the global pooling
     "convnext_nano": [("stages.1", "3x3"), ("stem,stages.1,head.global_pool", "4x4,2x2,2x2")],
 }
 BEGIN, END = "<!-- planner:begin -->", "<!-- planner:end -->"
+PARTS = ("accuracy", "brute", "planning")  # predicted vs measured, planner vs brute force, planning time
 GRIDS = range(1, 7)
 COARSE = re.compile(r"^([^.]+|(layer|blocks|stages)\.\d+)$")
 
@@ -225,16 +227,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cap", type=float, default=1.25)
     parser.add_argument("--planning-model", default="efficientnet_b7")
     parser.add_argument("--planning-size", type=int, default=600)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to run (default: all; --write needs all)")
     parser.add_argument("--write", type=Path, help="BENCHMARKS.md to put the section into")
     parser.add_argument("--json", type=Path, help="raw results here")
     args = parser.parse_args(argv)
+    if args.write and set(args.parts) != set(PARTS):
+        parser.error("--write rewrites the whole section: it needs every part")
     torch.set_num_threads(1)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results = {"load": os.getloadavg(), "cap": args.cap, "brute_size": args.brute_size}
-    results["planning"] = [planning_time(args.planning_model, args.planning_size, args.cap, log)]
-    results["accuracy"] = [row for name in args.models for row in accuracy(name, args.sizes, args.cap, log)]
-    results["brute"] = [versus_brute_force(name, args.brute_size, args.cap, log) for name in args.models]
-    results["planning"] += [planning_time(name, args.brute_size, args.cap, log) for name in args.models]
+    planning = "planning" in args.parts
+    results["planning"] = [planning_time(args.planning_model, args.planning_size, args.cap, log)] if planning else []
+    results["accuracy"] = [row for name in args.models for row in accuracy(name, args.sizes, args.cap, log)] \
+        if "accuracy" in args.parts else []
+    results["brute"] = [versus_brute_force(name, args.brute_size, args.cap, log) for name in args.models] \
+        if "brute" in args.parts else []
+    results["planning"] += [planning_time(name, args.brute_size, args.cap, log) for name in args.models] if planning else []
     results["load_end"] = os.getloadavg()
     command = "scripts/bench_planner.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = markdown(results, command.strip())
