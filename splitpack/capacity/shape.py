@@ -103,7 +103,8 @@ class ActivationModel:
     def __init__(self, model_name: str, size: int, max_overhead: float | None = None):
         import splitpack
         from splitpack.core.search.planner import Planner
-        from splitpack.core.cost.exact_peak import allocation_profile, plan_cost, unsplit_peak
+        from splitpack.core.cost.exact_peak import allocation_profile, unsplit_peak
+        from splitpack.core.cost.plan_cost import plan_cost
         from splitpack.capacity.footprint import module_bytes
 
         model = splitpack.create_model(model_name).eval()
