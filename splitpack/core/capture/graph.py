@@ -23,9 +23,9 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from splitpack.core.capture.nodes import Shape, describe_op, module_path  # noqa: F401  (the graph's names)
 from splitpack.errors import SplitError
 
-Shape = torch.Size | tuple  # a tensor's size, or a tuple of sizes for a tuple-valued node (torch.split)
 SIZE_PROBE = 64  # the second shape-propagation size is this much larger (a multiple of every usual stride)
 # modules computed as one op by their split rule although fx could trace them: space-to-depth moves
 # pixels into channels with view / permute / view, which read as global ops one by one; traced,
@@ -85,24 +85,6 @@ class _ScopeTracer(fx.Tracer):
         name = self.path_of_module(m)
         self.module_calls.setdefault(name, []).append(out.node if isinstance(out, fx.Proxy) else None)
         return out
-
-
-def module_path(node: fx.Node) -> str:
-    """Qualified name of the innermost module that executed ``node``."""
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return list(stack.values())[-1][0]
-    return ""
-
-
-def describe_op(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
-    if node.op == "call_method":
-        return f"Tensor.{node.target}"
-    return getattr(node.target, "__name__", str(node.target))
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from splitpack.core.capture.graph import Shape, describe_op
+from splitpack.core.capture.nodes import Shape, describe_op
 
 Interval = tuple[int, int]  # [start, stop)
 Region = tuple[Interval, Interval]  # (rows, cols)
