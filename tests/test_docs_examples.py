@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,30 @@ AS_WRITTEN_SLOW = {  # run as written, tens of seconds each (pretrained weights,
     "splitpack archive --model tf_efficientnet_lite0 --pretrained --merge-layer blocks.2 --grid 2x2 --mode exact",
     "splitpack triton-repo --model tf_efficientnet_lite0 --pretrained --merge-layer blocks.2 --grid 2x2 --mode exact "
     "--replicas 2 --out triton_repo",
+    # a user's own model: the files they presuppose are made by _prepare (a training checkpoint, labels, a module)
+    "splitpack archive --model resnet50 --num-classes 3 --weights output/train/model_best.pth.tar --labels "
+    "index_to_name.json --merge-layer layer2 --grid 2x2 --out model_store",
+    "splitpack triton-repo --model resnet50 --num-classes 3 --weights output/train/model_best.pth.tar --labels "
+    "labels.txt --merge-layer layer2 --grid 2x2 --out triton_repo",
+    "splitpack archive --model-file my_model.py --model-class MyNet --model-kwargs '{\"width\": 32}' --weights "
+    "my_net.pt --labels labels.txt --merge-layer auto --out model_store",
 }
+# what the own-model examples presuppose: the user's module (a small CNN of 3 classes)
+MY_MODEL = """
+from torch import nn
+
+
+class MyNet(nn.Module):
+    def __init__(self, width=16, num_classes=3):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
+                                      nn.Conv2d(width, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+"""
 SERVERS = "tests/test_torchserve.py (TorchServe.start/stop, what `serve torchserve start|stop` runs; " \
           "`serve torchserve start` itself in test_unknown_merge_layer_fails_to_load_and_names_valid_layers)"
 COVERED_BY = {  # server start / status / stop / client examples: the real servers' slow tests run them
@@ -169,7 +193,21 @@ def test_every_documented_command_has_a_plan():
 
 
 def _prepare(folder: Path, command: str) -> None:
-    """The files an example presupposes: a state dict for --weights resnet18.pt, images for evaluate."""
+    """The files an example presupposes: weights, labels, a model file, images for evaluate."""
+    labels = ["alpha", "beta", "gamma"]
+    (folder / "labels.txt").write_text("\n".join(labels) + "\n")
+    (folder / "index_to_name.json").write_text(json.dumps(dict(enumerate(labels))))
+    if "output/train/model_best.pth.tar" in command:  # a timm training checkpoint
+        import timm
+
+        (folder / "output" / "train").mkdir(parents=True)
+        torch.save({"epoch": 1, "state_dict": timm.create_model("resnet50", num_classes=3).state_dict()},
+                   folder / "output" / "train" / "model_best.pth.tar")
+    if "--model-file my_model.py" in command:
+        (folder / "my_model.py").write_text(MY_MODEL)
+        namespace: dict = {}
+        exec(MY_MODEL, namespace)
+        torch.save(namespace["MyNet"](width=32).state_dict(), folder / "my_net.pt")
     if "--weights resnet18.pt" in command:
         import torchvision
 
@@ -195,7 +233,7 @@ def _written_paths(argv: list[str]) -> list[str]:
 @pytest.mark.parametrize("example", [_param(e) for e in RUN])
 def test_documented_example_runs(example: Example, tmp_path, monkeypatch):
     command, _, redirect = example.run.partition(" > ")
-    argv = command.split()[1:]
+    argv = shlex.split(command)[1:]
     monkeypatch.chdir(tmp_path)
     _prepare(tmp_path, example.run)
     threads = torch.get_num_threads()
