@@ -36,10 +36,15 @@ def unsplit(cat) -> torch.Tensor:
     return predictor.predict([predictor.decode(cat)])[0]
 
 
-def served_plan(ready_line: str) -> tuple[str, str]:
-    """(input size, plan) of the one resolved plan in a ready log line's JSON (Triton's log escapes quotes)."""
+def ready_settings(ready_line: str) -> dict:
+    """The settings JSON of a replica's ready log line (Triton's log escapes quotes)."""
     text = ready_line[ready_line.index(" ready: ") + len(" ready: "):].replace('\\"', '"')
-    settings = json.JSONDecoder().raw_decode(text)[0]
+    return json.JSONDecoder().raw_decode(text)[0]
+
+
+def served_plan(ready_line: str) -> tuple[str, str]:
+    """(input size, plan) of the one resolved plan in a ready log line's JSON."""
+    settings = ready_settings(ready_line)
     assert settings["plan"] == "auto" and settings["max_overhead"] == float(MAX_OVERHEAD)
     [plan] = settings["auto_plans"]
     assert plan["predicted_macs_ratio"] <= float(MAX_OVERHEAD)
@@ -103,3 +108,67 @@ def test_triton_serves_auto_and_reports_the_plan(tmp_path, cat, unsplit):
     size, plan = served_plan(ready)
     assert size == "3x224x224"
     assert_plan_gauge(metrics, plan)
+
+
+# merge_layer auto + compile + cuda_graphs on a tiny model: what the replica did before its ready line (so before
+# any request) -- the plan for its input size, that plan's program recorded for batch 1 and 2, and CUDA-graph
+# buckets up to the deployment's batch size (graphs are captured on GPU replicas only; these run on the CPU).
+TINY = "test_efficientnet"
+TINY_SIZE = 64
+COMPILED_AUTO = {"merge_layer": "auto", "compile": "program", "cuda_graphs": True,
+                 "data_config": {"input_size": [3, TINY_SIZE, TINY_SIZE]}}
+BATCH = 4
+
+
+def assert_compiled_at_load(settings: dict) -> None:
+    [plan] = settings["auto_plans"]
+    assert plan["input_size"] == f"3x{TINY_SIZE}x{TINY_SIZE}"
+    [program] = [r for r in settings["compiled"] if "first_call_s" in r]  # (captured graphs would follow)
+    assert program["size"] == [3, TINY_SIZE, TINY_SIZE] and program["mode"] == "program"
+    assert set(program["first_call_s"]) == {"1", "2"}  # both batch sizes ran at load
+    assert settings["cuda_graph_buckets"] == [1, 2, 4]  # batch_buckets(BATCH)
+
+
+@pytest.mark.slow
+def test_torchserve_records_an_auto_plans_program_at_load(tmp_path, cat):
+    from splitpack.serving.torchserve.server import Ports, TorchServe
+
+    store, name = tmp_path / "store", "tiny_auto_compiled"
+    flags = ["--merge-layer", "auto", "--compile", "program", "--cuda-graphs",
+             "--data-config", json.dumps(COMPILED_AUTO["data_config"])]
+    assert cli.main(["archive", "--model", TINY, "--name", name, *flags, "--batch-size", str(BATCH),
+                     "--startup-timeout-s", "300", "--out", str(store)]) == 0
+    server = TorchServe(run_dir=tmp_path / "ts", model_store=store, ports=Ports(*free_ports(5)))
+    try:
+        server.start([name], timeout_s=300)
+        log = (server.log_dir / "model_log.log").read_text()  # read before any request is sent
+        ready = next(line for line in log.splitlines() if "splitpack handler ready" in line)
+        assert_compiled_at_load(ready_settings(ready))
+        [described] = requests.get(f"{server.management_url}/models/{name}", headers=server.headers(),
+                                   timeout=10).json()
+        assert described["startupTimeout"] == 300 and described["batchSize"] == BATCH  # model-config.yaml, read
+        response = requests.post(f"{server.inference_url}/predictions/{name}", data=cat,
+                                 headers={"Content-Type": "application/octet-stream"} | server.headers("inference"),
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_triton_records_an_auto_plans_program_at_load(tmp_path, cat):
+    from splitpack.serving.triton.client import classify
+    from splitpack.serving.triton.repo import TritonModelSpec, generate_model_dir
+    from splitpack.serving.triton.server import TritonServer
+
+    import tritonclient.grpc as grpcclient
+
+    repo, name = tmp_path / "repo", "tiny_auto_compiled"
+    generate_model_dir(TritonModelSpec(ServingConfig(TINY, **COMPILED_AUTO), {"replicas": 1, "batch_size": BATCH},
+                                       name=name), repo)
+    with TritonServer(repo, grpc_port=free_port(), metrics_port=free_port(), run_dir=tmp_path / "run",
+                      models=[name]) as server:
+        ready = next(line for line in server.log_text().splitlines() if name in line and " ready: " in line)
+        assert_compiled_at_load(ready_settings(ready))  # logged before the first request below
+        with grpcclient.InferenceServerClient(server.url) as client:
+            assert len(classify(client, name, [cat])[0].top_k) == 5

@@ -181,6 +181,15 @@ def test_batch_buckets():
         batch_buckets(0)
 
 
+def test_cuda_graph_buckets_go_up_to_the_largest_batch_served(models):
+    """max_batch (a server's batch size) sets the buckets, for a named plan and for each size merge_layer auto plans."""
+    model = models("resnet18")
+    assert splitpack.wrap(model, "layer1", cuda_graphs=True).compiled.buckets == (1, 2, 4, 8)  # no batch size known
+    assert splitpack.wrap(model, "layer1", cuda_graphs=True, max_batch=16).compiled.buckets == (1, 2, 4, 8, 16)
+    auto = splitpack.wrap(model, "auto", cuda_graphs=True, max_batch=6)
+    assert auto.for_input((1, 3, 64, 64)).compiled.buckets == (1, 2, 4, 6)
+
+
 def test_padding_to_a_bucket_and_back():
     x = torch.randn(3, 2, 4, 4)
     padded = pad_batch(x, 4)

@@ -269,3 +269,36 @@ def test_compiled_split_is_recorded_at_load_and_serves_the_same(predictor, cat_b
     x = predictor.decode(cat_bytes)
     torch.testing.assert_close(compiled.predict([x, x, x]), predictor.predict([x, x, x]), atol=1e-5, rtol=0)
     assert len(compiled.model.compiled.report()) == 1  # batch 3 ran the same program
+
+
+
+TINY = "test_efficientnet"  # timm's test model: planning and recording take a second, not a minute
+
+
+def _tiny_predictor(batch_size: int | None = None, **overrides) -> Predictor:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # random weights on purpose
+        return Predictor(ServingConfig(TINY, data_config={"input_size": [3, 64, 64]}, **overrides),
+                         batch_size=batch_size)
+
+
+def test_auto_plan_with_compile_is_recorded_at_load():
+    """merge_layer auto + compile: the plan for the model's input size is chosen and its program recorded
+    (batch 1 and 2) while the model loads, as for a named merge layer, not on the first request."""
+    compiled = _tiny_predictor(merge_layer="auto", compile="program")
+    (report,) = compiled.compile_report
+    assert report["size"] == [3, 64, 64] and report["mode"] == "program" and set(report["first_call_s"]) == {1, 2}
+    (plan,) = compiled.plans()
+    assert plan["input_size"] == "3x64x64" and compiled.describe()["compiled"] == compiled.compile_report
+
+
+@pytest.mark.parametrize("merge_layer, batch_size, buckets", [
+    ("blocks.1.0", 16, [1, 2, 4, 8, 16]), ("blocks.1.0", None, [1, 2, 4, 8]),
+])
+def test_cuda_graph_buckets_follow_the_deployments_batch_size(merge_layer, batch_size, buckets):
+    """The servers pass their batch size (batchSize / max_batch_size): every batch they form has a bucket.
+    On this CPU the graphs themselves are not captured (CPU inputs run the program); the buckets are set.
+    (merge_layer auto passes it on: tests/test_compile.py; both servers: tests/test_auto_serving.py.)"""
+    predictor = _tiny_predictor(batch_size, merge_layer=merge_layer, cuda_graphs=True)
+    assert predictor.describe()["cuda_graph_buckets"] == buckets

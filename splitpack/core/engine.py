@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from splitpack.core.capture.graph import trace
+from splitpack.core.compile.recording import DEFAULT_MAX_BATCH
 from splitpack.core.execute.module import MODES, PLAN_CACHE_SIZE, SplitPack
 from splitpack.core.plan.schedule import unsplittable_nodes
 from splitpack.core.plan.spec import AutoPlan, parse_plan
@@ -15,7 +16,8 @@ __all__ = ["MODES", "PLAN_CACHE_SIZE", "SplitPack", "merge_layers", "wrap"]
 # --------------------------------------------------------------------------- public API
 
 def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
-         cuda_graphs: bool = False, memory_budget: int | None = None, max_overhead: float | None = None) -> nn.Module:
+         cuda_graphs: bool = False, max_batch: int = DEFAULT_MAX_BATCH, memory_budget: int | None = None,
+         max_overhead: float | None = None) -> nn.Module:
     """Run ``model`` with split-pack inference.
 
     ``merge_layer`` is a checkpoint (module name), a staged plan (a list or comma string of
@@ -30,7 +32,8 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     ``"program"`` records each input size's plan once into a straight-line program and runs
     that; True (``"inductor"``) runs that program through ``torch.compile``. ``cuda_graphs``
     replays each size and batch bucket from a captured CUDA graph (CUDA inputs; see
-    :mod:`splitpack.core.compile.cudagraphs`). Outputs are the same as the interpreter's.
+    :mod:`splitpack.core.compile.cudagraphs`), the buckets 1, 2, 4, ... up to ``max_batch`` (a
+    server's largest batch); larger batches run without. Outputs are the same as the interpreter's.
 
     ``merge_layer="auto"``: the planner (:mod:`splitpack.core.search.planner`) picks the staged plan for
     each input size on its first call -- the smallest predicted peak within ``max_overhead`` x the
@@ -39,10 +42,10 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     """
     plan = parse_plan(merge_layer, grid, memory_budget=memory_budget, max_overhead=max_overhead)
     if isinstance(plan, AutoPlan):
-        return AutoSplitPack(model, plan, mode, compile=compile, cuda_graphs=cuda_graphs)
+        return AutoSplitPack(model, plan, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch)
     if memory_budget is not None or max_overhead is not None:
         raise ValueError("memory_budget and max_overhead are for merge_layer='auto' (the planner's objective)")
-    return SplitPack(model, plan, grid, mode, compile=compile, cuda_graphs=cuda_graphs)
+    return SplitPack(model, plan, grid, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch)
 
 
 def merge_layers(model: nn.Module, mode: str | None = None) -> list[str]:

@@ -272,8 +272,8 @@ PARAMS: tuple[Param, ...] = (
           "straight-line program; inductor runs that program through torch.compile (recorded and compiled at "
           "model load for the model's input size)", choices=COMPILE_MODES),
     Param("cuda_graphs", boolean, False,
-          "GPU replicas, exact mode: replay each input size and batch bucket (1, 2, 4, 8) from a CUDA graph "
-          "captured at model load; CPU replicas and larger batches run without"),
+          "GPU replicas, exact mode: replay each input size and batch bucket (1, 2, 4, ... up to batch_size) "
+          "from a CUDA graph captured at model load; CPU replicas run without"),
     Param("memory_budget", memory_budget, None,
           "merge_layer auto: peak activation memory allowed per image (512MiB); the planner picks the plan "
           "with the fewest MACs within it", metavar="BYTES", plan_arg=True),

@@ -48,14 +48,17 @@ class Predictor:
     """Image bytes -> probabilities -> labelled top-k, for one ServingConfig."""
 
     def __init__(self, config: ServingConfig, weights: str | None = None, device: str | torch.device = "cpu",
-                 base_dir: str | Path | None = None):
+                 base_dir: str | Path | None = None, batch_size: int | None = None):
         """``weights``: a state-dict (or checkpoint) file, ``"pretrained"`` for splitpack's offline
         ImageNet weights, or None for random weights (with a warning). ``base_dir``: where the config's
-        relative model and labels files are (the unpacked archive, the Triton version directory)."""
+        relative model and labels files are (the unpacked archive, the Triton version directory).
+        ``batch_size``: the largest batch the server forms (model-config.yaml batchSize, config.pbtxt
+        max_batch_size); CUDA graphs are captured for batch buckets up to it."""
         from timm.data import create_transform, resolve_data_config
 
         self.config = config
         self.device = torch.device(device)
+        self.batch_size = batch_size
         self.last_peak_bytes: int | None = None  # of the last served batch, on CUDA
         spec = config.model_spec(weights, base_dir)
         if weights is None:
@@ -77,9 +80,10 @@ class Predictor:
         import splitpack
 
         cfg = self.config  # (memory_budget and max_overhead with named merge layers: wrap's ValueError)
+        batch = {"max_batch": self.batch_size} if self.batch_size else {}
         return splitpack.wrap(base, merge_layer=cfg.merge_layer, grid=cfg.grid, mode=cfg.mode, compile=cfg.compile,
                               cuda_graphs=cfg.cuda_graphs, memory_budget=cfg.memory_budget,
-                              max_overhead=cfg.max_overhead)
+                              max_overhead=cfg.max_overhead, **batch)
 
     def plans(self) -> list[dict]:
         """merge_layer auto: the plan chosen for each input size so far (empty otherwise)."""
@@ -97,10 +101,12 @@ class Predictor:
         """Record (and compile, capture) the split-pack program for the model's input size at load time:
         batch 1 and 2 (torch.compile specialises batch 1 and makes the batch size dynamic from the second
         size it sees), every CUDA-graph bucket. Returns what it cost (logged): record and first-call seconds."""
-        compiled = getattr(self.model, "compiled", None)
-        if compiled is None:
+        if not self.config.split or (self.config.compile == "off" and not self.config.cuda_graphs):
             return []
         image = torch.zeros(self.data_config["input_size"])
+        compiled = self.compiled_for(image)
+        if compiled is None:
+            return []
         self.predict([image])
         self.predict([image, image])
         if hasattr(compiled, "warm_up"):  # CUDA graphs: every batch bucket
@@ -109,6 +115,14 @@ class Predictor:
         report = compiled.report()
         log.info("split-pack compiled for %s: %s", self.config.model_spec().title, report)
         return report
+
+    def compiled_for(self, image: torch.Tensor):
+        """What runs ``image``'s size compiled (None: the interpreter): the split model's programs, or with
+        merge_layer auto those of the plan for that size (planned here on first use)."""
+        model = self.model
+        if hasattr(model, "for_input"):  # merge_layer auto: one SplitPack per input size
+            model = model.for_input((1, *image.shape), image.dtype, self.device)
+        return getattr(model, "compiled", None)
 
     # -- requests -----------------------------------------------------------------
 
@@ -246,6 +260,9 @@ class Predictor:
         """Effective settings, for logs: the serving parameters (but the transform) and the model's facts."""
         settings = {k: v for k, v in self.config.to_mapping().items() if k != "data_config"}
         compiled = {"compiled": self.compile_report} if self.compile_report else {}
+        if self.config.cuda_graphs and self.config.split:
+            runner = self.compiled_for(torch.zeros(self.data_config["input_size"]))
+            compiled["cuda_graph_buckets"] = list(getattr(runner, "buckets", ()))
         auto = {"auto_plans": self.plans()} if self.plans() else {}
         return settings | compiled | {"split": self.config.split, "plan": str(self.config.plan or "unsplit"),
                                       "input_size": list(self.data_config["input_size"]),

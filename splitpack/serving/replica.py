@@ -42,10 +42,10 @@ class Gauges(Protocol):
 
 
 def build_predictor(config: ServingConfig, weights: str | None, device: str | torch.device = "cpu",
-                    base_dir: str | Path | None = None) -> Predictor:
-    """The served model for ``config`` (its files, a model file or labels, relative to ``base_dir``): the one
-    place every backend (and the packaging check) builds it."""
-    return Predictor(config, weights=weights, device=device, base_dir=base_dir)
+                    base_dir: str | Path | None = None, batch_size: int | None = None) -> Predictor:
+    """The served model for ``config`` (its files, a model file or labels, relative to ``base_dir``; CUDA-graph
+    buckets up to the server's ``batch_size``): the one place every backend (and the packaging check) builds it."""
+    return Predictor(config, weights=weights, device=device, base_dir=base_dir, batch_size=batch_size)
 
 
 class Replica:
@@ -53,12 +53,14 @@ class Replica:
 
     def __init__(self, section: Mapping[str, Any], server: str, *, replicas: int,
                  weights: Callable[[dict], str | None], device: str | torch.device, base_dir: str | Path | None,
-                 warn: Callable[[str], None], check: Callable[[Predictor], None] | None = None):
+                 warn: Callable[[str], None], check: Callable[[Predictor], None] | None = None,
+                 batch_size: int | None = None):
         """``section``: the backend's config section (text values); ``server``: the backend's name in the
         schema; ``replicas``: worker processes sharing the cores; ``weights(artifacts)``: the state-dict
         file from the section's artifact keys (None: random weights); ``base_dir``: the folder the
         deployment ships the config's files in (the .mar's, the model version's); ``warn``: the backend's log;
-        ``check``: the backend's own checks of the built model, before the warm-up."""
+        ``check``: the backend's own checks of the built model, before the warm-up; ``batch_size``: the largest
+        batch the server forms (model-config.yaml batchSize, config.pbtxt max_batch_size)."""
         config, self.artifacts = ServingConfig.from_section(dict(section), server)
         self.threads = configure_threads(config.threads, replicas)
         self.warn = warn
@@ -66,7 +68,7 @@ class Replica:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             # An unknown merge layer raises ValueError naming the valid layers: the backend reports it.
-            self.predictor = build_predictor(config, weights(self.artifacts), device, base_dir)
+            self.predictor = build_predictor(config, weights(self.artifacts), device, base_dir, batch_size)
         for warning in caught:
             warn(str(warning.message))
         if check is not None:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from splitpack.core.compile.recording import CompiledPlans, size_key
+from splitpack.core.compile.recording import DEFAULT_MAX_BATCH, CompiledPlans, size_key
 
 log = logging.getLogger(__name__)
 WARMUP_RUNS = 3  # on a side stream before capture (cuDNN/cuBLAS pick and cache their kernels)
@@ -106,7 +106,7 @@ class GraphedPlans:
     """Runs a SplitPack's compiled programs from CUDA graphs, per (input size, batch bucket)."""
 
     plans: CompiledPlans
-    max_batch: int = 8
+    max_batch: int = DEFAULT_MAX_BATCH
     buckets: tuple[int, ...] = ()
     graphs: dict[tuple, Graphed] = field(default_factory=dict)
     capture_fn: Callable[..., Callable] = capture  # (program, example, pool) -> a replayable callable

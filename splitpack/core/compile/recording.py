@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from splitpack.core.execute.module import SplitPack
 
 OFF, PROGRAM, INDUCTOR = "off", "program", "inductor"
+DEFAULT_MAX_BATCH = 8  # the largest CUDA-graph batch bucket when the caller does not know its largest batch
 MODES = (OFF, PROGRAM, INDUCTOR)
 _ALIASES = {"false": OFF, "none": OFF, "no": OFF, "0": OFF, "": OFF, "true": INDUCTOR, "yes": INDUCTOR,
             "1": INDUCTOR, "graph": PROGRAM}

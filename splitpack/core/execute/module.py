@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from splitpack.core.compile.recording import compile_mode
+from splitpack.core.compile.recording import DEFAULT_MAX_BATCH, compile_mode
 from splitpack.core.compile.runner import compiled_runner
 from splitpack.core.cost.counts import checkpoint_bytes
 from splitpack.core.cost.plan_cost import PlanCost
@@ -71,7 +71,7 @@ class SplitPack(nn.Module):
     """``model`` run with split-pack inference; see :func:`wrap`."""
 
     def __init__(self, model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
-                 cuda_graphs: bool = False, traced: TracedModel | None = None):
+                 cuda_graphs: bool = False, max_batch: int = DEFAULT_MAX_BATCH, traced: TracedModel | None = None):
         """``traced``: the model's trace, when the caller has it already (the planner does)."""
         super().__init__()
         if mode not in MODES:
@@ -100,7 +100,7 @@ class SplitPack(nn.Module):
         self._programs: dict[tuple, Program] = {}
         self._seed_layouts: dict[tuple, tuple[list[int], list[int]]] = {}
         # per-size straight-line programs (splitpack.core.compile.recording), None = interpret the plan
-        self.__dict__["compiled"] = compiled_runner(self, self.compile_mode, cuda_graphs)
+        self.__dict__["compiled"] = compiled_runner(self, self.compile_mode, cuda_graphs, max_batch)
 
     @property
     def merge_layer(self) -> str:

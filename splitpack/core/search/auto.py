@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from splitpack.core.execute.module import PLAN_CACHE_SIZE, SplitPack
+from splitpack.core.compile.recording import DEFAULT_MAX_BATCH
 from splitpack.core.plan.spec import AutoPlan
 from splitpack.core.search.planner import PlanChoice, Planner
 from splitpack.errors import SplitError
@@ -31,7 +32,7 @@ class AutoSplitPack(nn.Module):
     """``model`` with split-pack inference, the plan chosen per input size (see the module docstring)."""
 
     def __init__(self, model: nn.Module, auto: AutoPlan, mode: str = "exact", *, compile=False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, max_batch: int = DEFAULT_MAX_BATCH):
         """``compile``, ``cuda_graphs``: how each size's SplitPack runs its plan (see :func:`splitpack.wrap`)."""
         super().__init__()
         if mode != "exact":
@@ -40,7 +41,7 @@ class AutoSplitPack(nn.Module):
         self.model = model
         self.auto = auto
         self.mode = mode
-        self.compile, self.cuda_graphs = compile, cuda_graphs
+        self.compile, self.cuda_graphs, self.max_batch = compile, cuda_graphs, max_batch
         self.__dict__["_planner"] = Planner(model)  # traces once; every size's SplitPack shares the trace
         self._packs: OrderedDict[tuple, SplitPack] = OrderedDict()
         self.choices: OrderedDict[tuple, PlanChoice] = OrderedDict()  # per (C, H, W, dtype, device), latest last
@@ -72,7 +73,7 @@ class AutoSplitPack(nn.Module):
         log.info("merge_layer=auto: input %s %s -> plan %s (predicted peak %s per image, %.3fx MACs; %s; "
                  "planned in %.1f s)", "x".join(map(str, size)), str(dtype).removeprefix("torch."), choice.plan,
                  _mib(choice.predicted_peak_bytes), choice.predicted_macs_ratio, choice.objective, choice.seconds)
-        pack = SplitPack(self.model, choice.plan, mode=self.mode, compile=self.compile, cuda_graphs=self.cuda_graphs,
+        pack = SplitPack(self.model, choice.plan, mode=self.mode, compile=self.compile, cuda_graphs=self.cuda_graphs, max_batch=self.max_batch,
                          traced=self._planner.traced)
         self.choices[key] = choice
         while len(self.choices) > PLAN_CACHE_SIZE:

@@ -71,7 +71,7 @@ class SplitPackHandler(BaseHandler):
         weights = os.path.join(properties.get("model_dir"), serialized) if serialized else None
         self.replica = Replica(model_yaml.get("handler") or {}, "torchserve", replicas=int(model_yaml.get("minWorkers") or 1),
                                weights=lambda artifacts: weights, device=self.device, base_dir=properties.get("model_dir"),
-                               warn=logger.warning)
+                               warn=logger.warning, batch_size=int(properties.get("batch_size") or 1))
         self.replica.gauges = TorchServeGauges(context)
         self.predictor = self.replica.predictor
         self.model = self.predictor.model

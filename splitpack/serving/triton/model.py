@@ -77,7 +77,8 @@ class SplitPackTritonModel:
         self.replica = Replica(config_parameters(self.model_config), "triton", replicas=_instances(self.model_config),
                                weights=lambda artifacts: resolve_weights(artifacts.get("weights", ""), version_dir),
                                device=instance_device(args), base_dir=version_dir, warn=self.log_warn,
-                               check=self._check_outputs)
+                               check=self._check_outputs,
+                               batch_size=max(1, int(self.model_config.get("max_batch_size", 0))))
         self.predictor = self.replica.predictor
         self.replica.gauges = self._gauges()
         self.log_info(f"{self.instance} ready: {json.dumps(self.replica.describe())}")
