@@ -208,6 +208,10 @@ def _prepare(folder: Path, command: str) -> None:
         namespace: dict = {}
         exec(MY_MODEL, namespace)
         torch.save(namespace["MyNet"](width=32).state_dict(), folder / "my_net.pt")
+    if "--weights resnet50.pth" in command:  # a fine-tuned ImageNet ResNet-50's plain state dict
+        import timm
+
+        torch.save(timm.create_model("resnet50").state_dict(), folder / "resnet50.pth")
     if "--weights resnet18.pt" in command:
         import torchvision
 
@@ -226,7 +230,7 @@ def _prepare(folder: Path, command: str) -> None:
 
 def _written_paths(argv: list[str]) -> list[str]:
     """The files or folders an example says it writes (--out, --png, --write-*, a shell redirect)."""
-    flags = {"--out", "--png", "--write-triton", "--write-torchserve"}
+    flags = {"--out", "--png", "--write-triton", "--write-torchserve", "--write-kserve"}
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in flags]
 
 
