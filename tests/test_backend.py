@@ -63,9 +63,9 @@ class EchoServer(Server):
         config = json.loads(self.config_file.read_text()) if self.config_file.is_file() else {}
         return {"pid": self.pid(), "models": config.get("models", [])}
 
-    def probe(self, models: list[str] | None = None) -> list[ProbeResult]:
+    def probe(self, models: list[str] | None = None, timeout: float | None = None) -> list[ProbeResult]:
         def top1(model: str) -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/{model}", timeout=5) as answer:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/{model}", timeout=timeout or 5) as answer:
                 return answer.read().decode()
 
         return [timed_probe(m, lambda m=m: top1(m)) for m in models or self.status()["models"]]

@@ -5,9 +5,11 @@ import ast
 import base64
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -128,7 +130,29 @@ def test_config_properties_has_what_the_torchserve_runtime_reads():
     assert snapshot["modelCount"] == 1
     assert snapshot["models"]["resnet50"]["1.0"] == {
         "defaultVersion": True, "marName": "resnet50.mar", "minWorkers": 2, "maxWorkers": 2, "batchSize": 4,
-        "maxBatchDelay": 20, "responseTimeout": 300}
+        "maxBatchDelay": 20, "responseTimeout": 300, "startupTimeout": 120}
+
+
+@pytest.mark.parametrize("flavour", manifests.FLAVOURS)
+def test_a_slow_model_load_is_waited_for_not_restarted(flavour):
+    """A big model at a big size loads for minutes: TorchServe's startupTimeout, the pod's liveness probe and
+    Knative's progress deadline all wait the startup timeout (liveness would otherwise restart it in a loop)."""
+    plan = cpu_plan(startup_timeout_s=1800)
+    manifest = manifests.inference_service(plan, flavour, "pvc://models/r50")
+    assert validate.schema_errors(manifest) == [] and validate.kserve_rule_errors(manifest) == []
+    assert manifest["spec"]["predictor"]["model"]["livenessProbe"]["initialDelaySeconds"] == 1800
+    assert manifest["metadata"]["annotations"]["serving.knative.dev/progress-deadline"] == "2100s"
+    settings = dict(line.split("=", 1) for line in manifests.config_properties(plan).splitlines() if "=" in line)
+    assert json.loads(settings["model_snapshot"])["models"]["resnet50"]["1.0"]["startupTimeout"] == 1800
+    quick = manifests.inference_service(cpu_plan(startup_timeout_s=60), flavour, "pvc://models/r50")
+    assert quick["metadata"]["annotations"]["serving.knative.dev/progress-deadline"] == "600s"  # Knative's default
+
+
+def test_the_startup_timeout_covers_the_measured_load_or_the_configured_one():
+    from splitpack.serving.kserve.storage import STARTUP_SAFETY, with_measured_startup
+
+    assert with_measured_startup(cpu_plan(), 100.2).startup_timeout_s == math.ceil(STARTUP_SAFETY * 100.2)
+    assert with_measured_startup(cpu_plan(startup_timeout_s=900), 1.0).startup_timeout_s == 900
 
 
 def test_plan_from_a_capacity_report(capacity_report):
@@ -140,6 +164,8 @@ def test_plan_from_a_capacity_report(capacity_report):
     assert plan.memory_limit_bytes == 2 * GiB  # CPU pods: the memory planned for
     assert plan.memory_request_bytes == min(2 * GiB, rec["replicas"] * rec["replica_bytes"])
     assert plan.images_in_flight == rec["replicas"] * 2 and plan.max_batch_delay_ms == 10
+    assert plan.startup_timeout_s == 120  # auto: TorchServe's default (the stock runtime does not compile)
+    assert from_capacity(capacity_report, {"startup_timeout_s": 1800}).startup_timeout_s == 1800
     for flavour in manifests.FLAVOURS:
         validate.check_manifest(manifests.inference_service(plan, flavour, "gs://bucket/resnet18"))
     gpu = from_capacity(capacity_report, {"instance_kind": "gpu"})
@@ -201,7 +227,14 @@ def test_written_directory_has_both_flavours_and_valid_manifests(written):
         assert manifest["spec"]["predictor"]["model"]["storageUri"] == f"s3://bucket/lite0/{flavour}"
     storage = out / "torchserve" / "storage"
     assert sorted(p.name for p in (storage / "model-store").iterdir()) == ["tf_efficientnet_lite0.mar"]
-    assert (storage / "config" / "config.properties").read_text() == manifests.config_properties(plan)
+    written_config = (storage / "config" / "config.properties").read_text()
+    snapshot = json.loads(re.search(r"^model_snapshot=(.*)$", written_config, re.M).group(1))
+    startup = snapshot["models"]["tf_efficientnet_lite0"]["1.0"]["startupTimeout"]
+    assert startup >= plan.startup_timeout_s  # the configured one, or more if the measured load needs it
+    assert written_config == manifests.config_properties(dataclasses.replace(plan, startup_timeout_s=startup))
+    for flavour in manifests.FLAVOURS:
+        manifest = yaml.safe_load((out / flavour / "inferenceservice.yaml").read_text())
+        assert manifest["spec"]["predictor"]["model"]["livenessProbe"]["initialDelaySeconds"] == startup
     with zipfile.ZipFile(storage / "model-store" / "tf_efficientnet_lite0.mar") as mar:
         names = set(mar.namelist())
         assert names == {"model.pt", "splitpack_stock_handler.py", "splitpack_decode.py", "splitpack_model.json",

@@ -18,10 +18,11 @@ import requests
 from splitpack import cli
 from splitpack.serving.net import free_ports
 from splitpack.serving.predictor import SAMPLE_IMAGE
-from splitpack.serving.torchserve.server import Ports, TorchServe, TorchServeError
+from splitpack.serving.torchserve.server import Ports, TorchServe, TorchServeError, probe_timeout_s
 from conftest import process_tree_rss, under_load
 
 MODEL = "lite0"
+RESPONSE_TIMEOUT_S = 200  # not TorchServe's default (120): the probe must follow the deployed value
 pytestmark = pytest.mark.slow
 
 
@@ -34,7 +35,8 @@ def archive(store, name: str, *extra: str) -> None:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    archive(store, MODEL, "--merge-layer", "blocks.2", "--grid", "2x2", "--replicas", "2", "--batch-size", "4")
+    archive(store, MODEL, "--merge-layer", "blocks.2", "--grid", "2x2", "--replicas", "2", "--batch-size", "4",
+            "--response-timeout-s", str(RESPONSE_TIMEOUT_S))
     return store
 
 
@@ -112,6 +114,14 @@ def test_probe_runs_a_real_inference(server, capsys):
     assert result.model == MODEL and result.ok and "cat" in result.detail
     assert cli.main(["serve", "torchserve", "status", "--probe", "--run-dir", str(server.run_dir)]) == 0
     assert f"{MODEL}: ok" in capsys.readouterr().out
+
+
+def test_probe_waits_as_long_as_the_deployed_response_timeout(server):
+    # A first batch at a big size under load can take minutes; TorchServe lets the worker take
+    # responseTimeout, so a start's probe that gives up sooner fails a deployment that is fine.
+    status = server.models_status([MODEL])[MODEL]
+    assert status["response_timeout_s"] == RESPONSE_TIMEOUT_S  # model-config.yaml, as TorchServe deployed it
+    assert probe_timeout_s(status["response_timeout_s"]) > RESPONSE_TIMEOUT_S
 
 
 def test_256_mib_request_is_refused_before_it_is_buffered(server):

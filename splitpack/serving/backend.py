@@ -72,8 +72,9 @@ class Server(ABC):
         """What runs (JSON-able), for ``splitpack serve NAME status``."""
 
     @abstractmethod
-    def probe(self, models: list[str] | None = None) -> list[ProbeResult]:
-        """One real inference per model (default: every model it serves), see :mod:`splitpack.serving.health`."""
+    def probe(self, models: list[str] | None = None, timeout: float | None = None) -> list[ProbeResult]:
+        """One real inference per model (default: every model it serves), see :mod:`splitpack.serving.health`;
+        ``timeout``: seconds to wait for each answer (None: what the deployment's config allows)."""
 
     @abstractmethod
     def ready_state(self) -> dict | None:
@@ -92,9 +93,10 @@ class Server(ABC):
         return poll(self.ready_state, timeout, lambda: self.error(
             f"not ready after {timeout:.0f} s; log {self.log_file}:\n{self.log_tail()}"))
 
-    def check_serving(self, models: list[str]) -> None:
-        """Ready models can still fail every request: one real inference per model, or the reason."""
-        failed = [r for r in self.probe(models) if not r.ok]
+    def check_serving(self, models: list[str], timeout: float | None = None) -> None:
+        """Ready models can still fail every request: one real inference per model, or the reason.
+        ``timeout``: per answer (None: the deployment's configured one, see :meth:`probe`)."""
+        failed = [r for r in self.probe(models, timeout) if not r.ok]
         if failed:
             raise self.error("; ".join(f"model {r.model!r} does not serve: {r.detail}" for r in failed))
 

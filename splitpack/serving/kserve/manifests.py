@@ -32,6 +32,8 @@ METRICS_PORTS = {TORCHSERVE: 8082, TRITON: 8002}
 # TorchServe inside the pod: only KServe's wrapper (same pod) talks to it, so it listens on loopback
 TS_INFERENCE_PORT, TS_GRPC_PORTS = 8085, (7070, 7071)
 TS_VERSION = "1.0"  # the archive's version, which model_snapshot names
+KNATIVE_PROGRESS_DEADLINE_S = 600  # Knative Serving's default progress-deadline
+POD_START_S = 300  # image pull and storage download before the server starts: an allowance, not measured
 
 
 def torchserve_model_name(plan: KServePlan) -> str:
@@ -53,7 +55,7 @@ def config_properties(plan: KServePlan, model_store: str = f"{MOUNT}/model-store
     snapshot = {"name": "startup.cfg", "modelCount": 1, "models": {name: {TS_VERSION: {
         "defaultVersion": True, "marName": f"{name}.mar", "minWorkers": plan.workers, "maxWorkers": plan.workers,
         "batchSize": plan.batch_size, "maxBatchDelay": plan.max_batch_delay_ms,
-        "responseTimeout": plan.response_timeout_s}}}}
+        "responseTimeout": plan.response_timeout_s, "startupTimeout": plan.startup_timeout_s}}}}
     lines = [
         f"# splitpack: {plan.model} @{plan.size}, plan {plan.plan_text}, {plan.workers} workers x batch "
         f"{plan.batch_size} per pod",
@@ -105,11 +107,17 @@ def _torchserve_live_command() -> list[str]:
     return ["python3", "-c", script]
 
 
+def progress_deadline_s(plan: KServePlan) -> int:
+    """Knative's progress deadline: the model's startup timeout plus the pod's own start, at least Knative's default."""
+    return max(KNATIVE_PROGRESS_DEADLINE_S, plan.startup_timeout_s + POD_START_S)
+
+
 def probes(plan: KServePlan, flavour: str) -> dict[str, dict]:
     """readinessProbe and livenessProbe on the server's own health endpoints."""
     timing = {"periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3}
-    # a worker loads the model (and the first plan) before it is ready: give liveness the load time
-    start = {"initialDelaySeconds": max(30, plan.response_timeout_s)}
+    # The model loads before the server is live (Triton) or ready (TorchServe): liveness waits as long as a
+    # worker may take to load it (the startup timeout), so a slow load is not restarted in a loop.
+    start = {"initialDelaySeconds": plan.startup_timeout_s}
     if flavour == TORCHSERVE:
         ready = {"exec": {"command": _torchserve_ready_command(torchserve_model_name(plan))}}
         live = {"exec": {"command": _torchserve_live_command()}}
@@ -132,6 +140,9 @@ def inference_service(plan: KServePlan, flavour: str, storage_uri: str) -> dict[
         "prometheus.kserve.io/path": "/metrics",
         "splitpack/plan": f"{plan.model} @{plan.size}: {plan.plan_text}; {plan.workers} workers x batch "
                           f"{plan.batch_size}",
+        # Knative fails a revision that is not ready within its progress deadline (600 s by default): allow the
+        # model's load on top of the pod's own start (image pull, storage download)
+        "serving.knative.dev/progress-deadline": f"{progress_deadline_s(plan)}s",
     }
     model = {"modelFormat": {"name": "pytorch"}, "runtime": RUNTIMES[flavour], "protocolVersion": PROTOCOLS[flavour],
              "storageUri": storage_uri, "resources": _resources(plan)} | probes(plan, flavour)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from splitpack.measure.units import GiB
+from splitpack.serving.config import AUTO, startup_timeout_s
 
 DEVICES = ("cpu", "gpu")
 # GPU pods: host memory per worker process, which the plan (GPU memory) does not measure. A CPU-only
@@ -43,12 +44,16 @@ class KServePlan:
     max_pods: int = 1
     max_batch_delay_ms: int = 50
     response_timeout_s: int = 120
+    # seconds a worker may take to load the model: TorchServe's startupTimeout and how long the pod's
+    # liveness probe and Knative's progress deadline wait (at least the load + warm-up the writer measured)
+    startup_timeout_s: int = 120
     inflight: int | None = None  # images in flight per pod; default workers x batch_size
 
     def __post_init__(self):
         if self.device not in DEVICES:
             raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name in ("size", "batch_size", "workers", "cpus", "memory_limit_bytes", "memory_request_bytes"):
+        for name in ("size", "batch_size", "workers", "cpus", "memory_limit_bytes", "memory_request_bytes",
+                     "response_timeout_s", "startup_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.memory_request_bytes > self.memory_limit_bytes:
@@ -78,7 +83,8 @@ def from_capacity(report: Mapping[str, Any], deploy: Mapping[str, Any], *, min_p
                   pod_memory_bytes: int | None = None, cpus: int | None = None) -> KServePlan:
     """The recommendation of a ``splitpack capacity`` report (its JSON) as one pod's deployment.
 
-    ``deploy``: the schema's deploy settings (instance_kind, max_batch_delay_ms, response_timeout_s).
+    ``deploy``: the schema's deploy settings (instance_kind, max_batch_delay_ms, response_timeout_s,
+    startup_timeout_s; ``auto``: TorchServe's default, the stock runtime does not compile).
     Memory: ``memory_limit_bytes`` / ``predicted_usage_bytes`` when the report has them; otherwise
     CPU pods get the memory planned for as their limit and the workers' replica bytes as request,
     GPU pods a host-memory allowance per worker (the plan's bytes are GPU memory there).
@@ -98,6 +104,7 @@ def from_capacity(report: Mapping[str, Any], deploy: Mapping[str, Any], *, min_p
         cpus=cpus or workers, min_pods=min_pods, max_pods=max_pods,
         max_batch_delay_ms=int(deploy.get("max_batch_delay_ms", 50)),
         response_timeout_s=int(deploy.get("response_timeout_s", 120)),
+        startup_timeout_s=startup_timeout_s(deploy.get("startup_timeout_s", AUTO), compile=None),
         inflight=report.get("inflight_images_split") if rec.get("merge_layer") else None)
 
 

@@ -13,12 +13,14 @@ program of plain aten calls with its weights as constants needs neither.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +40,7 @@ STORAGE = "storage"
 CROP_MODES = ("center", "squash")  # what the stock handler's transform reproduces
 # relative to the unsplit model's output scale: exact mode's promise for fp32 (README)
 EXACT_TOLERANCE = 1e-5
+STARTUP_SAFETY = 4  # startup timeout / the load + warm-up measured when writing
 
 
 class ExportedModel:
@@ -73,13 +76,18 @@ class ExportedModel:
         self.classes = self.reference.shape[-1]
         self.log = log
         self._file: Path | None = None  # exported once, copied for the second flavour
+        self.load_s: float | None = None  # loading the exported program + its first (warm-up) call, measured
+
+    def exported(self) -> Path:
+        """The TorchScript file, exported (and checked) on first use."""
+        if self._file is None:
+            self._file = self._export(self.work / "model.pt")
+        return self._file
 
     def write_torchscript(self, path: Path) -> None:
         """The TorchScript file at ``path``: exported once (into the work folder), loaded back and checked
         against the unsplit model (exact mode: the same outputs); copied for every later call."""
-        if self._file is None:
-            self._file = self._export(self.work / "model.pt")
-        shutil.copy2(self._file, path)
+        shutil.copy2(self.exported(), path)
 
     def _export(self, path: Path) -> Path:
         from splitpack.core.compile import export
@@ -87,8 +95,10 @@ class ExportedModel:
 
         self.log(f"exporting TorchScript ({self.plan.model} @{self.plan.size})")
         export.save(self.program, "torchscript", path, self.example)
-        with torch.inference_mode():
+        start = time.perf_counter()
+        with torch.inference_mode():  # what a worker does at start, then its first batch (TorchScript optimizes it)
             out = export.load("torchscript", path)(self.example)
+        self.load_s = time.perf_counter() - start
         scale = self.reference.abs().max().item() or 1.0
         error = (out - self.reference).abs().max().item() / scale
         if not error <= EXACT_TOLERANCE:
@@ -150,6 +160,12 @@ def write_triton_storage(exported: ExportedModel, storage: Path, command: str) -
     return write_libtorch_model(storage, name, exported.write_torchscript, text)
 
 
+def with_measured_startup(plan: KServePlan, load_s: float) -> KServePlan:
+    """``plan`` whose startup timeout covers :data:`STARTUP_SAFETY` x the load + warm-up measured here (a pod
+    may get slower cores than this machine, and loads under its memory limit): the configured one if longer."""
+    return dataclasses.replace(plan, startup_timeout_s=max(plan.startup_timeout_s, math.ceil(STARTUP_SAFETY * load_s)))
+
+
 def storage_uris(plan: KServePlan, base: str | None) -> dict[str, str]:
     """Where each flavour's storage/ is uploaded: ``BASE/torchserve``, ``BASE/triton``
     (default: a PersistentVolumeClaim named splitpack-models, one folder per service)."""
@@ -165,20 +181,32 @@ def write_kserve(plan: KServePlan, directory: str | Path, **options) -> dict[str
     return {f: str(Path(directory) / f / MANIFEST) for f in manifests.FLAVOURS}
 
 
+def checked_services(plan: KServePlan, uris: dict[str, str]) -> dict[str, dict]:
+    """{flavour: its InferenceService}, each checked against KServe's rules (and the CRD's schema when
+    jsonschema is installed)."""
+    services = {f: manifests.inference_service(plan, f, uris[f]) for f in manifests.FLAVOURS}
+    for service in services.values():
+        check_manifest(service, schema=None)
+    return services
+
+
 def write_kserve_into(plan: KServePlan, stage: Path, *, config: ServingConfig | None = None,
                       storage_uri: str | None = None, pretrained: bool = False, weights: str | None = None,
                       allow_pickle: bool = False, command: str = "splitpack",
                       log: Callable[[str], None] | None = None) -> None:
     """Both flavours' manifests and storage, into the existing empty folder ``stage``. Every manifest is
-    checked against KServe's rules (and the CRD's schema when jsonschema is installed) before any work."""
+    checked against KServe's rules (and the CRD's schema when jsonschema is installed) before any work,
+    and written with the startup timeout the export measured (:func:`with_measured_startup`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     uris = storage_uris(plan, storage_uri)
-    services = {f: manifests.inference_service(plan, f, uris[f]) for f in manifests.FLAVOURS}
-    for service in services.values():
-        check_manifest(service, schema=None)
+    checked_services(plan, uris)
     with tempfile.TemporaryDirectory(prefix="splitpack-kserve-") as work:
         exported = ExportedModel(plan, Path(work), config, pretrained, weights, allow_pickle, log=log)
-        for flavour, service in services.items():
+        exported.exported()
+        plan = exported.plan = with_measured_startup(plan, exported.load_s)
+        log(f"load + first call of the program: {exported.load_s:.1f} s here -> startup timeout "
+            f"{plan.startup_timeout_s} s")
+        for flavour, service in checked_services(plan, uris).items():
             (stage / flavour).mkdir()
             (stage / flavour / MANIFEST).write_text(manifests.manifest_yaml(service, command))
         write_triton_storage(exported, stage / "triton" / STORAGE, command)

@@ -34,6 +34,8 @@ LOOPBACK = "127.0.0.1"
 # TorchServe's keys expire after 60 minutes by default, and every request with an expired key
 # then fails until someone rotates it (POST /token with the API key): a year here, rotate on purpose.
 TOKEN_EXPIRATION_MIN = 525_600
+TORCHSERVE_RESPONSE_TIMEOUT_S = 120  # TorchServe 0.12's responseTimeout when model-config.yaml sets none
+PROBE_MARGIN_S = 10
 
 
 def is_loopback(address: str) -> bool:
@@ -221,14 +223,17 @@ class TorchServe(Server):
                 total += 1
         return total
 
-    def probe(self, names: list[str] | None = None, timeout: float = 60.0) -> list[ProbeResult]:
-        """One real inference (the bundled cat photo) per model (default: every registered model)."""
+    def probe(self, names: list[str] | None = None, timeout: float | None = None) -> list[ProbeResult]:
+        """One real inference (the bundled cat photo) per model (default: every registered model), waited
+        for as long as the model's own response timeout (``timeout``: instead of it)."""
         requests = require("requests", "torchserve")
-        names = list(self.models_status()) if names is None else names
+        status = self.models_status(names)
+        names = list(status) if names is None else names
         image, headers = probe_image(), {"Content-Type": "application/octet-stream", **self.headers("inference")}
 
         def top1(name: str) -> str:
-            r = requests.post(f"{self.inference_url}/predictions/{name}", data=image, headers=headers, timeout=timeout)
+            wait = timeout or probe_timeout_s(status.get(name, {}).get("response_timeout_s"))
+            r = requests.post(f"{self.inference_url}/predictions/{name}", data=image, headers=headers, timeout=wait)
             if r.status_code != 200:
                 raise TorchServeError(f"HTTP {r.status_code}: {_error_message(r)}")
             predictions = r.json().get("predictions") or []
@@ -285,7 +290,8 @@ class TorchServe(Server):
                 workers = [w.get("status") for w in desc.get("workers", [])]
                 min_workers = int(desc.get("minWorkers") or 1)
                 status[name] = {"workers": workers, "min_workers": min_workers,
-                                "ready": workers.count("READY") >= max(min_workers, 1)}
+                                "ready": workers.count("READY") >= max(min_workers, 1),
+                                "response_timeout_s": desc.get("responseTimeout")}
             return status
         except (requests.ConnectionError, requests.Timeout, ValueError):
             return {}
@@ -323,6 +329,13 @@ class TorchServe(Server):
                        timeout=timeout_s + 10)
         wait_exit(pid, timeout_s)
         return True
+
+
+def probe_timeout_s(response_timeout_s: int | None) -> float:
+    """How long a probe waits for a model's answer: as long as TorchServe itself lets the worker take
+    (the deployed responseTimeout; a big batch at a big size under load can take minutes), plus the
+    frontend's own time to answer. A constant would fail the start of a deployment that is fine."""
+    return (response_timeout_s or TORCHSERVE_RESPONSE_TIMEOUT_S) + PROBE_MARGIN_S
 
 
 def _error_message(response) -> str:

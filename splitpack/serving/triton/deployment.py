@@ -104,7 +104,9 @@ class TritonDeployment(TritonProcess):
         self.pid_file.write_text(f"{self.process.pid}\n")
         try:
             state = self.wait_ready(timeout)
-            self.check_serving(state["models"])
+            # Triton's config has no response timeout: the first answer may take what the start allows
+            # (a big batch at a big size under load takes minutes).
+            self.check_serving(state["models"], timeout)
             return state
         except BaseException:
             self.stop()

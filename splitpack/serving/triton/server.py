@@ -27,6 +27,7 @@ from splitpack.serving.health import ProbeResult, probe_image, timed_probe
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_RUN_DIR = Path(".run")
+PROBE_TIMEOUT_S = 30.0  # `status --probe`'s wait for an answer (an exec liveness probe's own limit is the operator's)
 SERVER_COMMAND = "tritonserver"
 
 
@@ -129,8 +130,10 @@ class TritonProcess(Server):
         """The models a probe without names asks."""
         return []
 
-    def probe(self, models: list[str] | None = None, timeout: float = 30.0) -> list[ProbeResult]:
-        """One real inference (the bundled cat photo) per model."""
+    def probe(self, models: list[str] | None = None, timeout: float | None = None) -> list[ProbeResult]:
+        """One real inference (the bundled cat photo) per model. ``timeout``: per answer (None:
+        :data:`PROBE_TIMEOUT_S`, a liveness probe's wait; a start waits as long as its own timeout)."""
+        timeout = timeout or PROBE_TIMEOUT_S
         import tritonclient.grpc as grpcclient
 
         from splitpack.serving.triton.client import classify
