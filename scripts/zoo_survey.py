@@ -100,11 +100,12 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for name in tqdm(args.models, desc="zoo", file=sys.stderr):
         rows.append(survey(name, args.size, args.float64))
         tqdm.write(json.dumps(rows[-1]), file=sys.stderr)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+        # after every model: a long survey stopped early still leaves the rows it measured
+        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
     print(table(rows))
     for r in rows:
         if "plan" in r:
