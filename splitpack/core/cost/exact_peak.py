@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 from splitpack.core.capture.graph import Shape, TracedModel, model_device, shape_numel
 from splitpack.core.cost.bytes import ByteTracker, storage_key
 from splitpack.core.capture.rules import Reduce, Region, spatial_dims
+from splitpack.core.capture.rules.window import fixed_temporary_bytes
 from splitpack.core.execute.executor import Bands, Executor, Whole
 from splitpack.core.plan.schedule import Program, StageProgram
 
@@ -59,6 +60,7 @@ class OpBytes:
     extra: float  # bytes alive inside the op beyond that, at its peak (temporaries)
     itemsize: int  # of its output
     alias: int | None = None  # in place or a view: index in node.all_input_nodes of the input it shares
+    fixed: int = 0  # temporaries whose size does not follow the output's (a standardised kernel), bytes
 
 
 @dataclass
@@ -103,9 +105,13 @@ class _Profiler(fx.Interpreter):
         keys = {storage_key(t) for t in outputs}
         alias = next((i for i, p in enumerate(n.all_input_nodes)
                       if keys & {storage_key(t) for t in inputs.get(p, ())}), None)
-        self.ops[n] = OpBytes((after - before) / numel, (peak - after) / numel, outputs[0].element_size(),
-                              alias if after == before else None)
+        fixed = min(peak - after, fixed_temporary_bytes(self._submodule(n))) if n.op == "call_module" else 0
+        self.ops[n] = OpBytes((after - before) / numel, (peak - after - fixed) / numel, outputs[0].element_size(),
+                              alias if after == before else None, fixed)
         return out
+
+    def _submodule(self, n: fx.Node) -> torch.nn.Module:
+        return self.traced.gm.get_submodule(n.target)
 
 
 def allocation_profile(traced: TracedModel, shape, dtype: torch.dtype | None = None,
@@ -208,7 +214,7 @@ def _op_output(meter: _Meter, profile: AllocationProfile, node: fx.Node, numel: 
     if op is None:
         return None
     out = _lookup(inputs, node.all_input_nodes[op.alias]) if op.alias is not None else meter.alloc(op.new * numel)
-    meter.spike(op.extra * numel)
+    meter.spike(op.extra * numel + op.fixed)
     return out
 
 
@@ -334,6 +340,16 @@ def unsplit_peak(traced: TracedModel, profile: AllocationProfile, batch: int, sh
     """Predicted peak activation bytes of the unsplit model (run by the garbage-collecting interpreter)."""
     meter = _Meter()
     _interpret(meter, profile, [n for n in traced.nodes if n.op != "output"], shapes, batch, [])
+    return meter.peak
+
+
+def rest_peak(traced: TracedModel, profile: AllocationProfile, shapes: dict[fx.Node, Shape],
+              checkpoint: fx.Node, checkpoint_bytes: int) -> int:
+    """Batch-1 peak of the rest of the network after ``checkpoint``, run by the garbage-collecting
+    interpreter from the checkpoint alone (as the split model's tail runs; replay_peak without a program)."""
+    meter = _Meter()
+    rest = [n for n in traced.nodes[traced.index[checkpoint] + 1:] if n.op not in ("placeholder", "output")]
+    _interpret(meter, profile, [checkpoint] + rest, shapes, 1, [meter.alloc(checkpoint_bytes)])
     return meter.peak
 
 

@@ -11,7 +11,8 @@ node, the summed and the largest tile extent -- and so, for every grid at once:
   (liveness and bytes per pixel from the allocation profile, extents of the largest tile);
 * the bands of a checkpoint alive while the next stage reads it: from the rows each grid row of the
   consumer reads and the band boundaries of the producer (the whole checkpoint when the consumer
-  takes several passes).
+  takes several passes), whether the consumer needs it whole, and what of it the consumer's last
+  row of packs still reads (the planner chains these along a plan).
 
 These are estimates (the largest tile for every node at once, all checkpoints' bands at their
 widest together); the planner ranks its finalists with the exact replay (splitpack.core.cost.exact_peak).
@@ -179,6 +180,8 @@ class StageOption:
     read_lo: np.ndarray | None  # (TILE_COLUMNS,) first source row each grid row of each rows count reads
     read_hi: np.ndarray | None
     _bands: np.ndarray | None = None  # cache of Estimator.band_bytes
+    _reads_whole: np.ndarray | None = None  # cache: where the bands are the whole source (see reads_whole)
+    _tail: np.ndarray | None = None  # cache: the source's bytes its last row of packs reads (see tail_bytes)
 
     def __post_init__(self):
         self.extra_macs = self.macs - self.unsplit_macs  # halo recompute and extra passes
@@ -281,15 +284,16 @@ class Estimator:
         op = self.profile.ops.get(root)
         return op.new * self.pixel_numel[root] if op is not None and root in self.pixel_numel else 0.0
 
-    def _live_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _live_pairs(self) -> tuple[np.ndarray, ...]:
         """Every (step, storage) alive together, steps in execution order: (step indices, pair -> step,
-        pair -> swept node row, pair bytes per pixel) plus the stacked largest tile extents."""
+        pair -> swept node row, pair bytes per pixel), the stacked largest tile extents, and per step the
+        op's temporaries whose size does not follow the pack's."""
         if not hasattr(self, "_pairs"):
             s, live = self.sweep, self._live_roots()
             rows = {n: i for i, n in enumerate(s.row_max)}
             row_max, col_max = np.stack(list(s.row_max.values())), np.stack(list(s.col_max.values()))
             steps = sorted((n for n in live if n in rows), key=self.index.__getitem__)
-            step_of, nodes, weights = [], [], []
+            step_of, nodes, weights, fixed = [], [], [], np.zeros(len(steps))
             for k, step in enumerate(steps):
                 for root in live[step]:
                     if root in rows:
@@ -297,20 +301,22 @@ class Estimator:
                 op = self.profile.ops.get(step)
                 if op is not None and op.extra:  # the op's temporaries
                     step_of.append(k), nodes.append(rows[step]), weights.append(op.extra * self.pixel_numel[step])
+                fixed[k] = op.fixed if op is not None else 0
             self._pairs = (np.array([self.index[n] for n in steps]), np.array(step_of, np.int64),
-                           np.array(nodes, np.int64), np.array(weights), row_max, col_max)
+                           np.array(nodes, np.int64), np.array(weights), row_max, col_max, fixed)
         return self._pairs
 
     def _working_sets(self, target: fx.Node) -> tuple[np.ndarray, np.ndarray]:
         """(step indices, largest live bytes (n, 8, 8) from each step up to ``target``), batch 1."""
         col = self.sweep.column(target)
-        where, step_of, nodes, weights, row_max, col_max = self._live_pairs()
+        where, step_of, nodes, weights, row_max, col_max, fixed = self._live_pairs()
         n_steps = int(np.searchsorted(where, self.index[target], side="right"))
         n_pairs = int(np.searchsorted(step_of, n_steps))
         parts = np.einsum("p,pi,pj->pij", weights[:n_pairs], row_max[nodes[:n_pairs], col],
                           col_max[nodes[:n_pairs], col])
         totals = np.zeros((n_steps, MAX_TILES, MAX_TILES))
         np.add.at(totals, step_of[:n_pairs], parts)
+        totals += fixed[:n_steps, None, None]
         running = np.maximum.accumulate(totals[::-1], axis=0)[::-1]  # largest from each step on
         return where[:n_steps], running
 
@@ -327,8 +333,20 @@ class Estimator:
 
     def tail_peak(self, c: Checkpoint) -> int:
         """Batch-1 peak of the rest of the network after the last checkpoint, run unsplit."""
+        if self.index[c.node] > self._first_unused:
+            # a value no op reads (e.g. a channel split's unused part) stays alive in the unsplit run to
+            # its end; the split model's tail starts from the checkpoint alone, without it
+            from splitpack.core.cost.exact_peak import rest_peak
+
+            return rest_peak(self.traced, self.profile, self.shapes, c.node, self.full_bytes(c) if c.spatial else 0)
         after = [p for n, p in self.step_peaks.items() if self.index[n] > self.index[c.node]]
         return max(after + [self.full_bytes(c)])
+
+    @property
+    def _first_unused(self) -> int:
+        """Index of the first node whose value nothing reads (len(nodes) if none)."""
+        unused = [self.index[n] for n in self.traced.nodes if not n.users and n.op not in ("output", "placeholder")]
+        return min(unused, default=len(self.traced.nodes))
 
     def _global_macs(self, source: fx.Node, end: Checkpoint) -> int:
         """MACs of the stage's global values (squeeze-excitation convolutions): computed once, after their pass."""
@@ -417,5 +435,24 @@ class Estimator:
                 last = edges[np.minimum(np.searchsorted(edges, np.where(ok, hi, 1) - 1, side="right"), rp)]
                 rows = np.where(ok, np.minimum(last - first, h), 0)
                 out[rp - 1] = np.maximum.reduceat(rows, OFFSETS) * row_bytes
-        option._bands = out
+        option._bands, option._reads_whole = out, out >= h * row_bytes
+        tail = np.full(MAX_TILES, h * row_bytes)
+        if option.read_lo is not None:
+            last_row = OFFSETS + np.arange(MAX_TILES)  # tile column of the last grid row of each rows count
+            first = option.read_lo[last_row]
+            tail = np.where(first < EMPTY, (h - np.clip(first, 0, h)) * row_bytes, tail)
+        option._tail = np.broadcast_to(tail, (MAX_TILES, MAX_TILES))
         return out
+
+    def tail_bytes(self, c: Checkpoint, option: StageOption) -> np.ndarray:
+        """(producer rows, consumer rows): batch-1 bytes of checkpoint ``c`` still alive while the last row of
+        packs of ``option``'s last pass runs (what it reads; the rows above are released as the pass goes)."""
+        self.band_bytes(c, option)
+        return option._tail
+
+    def reads_whole(self, c: Checkpoint, option: StageOption) -> np.ndarray:
+        """(producer rows, consumer rows): where ``option`` needs all of checkpoint ``c`` at once (several
+        passes, or a row of packs reading every row). Then the stages before it have finished when
+        it reads: their bands are gone, and only ``c`` whole (and what follows) is alive from there on."""
+        self.band_bytes(c, option)
+        return option._reads_whole

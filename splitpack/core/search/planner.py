@@ -4,16 +4,20 @@ activation memory and MACs, and the plan an objective picks from it.
 Search. A plan is a path over the exact-mode checkpoints (one per distinct node, in execution
 order) from the image to a last checkpoint, one stage option (source, end, rows x cols grid) per
 step. Its estimated peak (splitpack.core.cost.fast_estimate) is the largest working set of a pack, plus the
-bands of every checkpoint the next stage is reading, plus the last checkpoint written whole (or
-the unsplit rest of the network, if that needs more); its MACs are the stages' (halo recompute and
-second passes included) plus the rest of the network. For each cap ``T`` on the working set (a
-geometric ladder) a dynamic programme over (checkpoint, grid rows of the stage that wrote it) x
-(MACs overhead in buckets) finds the least band bytes for every overhead; the plans of all caps
-together give the estimated front.
+checkpoint bytes alive along the plan (:func:`chain_bands`: the bands of the checkpoints the next
+stages are reading; a stage that reads its source whole -- a squeeze-excitation pass, one row of
+packs -- starts only once the stages before it have finished, so their bands and its source are
+not all alive with what follows), plus the last checkpoint written whole (or the unsplit rest of the
+network, if that needs more); its MACs are the stages' (halo recompute and second passes included)
+plus the rest of the network. For each cap ``T`` on the working set (a geometric ladder) a dynamic
+programme over (checkpoint, grid rows of the stage that wrote it) x (MACs overhead in buckets) finds
+the least checkpoint bytes for every overhead; the plans of all caps together give the estimated
+front. The search runs twice: with chains, and with every checkpoint's bands counted as alive
+together (an upper bound, which ranks plans of many small bands better).
 
-Ranking. The estimates are upper bounds of what is alive together; the finalists an objective
-picks from the front are predicted exactly (splitpack.core.cost.exact_peak: the executor's memory
-behaviour replayed on the real program, MACs read off the program) and the best of those wins.
+Ranking. The finalists an objective picks from both fronts are predicted exactly
+(splitpack.core.cost.exact_peak: the executor's memory behaviour replayed on the real program, MACs
+read off the program) and the best of those wins.
 
 Objectives: the smallest peak within a MACs cap (default :data:`DEFAULT_MAX_OVERHEAD`; plans
 within :data:`PEAK_TIE` of it count as a tie, won by the fewest MACs), or the least MACs within a
@@ -182,33 +186,43 @@ class _SizeContext:
                                    MAX_PASSES, MAX_SPAN)
         self.unsplit_macs = unsplit_macs(traced, self.shapes)  # one image
         self._costs: dict[Plan, PlanCost] = {}
+        self.pools: list[list[Point]] = []  # the last search's fronts: chained estimate, upper bound
 
     # ------------------------------------------------------------------ estimates
     def plan_of(self, path: _Path) -> Plan:
         cps = self.planner.checkpoints
         return Plan(tuple(Stage(cps[o.end - 1].name, (int(r), int(c))) for o, r, c in path.steps))
 
-    def estimate(self, path: _Path) -> tuple[float, float]:
-        """(estimated peak bytes for the batch, MACs ratio) of a path."""
+    def estimate(self, path: _Path, chains: bool = True) -> tuple[float, float]:
+        """(estimated peak bytes for the batch, MACs ratio) of a path; ``chains=False``: the upper bound
+        that counts every checkpoint's bands as alive together (see :class:`_Search`)."""
         est, cps = self.estimator, self.planner.checkpoints
         working = max(o.working_set[r - 1, c - 1] for o, r, c in path.steps)
-        bands = sum(est.band_bytes(cps[o.source - 1], o)[prev_r - 1, r - 1]
-                    for (_, prev_r, _), (o, r, _) in zip(path.steps, path.steps[1:]))
+        chain = (0.0, 0.0, 0.0, 0.0)
+        for (_, prev_r, _), (o, r, _) in zip(path.steps, path.steps[1:]):
+            source = cps[o.source - 1]
+            chain = chain_bands(*chain, est.band_bytes(source, o)[prev_r - 1, r - 1],
+                                est.tail_bytes(source, o)[prev_r - 1, r - 1],
+                                chains and est.reads_whole(source, o)[prev_r - 1, r - 1])
         last = cps[path.steps[-1][0].end - 1]
         whole = est.full_bytes(last) if last.spatial else 0
-        peak = max(working + bands + whole, est.tail_peak(last)) * self.batch
+        peak = max(working + chain_peak(*chain, whole), est.tail_peak(last)) * self.batch
         macs = sum(o.macs[r - 1, c - 1] for o, r, c in path.steps) + est.tail_macs(last)
         return peak, macs / self.unsplit_macs
 
     def front(self, max_overhead: float, stop: float | None = None) -> list[Point]:
-        paths = _Search(self, max_overhead, stop).run()
-        points = {}
-        for path in paths:
-            plan = self.plan_of(path)
-            if plan not in points:
-                peak, ratio = self.estimate(path)
-                points[plan] = Point(plan, int(peak), float(ratio), False)
-        return pareto(list(points.values()))
+        """The estimated front; :meth:`smallest_peak` draws its finalists from both estimates' fronts
+        (kept in ``self.pools``), the front returned is the chained estimate's."""
+        self.pools = []
+        for chains in (True, False):
+            points = {}
+            for path in _Search(self, max_overhead, stop, chains).run():
+                plan = self.plan_of(path)
+                if plan not in points:
+                    peak, ratio = self.estimate(path, chains)
+                    points[plan] = Point(plan, int(peak), float(ratio), False)
+            self.pools.append(pareto(list(points.values())))
+        return self.pools[0]
 
     # ------------------------------------------------------------------ exact
     def cost(self, plan: Plan) -> PlanCost:
@@ -225,7 +239,11 @@ class _SizeContext:
         if not within:
             raise ValueError(f"max_overhead {cap:g}: no plan needs so few MACs; the cheapest plan found needs "
                              f"{min(p.macs_ratio for p in front):.3f}x")
-        checked = [self.exact(p.plan) for p in within[:finalists]]
+        # the chained estimate can be low where the upper bound is not: the best of each go to the replay
+        other = [sorted((p for p in pool if p.macs_ratio <= cap), key=lambda p: p.peak_bytes)[:finalists]
+                 for pool in self.pools[1:] if front is self.pools[0]]
+        within = list({p.plan: p for p in within[:finalists] + sum(other, [])}.values())
+        checked = [self.exact(p.plan) for p in within]
         ok = [p for p in checked if p.macs_ratio <= cap] or checked
         least = min(p.peak_bytes for p in ok)  # then the fewest MACs among the plans within PEAK_TIE of it
         return min((p for p in ok if p.peak_bytes <= least * (1 + PEAK_TIE)), key=lambda p: (p.macs_ratio, p.peak_bytes))
@@ -258,6 +276,26 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
 
+def chain_bands(bands, whole, tail, held, band, band_tail, reads_whole):
+    """Checkpoint bytes alive along a plan, one stage further. A *chain* is the stages since the last one
+    that read its source whole: ``whole`` is that source and ``tail`` what of it its last row of packs
+    still reads (the rows above are released as that pass goes); ``bands``: the bands of the checkpoints
+    the chain's later stages read; ``held``: the most an earlier chain needed. A stage that reads its
+    source whole (``reads_whole``; ``band`` is then that source, ``band_tail`` its part the stage's last
+    row reads) starts a new chain: the stages before it have finished by then. While they finished,
+    their bands stayed alive and the new source grew while the old one shrank to its tail. Otherwise the
+    stage adds its source's bands to the chain."""
+    grown = bands + np.maximum(whole, tail + band)
+    return (np.where(reads_whole, 0.0, bands + band), np.where(reads_whole, band, whole),
+            np.where(reads_whole, band_tail, tail), np.where(reads_whole, np.maximum(held, grown), held))
+
+
+def chain_peak(bands, whole, tail, held, last):
+    """Checkpoint bytes at the peak of a plan whose chain is (bands, whole, tail, held) and whose last
+    checkpoint, written whole, has ``last`` bytes."""
+    return np.maximum(held, bands + np.maximum(whole, tail + last))
+
+
 def pareto(points: list[Point]) -> list[Point]:
     """Points no other point beats on both peak and MACs ratio, by increasing peak."""
     out: list[Point] = []
@@ -270,8 +308,11 @@ def pareto(points: list[Point]) -> list[Point]:
 class _Search:
     """The dynamic programme over (checkpoint, rows of its stage) x MACs-overhead bucket, per working-set cap."""
 
-    def __init__(self, context: _SizeContext, max_overhead: float, stop: float | None = None):
-        self.context, self.est = context, context.estimator
+    def __init__(self, context: _SizeContext, max_overhead: float, stop: float | None = None, chains: bool = True):
+        """``chains``: count the bytes along a plan as :func:`chain_bands` does (a stage that reads its
+        source whole starts a new chain); False: every checkpoint's bands alive together, an upper bound
+        that ranks plans of many small bands better than the chained estimate does."""
+        self.context, self.est, self.chains = context, context.estimator, chains
         self.checkpoints = context.planner.checkpoints
         self.bucket = max(1.0, (max_overhead - 1) * context.unsplit_macs / MACS_BUCKETS)
         # caps from which on no plan is worth having: None = every cap (the whole front); a number (batch
@@ -320,15 +361,17 @@ class _Search:
             here = [(a, r) for r in range(0, MAX_TILES + 1) if (a, r) in states]
             if not here:
                 continue
-            stacked = np.stack([states[s].value for s in here])
+            stacked = tuple(np.stack([getattr(states[s], f) for s in here]) for f in _State.CHAIN)
             rows = np.array([r for _, r in here])
             for k in self.by_source.get(a, ()):
                 self._relax(k, cap, here, rows, stacked, states)
         return self._terminal_paths(cap, states)
 
-    def _relax(self, k: int, cap: float, here, rows: np.ndarray, stacked: np.ndarray, states) -> None:
-        """Extend the plans reaching ``here`` (states at the option's source) by option ``k``, for every
-        rows count, with the least-MACs columns count whose working set is within ``cap``."""
+    def _relax(self, k: int, cap: float, here, rows: np.ndarray, stacked: tuple[np.ndarray, np.ndarray],
+               states) -> None:
+        """Extend the plans reaching ``here`` (states at the option's source; ``stacked``: their running and
+        held band bytes) by option ``k``, for every rows count, with the least-MACs columns count whose
+        working set is within ``cap``."""
         o = self.options[k]
         if o.least_working_set > cap:
             return
@@ -339,20 +382,29 @@ class _Search:
         if not len(usable):
             return
         if o.source == 0:
-            which = np.zeros((len(usable), stacked.shape[1]), np.int64)
-            best = np.broadcast_to(stacked[0], which.shape)
+            which = np.zeros((len(usable), stacked[0].shape[1]), np.int64)
+            best = [np.broadcast_to(v[0], which.shape) for v in stacked]
+        elif not self.chains:  # every band adds up (whole, tail and held stay 0)
+            cand = stacked[0][:, None, :] + o._bands[rows - 1][:, usable][:, :, None]
+            which = cand.argmin(axis=0)
+            best = [cand.min(axis=0)] + [np.zeros_like(cand[0])] * 3
         else:
-            cand = stacked[:, None, :] + o._bands[rows - 1][:, usable][:, :, None]
-            which, best = cand.argmin(axis=0), cand.min(axis=0)
+            cand = chain_bands(*(v[:, None, :] for v in stacked),
+                               *(a[rows - 1][:, usable][:, :, None] for a in (o._bands, o._tail, o._reads_whole)))
+            which = chain_peak(*cand, 0.0).argmin(axis=0)[None]
+            best = [np.take_along_axis(np.broadcast_to(v, cand[0].shape), which, 0)[0] for v in cand]
+            which = which[0]
+        key = chain_peak(*best, 0.0)  # the bytes that decide the peak: the DP keeps the least
         for j, r0 in enumerate(usable):
             shift = int(shifts[r0])
             span = MACS_BUCKETS + 1 - shift
             target = states.get((o.end, r0 + 1))
             if target is None:
                 target = states[(o.end, r0 + 1)] = _State.empty(MACS_BUCKETS + 1)
-            improved = np.nonzero(best[j, :span] < target.value[shift:])[0]
+            improved = np.nonzero(key[j, :span] < target.key()[shift:])[0]
             if len(improved):
-                target.value[improved + shift] = best[j, improved]
+                for field_, v in zip(_State.CHAIN, best):
+                    getattr(target, field_)[improved + shift] = v[j, improved]
                 target.how[improved + shift] = _State.encode(k, cols[r0] + 1, rows[which[j, improved]], improved)
 
     def _terminal_paths(self, cap: float, states) -> tuple[list[_Path], float]:
@@ -363,7 +415,8 @@ class _Search:
                 continue
             whole, tail = self.ends[self.checkpoints[end - 1]]
             finite = np.nonzero(np.isfinite(state.value))[0]
-            peaks.append(np.maximum(cap + state.value[finite] + whole, tail))
+            chain = (getattr(state, f)[finite] for f in _State.CHAIN)
+            peaks.append(np.maximum(cap + chain_peak(*chain, whole), tail))
             buckets.append(finite)
             keys += [(end, r)] * len(finite)
         if not keys:
@@ -389,21 +442,30 @@ class _Search:
 
 @dataclass
 class _State:
-    """Least band bytes per MACs bucket of the plans reaching one (checkpoint, rows), and how
+    """Least checkpoint bytes per MACs bucket of the plans reaching one (checkpoint, rows), as
+    :func:`chain_bands` counts them (``value``: the chain's bands, ``whole``, ``tail``, ``held``); and how
     (option, columns, rows before, bucket before), packed into one integer."""
 
+    CHAIN = ("value", "whole", "tail", "held")
     value: np.ndarray
+    whole: np.ndarray
+    tail: np.ndarray
+    held: np.ndarray
     how: np.ndarray
 
     @classmethod
     def empty(cls, n: int) -> "_State":
-        return cls(np.full(n, np.inf), np.zeros(n, np.int64))
+        return cls(*(np.full(n, np.inf) for _ in cls.CHAIN), np.zeros(n, np.int64))
 
     @classmethod
     def start(cls, n: int) -> "_State":
         state = cls.empty(n)
-        state.value[0] = 0.0
+        for f in cls.CHAIN:
+            getattr(state, f)[0] = 0.0
         return state
+
+    def key(self) -> np.ndarray:
+        return chain_peak(*(getattr(self, f) for f in self.CHAIN), 0.0)
 
     @staticmethod
     def encode(option, cols, prev_rows, prev_bucket):

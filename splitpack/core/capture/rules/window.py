@@ -69,7 +69,18 @@ def standardized_weight(conv: nn.Conv2d) -> torch.Tensor:
                         training=True, momentum=0., eps=conv.eps).reshape_as(conv.weight)
 
 
-@register_module("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+STD_CONVS = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+
+
+def fixed_temporary_bytes(module: nn.Module) -> int:
+    """Bytes a module's call keeps alive inside it whatever the size of its input: a weight-standardised
+    convolution's standardised kernel (computed in every call, per pack in a split run)."""
+    if type(module).__name__ in STD_CONVS:
+        return module.weight.numel() * module.weight.element_size()
+    return 0
+
+
+@register_module(*STD_CONVS)
 def _std_conv(node, ctx, xs, layout, conv: nn.Conv2d) -> Window:
     """A convolution whose weights are standardised (NFNets): not a spatial op, so the region rule is
     the convolution's. The kernel is standardised in each call as the module does: precomputed, every
