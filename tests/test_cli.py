@@ -95,6 +95,11 @@ BAD = {
     "plan-out-not-png": (["plan", "--model", MODEL, "--size", "64", "--out", "front.txt"], "a .png file"),
     "plan-impossible-budget": (["plan", "--model", MODEL, "--size", "64", "--budget", "1KiB", "--out", "front.png"],
                                "is below the smallest peak activation memory achievable"),
+    "plan-latency-0": (["plan", "--model", MODEL, "--size", "64", "--max-latency", "0"], "must be a ratio > 0"),
+    "plan-latency-word": (["plan", "--model", MODEL, "--size", "64", "--max-latency", "fast"],
+                          "expected a latency ratio such as 1.1"),
+    "calibrate-bad-size": (["calibrate", "--model", MODEL, "--size", "0"], "must be >= 1"),
+    "calibrate-bad-threads": (["calibrate", "--model", MODEL, "--threads", "many"], "argument --threads"),
     "unknown-command": (["serv"], "invalid choice"),
 }
 

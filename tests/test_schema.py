@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # A value other than the default for every parameter (text, as the CLI and config files carry it).
 NON_DEFAULT = {
     "model_name": "tv:resnet18", "merge_layer": "layer1,layer2", "grid": "4x4,2x2", "mode": "seed", "compile": "program",
-    "cuda_graphs": "true", "topk": "3", "memory_budget": "512MiB", "max_overhead": "1.5",
+    "cuda_graphs": "true", "topk": "3", "memory_budget": "512MiB", "max_overhead": "1.5", "max_latency": "1.2",
     "native_resolution": "true", "max_side": "640", "max_pixels": "1000000", "min_side": "32",
     "max_image_bytes": "1000", "threads": "2",
     "data_config": '{"crop_pct": 1.0, "interpolation": "bilinear"}',
@@ -63,6 +63,7 @@ def test_every_parameter_is_declared_once_with_a_parsing_default_and_help():
     ("max_batch_delay_ms", "-1", "max_batch_delay_ms: must be >= 0"),
     ("memory_budget", "2 parsecs", "memory_budget: not a memory size"), ("memory_budget", "0", "memory_budget"),
     ("max_overhead", "0.9", "max_overhead: must be >= 1"), ("max_overhead", "fast", "max_overhead: expected a MACs"),
+    ("max_latency", "0", "max_latency: must be a ratio > 0"), ("max_latency", "fast", "max_latency: expected a latency"),
 ])
 def test_bad_values_name_the_parameter(name, bad, message):
     with pytest.raises(ValueError, match=message):

@@ -37,6 +37,7 @@ COMMANDS = {
     "profile": "splitpack.cli.profile",
     "capacity": "splitpack.cli.capacity",
     "plan": "splitpack.cli.plan",
+    "calibrate": "splitpack.cli.calibrate",
     "replica-probe": "splitpack.cli.replica_probe",
     "evaluate": "splitpack.cli.evaluate",
     "seams": "splitpack.cli.seams",

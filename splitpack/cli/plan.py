@@ -1,4 +1,4 @@
-"""Choose a staged plan (merge layers and grids) from the cost model, under a memory budget or a MACs cap."""
+"""Choose a staged plan (merge layers and grids) from the cost model, under a memory budget, a MACs or a latency cap."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,15 @@ def overhead(text: str) -> float:
     value = float(text.strip().rstrip("xX"))
     if not value >= 1:
         raise ValueError(f"must be a MACs ratio >= 1 (split / unsplit), got {text}")
+    return value
+
+
+def latency(text: str) -> float:
+    from splitpack.serving.config import latency_ratio
+
+    value = latency_ratio(text)
+    if value is None:
+        raise ValueError(f"must be a latency ratio > 0 (split / unsplit), got {text}")
     return value
 
 
@@ -41,7 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fewest MACs within it")
     parser.add_argument("--max-overhead", type=arg_type(overhead, "MACs ratio"), metavar="RATIO",
                         help="MACs allowed as a ratio to the unsplit model: the plan with the smallest peak within "
-                             "it (default 1.25 without --budget)")
+                             "it (default 1.25 without --budget or --max-latency)")
+    parser.add_argument("--max-latency", type=arg_type(latency, "latency ratio"), metavar="RATIO",
+                        help="latency allowed as a ratio to the unsplit model on this device, predicted by the "
+                             "device's time model (calibrated on first use, see `splitpack calibrate`): the plan "
+                             "with the smallest peak within it; with --budget the fewest predicted seconds within "
+                             "the budget")
+    parser.add_argument("--compile", choices=("off", "program"), default="program",
+                        help="how the plan's latency is predicted to run: interpreted (off) or as a recorded "
+                             "program (default)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     common.add_device(parser)
     parser.add_argument("--no-measure", action="store_true",
@@ -60,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         pyplot()  # a missing plot extra is reported before minutes of planning
     model, spec = common.build_model(args)
     report = plan_report(spec.title, args.size, args.batch_size, args.budget, args.max_overhead, args.device,
-                         getattr(torch, args.dtype), measure=not args.no_measure, model=model)
+                         getattr(torch, args.dtype), measure=not args.no_measure, model=model,
+                         max_latency=args.max_latency, latency_mode="interpreter" if args.compile == "off" else "program")
     if args.out:
         common.write_plot(args.out, lambda path: plot_front(report, path))
         report["png"] = args.out

@@ -17,7 +17,7 @@ __all__ = ["MODES", "PLAN_CACHE_SIZE", "SplitPack", "merge_layers", "wrap"]
 
 def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
          cuda_graphs: bool = False, max_batch: int = DEFAULT_MAX_BATCH, memory_budget: int | None = None,
-         max_overhead: float | None = None) -> nn.Module:
+         max_overhead: float | None = None, max_latency: float | None = None) -> nn.Module:
     """Run ``model`` with split-pack inference.
 
     ``merge_layer`` is a checkpoint (module name), a staged plan (a list or comma string of
@@ -39,12 +39,17 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     each input size on its first call -- the smallest predicted peak within ``max_overhead`` x the
     unsplit MACs (default 1.25), or with ``memory_budget`` (peak activation bytes per image) the
     least MACs that fit -- and returns a :class:`splitpack.core.search.auto.AutoSplitPack`.
+    ``max_latency`` (a ratio to the unsplit model's time on this device, predicted by the device's time
+    model, :mod:`splitpack.core.cost.time_model`, calibrated on first use): the smallest peak predicted
+    within it, or with ``memory_budget`` the fewest predicted seconds within the budget.
     """
-    plan = parse_plan(merge_layer, grid, memory_budget=memory_budget, max_overhead=max_overhead)
+    plan = parse_plan(merge_layer, grid, memory_budget=memory_budget, max_overhead=max_overhead,
+                      max_latency=max_latency)
     if isinstance(plan, AutoPlan):
         return AutoSplitPack(model, plan, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch)
-    if memory_budget is not None or max_overhead is not None:
-        raise ValueError("memory_budget and max_overhead are for merge_layer='auto' (the planner's objective)")
+    if memory_budget is not None or max_overhead is not None or max_latency is not None:
+        raise ValueError("memory_budget and max_overhead are for merge_layer='auto' (the planner's objective), "
+                         "and so is max_latency")
     return SplitPack(model, plan, grid, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch)
 
 

@@ -12,7 +12,8 @@ from splitpack.measure.units import MiB
 
 def plan_report(model_name: str, size: int, batch_size: int = 1, memory_budget: int | None = None,
                 max_overhead: float | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                measure: bool = True, model: torch.nn.Module | None = None) -> dict[str, Any]:
+                measure: bool = True, model: torch.nn.Module | None = None, max_latency: float | None = None,
+                latency_mode: str = "program") -> dict[str, Any]:
     """The JSON document of ``splitpack plan`` (``model``: the one to plan, default ``model_name`` built)."""
     import splitpack
     from splitpack.core.search.planner import Planner
@@ -23,13 +24,18 @@ def plan_report(model_name: str, size: int, batch_size: int = 1, memory_budget: 
     start = time.perf_counter()
     planner = Planner(model)
     traced_s = time.perf_counter() - start
-    choice = planner.choose(shape, memory_budget, max_overhead, whole_front=True)
+    choice = planner.choose(shape, memory_budget, max_overhead, whole_front=True, max_latency=max_latency,
+                            latency_mode=latency_mode)
+    timed = choice.predicted_time
     report = {
         "model": model_name, "size": size, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
         "device": str(device), "objective": choice.objective, "plan": choice.plan.to_dict(),
         "plan_text": str(choice.plan), "merge_layer": choice.plan.merge_layer_text, "grid": choice.plan.grid_text,
         "predicted_peak_bytes": choice.predicted_peak_bytes, "predicted_macs_ratio": choice.predicted_macs_ratio,
         "macs": choice.macs, "unsplit_macs": choice.unsplit_macs, "ops": choice.ops,
+        "predicted_latency_ratio": timed.ratio if timed else None, "latency_mode": timed.mode if timed else None,
+        "predicted_seconds": timed.seconds if timed else None,
+        "predicted_unsplit_seconds": timed.unsplit_seconds if timed else None,
         "checkpoints": len(planner.checkpoints), "trace_seconds": round(traced_s, 3),
         "planning_seconds": round(choice.seconds, 3), "front": [p.to_dict() for p in choice.front],
         "measured_peak_bytes": None, "baseline_peak_bytes": None, "measured_by": None,
@@ -56,7 +62,9 @@ def format_report(r: dict[str, Any], front_rows: int = 12) -> str:
              f"{r['checkpoints']} checkpoints, planned in {r['planning_seconds']:.1f} s (trace {r['trace_seconds']:.1f} s)",
              f"chosen ({r['objective']}): {r['plan_text']}",
              f"  predicted peak {r['predicted_peak_bytes'] / MiB:.2f} MiB, {r['predicted_macs_ratio']:.3f}x MACs, "
-             f"{r['ops']} ops"]
+             + (f"{r['predicted_latency_ratio']:.3f}x latency ({r['predicted_seconds'] * 1e3:.1f} ms vs "
+                f"{r['predicted_unsplit_seconds'] * 1e3:.1f} ms unsplit, as {r['latency_mode']}), "
+                if r.get("predicted_latency_ratio") is not None else "") + f"{r['ops']} ops"]
     if r["measured_peak_bytes"] is not None:
         error = r["predicted_peak_bytes"] / r["measured_peak_bytes"] - 1 if r["measured_peak_bytes"] else 0.0
         lines.append(f"  measured peak {r['measured_peak_bytes'] / MiB:.2f} MiB (prediction {100 * error:+.1f}%); "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -122,17 +123,29 @@ def memory_budget(value: Any) -> int | None:
     return nbytes
 
 
-def overhead_ratio(value: Any) -> float | None:
-    """MACs allowed for ``merge_layer: auto``, as a ratio to the unsplit model (>= 1); ""/none = the default."""
+def _ratio(value: Any, example: str, valid: Callable[[float], bool], requirement: str) -> float | None:
+    """A ratio to the unsplit model (``1.25``, ``"1.25x"``); ""/none = None."""
     if value is None or (isinstance(value, str) and value.strip().lower() in UNSPLIT_WORDS):
         return None
     try:
         ratio = float(value.strip().rstrip("xX")) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"expected a MACs ratio such as 1.25, got {value!r}") from None
-    if not ratio >= 1:
-        raise ValueError(f"must be >= 1 (a ratio to the unsplit model's MACs), got {value!r}")
+        raise ValueError(f"expected {example}, got {value!r}") from None
+    if not valid(ratio):
+        raise ValueError(f"must be {requirement}, got {value!r}")
     return ratio
+
+
+def latency_ratio(value: Any) -> float | None:
+    """Latency allowed for ``merge_layer: auto``, as a ratio to the unsplit model's predicted time on the
+    serving device (> 0); ""/none = no latency objective."""
+    return _ratio(value, "a latency ratio such as 1.1", lambda r: r > 0 and math.isfinite(r),
+                  "a ratio > 0 (split / unsplit latency)")
+
+
+def overhead_ratio(value: Any) -> float | None:
+    """MACs allowed for ``merge_layer: auto``, as a ratio to the unsplit model (>= 1); ""/none = the default."""
+    return _ratio(value, "a MACs ratio such as 1.25", lambda r: r >= 1, ">= 1 (a ratio to the unsplit model's MACs)")
 
 
 def merge_layer_text(value: Any) -> str:
@@ -295,6 +308,12 @@ PARAMS: tuple[Param, ...] = (
           "class names for the answers: index_to_name.json or one label per line (archive and triton-repo "
           "ship a copy); default: ImageNet's for 1000-class heads, else class indices", metavar="FILE",
           model_arg=True),
+    # (added later than the model's own: positional ServingConfig(...) calls stay valid)
+    Param("max_latency", latency_ratio, None,
+          "merge_layer auto: latency allowed, as a ratio to the unsplit model's time on the serving device "
+          "(predicted by the device's time model, calibrated at first load and cached); the planner picks the "
+          "smallest peak within it, or with memory_budget the fewest predicted seconds within the budget",
+          metavar="RATIO", plan_arg=True),
     # -- deploy: the servers' own settings -------------------------------------------------------------
     Param("replicas", integer(1), 1, "model replicas (processes) per server", section=DEPLOY,
           native={"torchserve": "minWorkers, maxWorkers", "triton": "instance_group.count"}, metavar="N"),

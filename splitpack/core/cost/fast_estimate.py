@@ -34,6 +34,18 @@ from splitpack.core.capture.rules import NCHW, Rule, Window, spatial_dims
 from splitpack.core.plan.schedule import StageGraph, bounds, node_kind, pass_level, stage_graphs, stage_rules
 
 MAX_TILES = 8  # grids 1x1 .. 8x8, every rows x cols combination
+
+
+@dataclass
+class OpTimes:
+    """What the search needs of a time model (splitpack.core.cost.time_model.Predictor.op_times): per op its
+    seconds at full size and its fixed part, per step and per pack the overheads, and seconds per copied byte."""
+
+    full: dict[fx.Node, float]
+    fixed: dict[fx.Node, float]
+    per_step: float
+    per_pack: float
+    copy_slope: float
 EMPTY = 1 << 40
 # tile t of a g-tile split sits at column OFFSETS[g - 1] + t of the (target, tile) arrays
 OFFSETS = np.cumsum([0] + list(range(1, MAX_TILES)))
@@ -106,6 +118,8 @@ class Sweep:
     col_sum: dict[fx.Node, np.ndarray] = field(default_factory=dict)
     row_max: dict[fx.Node, np.ndarray] = field(default_factory=dict)
     col_max: dict[fx.Node, np.ndarray] = field(default_factory=dict)
+    row_count: dict[fx.Node, np.ndarray] = field(default_factory=dict)  # tiles with at least one row
+    col_count: dict[fx.Node, np.ndarray] = field(default_factory=dict)
     rows_at: dict[fx.Node, _Intervals] = field(default_factory=dict)  # checkpoints: (targets, TILE_COLUMNS)
 
     def column(self, target: fx.Node) -> int:
@@ -152,6 +166,8 @@ def _summarise(result: Sweep, node: fx.Node, rows: _Intervals, cols: _Intervals,
     r, c = rows.lengths(), cols.lengths()
     result.row_sum[node], result.col_sum[node] = _per_grid(r, np.add), _per_grid(c, np.add)
     result.row_max[node], result.col_max[node] = _per_grid(r, np.maximum), _per_grid(c, np.maximum)
+    result.row_count[node], result.col_count[node] = _per_grid((r > 0).astype(np.int64), np.add), \
+        _per_grid((c > 0).astype(np.int64), np.add)
     if node in keep_rows:
         result.rows_at[node] = rows
 
@@ -182,9 +198,12 @@ class StageOption:
     _bands: np.ndarray | None = None  # cache of Estimator.band_bytes
     _reads_whole: np.ndarray | None = None  # cache: where the bands are the whole source (see reads_whole)
     _tail: np.ndarray | None = None  # cache: the source's bytes its last row of packs reads (see tail_bytes)
+    seconds: np.ndarray | None = None  # predicted seconds of the stage, batch 1 (with a time model)
+    unsplit_seconds: float = 0.0  # the same nodes run once unsplit
 
     def __post_init__(self):
         self.extra_macs = self.macs - self.unsplit_macs  # halo recompute and extra passes
+        self.extra_seconds = None if self.seconds is None else self.seconds - self.unsplit_seconds
         self.least_working_set = float(self.working_set[self.valid].min()) if self.valid.any() else math.inf
 
 
@@ -192,8 +211,12 @@ class Estimator:
     """Stage options of a model at one input size (batch 1), and the terms the planner adds up."""
 
     def __init__(self, traced: TracedModel, checkpoints: list[Checkpoint], shapes: dict[fx.Node, Shape],
-                 dtype: torch.dtype, profile: AllocationProfile, max_passes: int, max_span: int):
+                 dtype: torch.dtype, profile: AllocationProfile, max_passes: int, max_span: int,
+                 op_time: "OpTimes | None" = None):
+        """``op_time``: per-op times of a time model (splitpack.core.cost.time_model); with it every stage
+        option also gets its predicted seconds."""
         self.traced, self.checkpoints, self.shapes, self.profile = traced, checkpoints, shapes, profile
+        self.op_time = op_time
         whole = stage_graphs(traced, Plan((Stage(checkpoints[-1].name, (1, 1)),)))[0]
         self.rules, layouts = stage_rules(traced, whole, shapes, NCHW, dtype)
         self.whole = whole
@@ -208,6 +231,9 @@ class Estimator:
         self.macs_per_pixel = self._macs_per_pixel()
         self._pass_macs = {t: self._cumulative_macs(t) for t in self.targets}
         self._pass_ws = {t: self._working_sets(t) for t in self.targets}
+        if op_time is not None:
+            self._pass_seconds = {t: self._cumulative_seconds(t) for t in self.targets}
+            self._seconds_before = np.cumsum([op_time.full.get(n, 0.0) for n in traced.nodes])
         self.step_peaks = self._unsplit_step_peaks()
         self.options = self._options(max_passes, max_span)
 
@@ -258,6 +284,51 @@ class Estimator:
         end = running[-1]
         k = np.searchsorted(where, self.index[source], side="right")
         return end - running[k - 1] if k > 0 else end
+
+    # seconds (with a time model) ----------------------------------------------
+    def _cumulative_seconds(self, target: fx.Node) -> tuple[np.ndarray, np.ndarray]:
+        """(node indices, running seconds (n, 8, 8)) of a pass seeded at ``target``: per spatial op its fixed
+        cost per pack it runs in plus its per-pixel cost times the pixels computed."""
+        col, s, times = self.sweep.column(target), self.sweep, self.op_time
+        nodes = sorted((n for n in self.whole.nodes if n in self.whole.spatial and n in s.row_sum and n in times.full
+                        and self.index[n] <= self.index[target]), key=self.index.__getitem__)
+        if not nodes:
+            return np.zeros(0, np.int64), np.zeros((0, MAX_TILES, MAX_TILES))
+        def stacked(table):
+            return np.stack([table[n][col] for n in nodes]).astype(float)
+        per_pixel = np.array([(times.full[n] - times.fixed[n]) / (self.hw[n][0] * self.hw[n][1]) for n in nodes])
+        fixed = np.array([times.fixed[n] + times.per_step for n in nodes])
+        seconds = np.einsum("m,mi,mj->mij", per_pixel, stacked(s.row_sum), stacked(s.col_sum)) \
+            + np.einsum("m,mi,mj->mij", fixed, stacked(s.row_count), stacked(s.col_count))
+        return np.array([self.index[n] for n in nodes]), np.cumsum(seconds, axis=0)
+
+    def pass_seconds(self, source: fx.Node, target: fx.Node) -> np.ndarray:
+        where, running = self._pass_seconds[target]
+        if not len(where):
+            return np.zeros((MAX_TILES, MAX_TILES))
+        k = np.searchsorted(where, self.index[source], side="right")
+        return running[-1] - running[k - 1] if k > 0 else running[-1]
+
+    def unsplit_seconds_between(self, first: fx.Node, last: fx.Node) -> float:
+        return float(self._seconds_before[self.index[last]] - self._seconds_before[self.index[first]])
+
+    def tail_seconds(self, c: Checkpoint) -> float:
+        return float(self._seconds_before[-1] - self._seconds_before[self.index[c.node]])
+
+    def _stage_seconds(self, source: fx.Node, end: Checkpoint, seeds: list[list[fx.Node]]) -> np.ndarray:
+        """A stage's seconds for every grid: its passes, its global values and reductions once each, and per
+        pack the read of its source and the write of its tile (the checkpoint copied once in all)."""
+        per_target = [self.pass_seconds(source, t) for pass_seeds in seeds for t in pass_seeds]
+        nodes = self.traced.nodes[self.index[source] + 1:self.index[end.node] + 1]
+        once = sum(self.op_time.full.get(n, 0.0) for n in nodes if n not in self.whole.spatial)
+        packs = np.outer(np.arange(1, MAX_TILES + 1), np.arange(1, MAX_TILES + 1))
+        copies = self.op_time.per_pack * packs * len(seeds)
+        if end.spatial:
+            copies = copies + self.op_time.copy_slope * self.full_bytes(end)
+        seconds = sum(per_target) + once + copies
+        if len(seeds) > 1:  # one pack keeps its values from pass to pass
+            seconds[0, 0] = max(m[0, 0] for m in per_target) + once + copies[0, 0]
+        return seconds
 
     # working set --------------------------------------------------------------
     def _live_roots(self) -> dict[fx.Node, list[fx.Node]]:
@@ -415,8 +486,11 @@ class Estimator:
         unsplit = self.unsplit_macs_between(source, end.node)
         read = self.sweep.rows_at.get(source)
         col = self.sweep.column(seeds[-1][0]) if read is not None else 0
+        seconds = self._stage_seconds(source, end, seeds) if self.op_time is not None else None
+        unsplit_s = self.unsplit_seconds_between(source, end.node) if self.op_time is not None else 0.0
         return StageOption(a, b, len(seeds), macs, unsplit, ws, valid,
-                           read.lo[col] if read is not None else None, read.hi[col] if read is not None else None)
+                           read.lo[col] if read is not None else None, read.hi[col] if read is not None else None,
+                           seconds=seconds, unsplit_seconds=unsplit_s)
 
     def band_bytes(self, c: Checkpoint, option: StageOption) -> np.ndarray:
         """Batch-1 bytes of checkpoint ``c``'s bands alive while ``option`` (whose source it is) reads it:

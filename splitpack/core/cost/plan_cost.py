@@ -42,12 +42,13 @@ class PlanCost:
 
 
 def plan_cost(traced: TracedModel, plan, shape, dtype: torch.dtype | None = None,
-              profile: tuple[AllocationProfile, dict] | None = None) -> PlanCost:
+              profile: tuple[AllocationProfile, dict] | None = None, program: Program | None = None) -> PlanCost:
     """The cost of ``plan`` (a splitpack.core.plan.spec.Plan) for inputs of ``shape`` (N, C, H, W).
-    ``profile``: :func:`allocation_profile`'s result for this size, when the caller has it."""
+    ``profile``: :func:`allocation_profile`'s result for this size, ``program``: the plan's program at
+    this size and dtype, when the caller has them."""
     dtype = dtype or traced.dtype
     allocations, shapes = profile or allocation_profile(traced, shape, dtype)
-    program = build_program(traced, stage_graphs(traced, plan), shapes, dtype)
+    program = program or build_program(traced, stage_graphs(traced, plan), shapes, dtype)
     last = traced.checkpoints[plan.stages[-1].checkpoint]
     return PlanCost.of_program(traced, program, shapes, last, shape[0],
                                replay_peak(traced, program, allocations, shape[0], shapes, last))

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from splitpack.core.execute.module import PLAN_CACHE_SIZE, SplitPack
-from splitpack.core.compile.recording import DEFAULT_MAX_BATCH
+from splitpack.core.compile.recording import DEFAULT_MAX_BATCH, OFF, compile_mode
 from splitpack.core.plan.spec import AutoPlan
-from splitpack.core.search.planner import PlanChoice, Planner
+from splitpack.core.cost.time_model import INTERPRETED, PROGRAM
+from splitpack.core.search.planner import PlanChoice, Planner, check_max_latency
 from splitpack.errors import SplitError
 
 log = logging.getLogger("splitpack")
@@ -38,6 +39,7 @@ class AutoSplitPack(nn.Module):
         if mode != "exact":
             raise ValueError("merge_layer='auto' plans exact mode (seed mode changes outputs: choose its merge "
                              "layer after measuring accuracy)")
+        check_max_latency(auto.max_latency)
         self.model = model
         self.auto = auto
         self.mode = mode
@@ -52,7 +54,8 @@ class AutoSplitPack(nn.Module):
         return self.auto
 
     def extra_repr(self) -> str:
-        return f"plan='auto', memory_budget={self.auto.memory_budget}, max_overhead={self.auto.max_overhead}"
+        return (f"plan='auto', memory_budget={self.auto.memory_budget}, max_overhead={self.auto.max_overhead}, "
+                f"max_latency={self.auto.max_latency}")
 
     def for_input(self, shape, dtype: torch.dtype | None = None, device=None) -> SplitPack:
         """The SplitPack that runs inputs of ``shape`` (N, C, H, W): planned on first use, then cached."""
@@ -69,10 +72,14 @@ class AutoSplitPack(nn.Module):
 
     def _resolve(self, key: tuple) -> SplitPack:
         size, dtype, _ = key
-        choice = self._planner.choose((1, *size), self.auto.memory_budget, self.auto.max_overhead, dtype=dtype)
-        log.info("merge_layer=auto: input %s %s -> plan %s (predicted peak %s per image, %.3fx MACs; %s; "
+        latency_mode = INTERPRETED if compile_mode(self.compile) == OFF else PROGRAM
+        choice = self._planner.choose((1, *size), self.auto.memory_budget, self.auto.max_overhead, dtype=dtype,
+                                      max_latency=self.auto.max_latency, latency_mode=latency_mode)
+        latency = "" if choice.predicted_latency_ratio is None else f", {choice.predicted_latency_ratio:.3f}x latency"
+        log.info("merge_layer=auto: input %s %s -> plan %s (predicted peak %s per image, %.3fx MACs%s; %s; "
                  "planned in %.1f s)", "x".join(map(str, size)), str(dtype).removeprefix("torch."), choice.plan,
-                 _mib(choice.predicted_peak_bytes), choice.predicted_macs_ratio, choice.objective, choice.seconds)
+                 _mib(choice.predicted_peak_bytes), choice.predicted_macs_ratio, latency, choice.objective,
+                 choice.seconds)
         pack = SplitPack(self.model, choice.plan, mode=self.mode, compile=self.compile, cuda_graphs=self.cuda_graphs, max_batch=self.max_batch,
                          traced=self._planner.traced)
         self.choices[key] = choice

@@ -21,7 +21,10 @@ read off the program) and the best of those wins.
 
 Objectives: the smallest peak within a MACs cap (default :data:`DEFAULT_MAX_OVERHEAD`; plans
 within :data:`PEAK_TIE` of it count as a tie, won by the fewest MACs), or the least MACs within a
-memory budget (bytes for the whole batch); both when both are given.
+memory budget (bytes for the whole batch); both when both are given. With ``max_latency`` (a ratio
+to the unsplit model's predicted time on this device, splitpack.core.cost.time_model) the plans of
+the front are timed by the device's time model: the smallest peak whose predicted latency ratio is
+within it, or with a memory budget the fewest predicted seconds within the budget (and within it).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,7 +44,8 @@ from splitpack.core.capture.graph import TracedModel, trace
 from splitpack.core.plan.spec import Plan, Stage
 from splitpack.core.cost.exact_peak import allocation_profile
 from splitpack.core.cost.plan_cost import PlanCost, plan_cost
-from splitpack.core.plan.schedule import unsplittable_nodes
+from splitpack.core.cost.time_model import PROGRAM, PlanTime, Predictor, TimeModel, time_model_for
+from splitpack.core.plan.schedule import Program, build_program, stage_graphs, unsplittable_nodes
 from splitpack.errors import SplitError
 
 log = logging.getLogger("splitpack.planner")
@@ -54,10 +58,26 @@ MACS_BUCKETS = 160  # resolution of the MACs overhead in the dynamic programme
 LADDER_STEP = 1.2  # ratio between consecutive working-set caps
 FINALISTS = 6  # plans predicted exactly per objective
 PEAK_TIE = 0.02  # smallest peak: plans within 2% of it are a tie, broken by fewer MACs
+TIMED_CANDIDATES = 12  # plans of the search's front whose programs the time model predicts, per objective
+LATENCY_SLACK = 1.15  # the search's seconds are estimates: it looks this far past max_latency
+MACS, SECONDS = "macs", "seconds"  # what the search's cost is
 
 
 class BudgetTooSmall(SplitError, ValueError):
     """No plan fits the memory budget; the message states the smallest achievable peak."""
+
+
+class LatencyTooLow(SplitError, ValueError):
+    """No plan is predicted within ``max_latency``; the message states the best achievable ratio."""
+
+
+def check_max_latency(value: float | None) -> float | None:
+    """``max_latency``: None, or a latency ratio to the unsplit model > 0 (a plan may be faster than it)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"max_latency: a latency ratio > 0 (split / unsplit, e.g. 1.1), got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -88,12 +108,21 @@ class PlanChoice:
     front: list[Point]
     seconds: float
     shape: tuple[int, ...]
+    predicted_time: PlanTime | None = None  # when a latency objective (or a time model) was given
+
+    @property
+    def predicted_latency_ratio(self) -> float | None:
+        return self.predicted_time.ratio if self.predicted_time is not None else None
 
     def to_dict(self) -> dict[str, Any]:
+        timed = self.predicted_time
         return {"plan": self.plan.to_dict(), "plan_text": str(self.plan),
                 "predicted_peak_bytes": self.predicted_peak_bytes,
                 "predicted_macs_ratio": round(self.predicted_macs_ratio, 6), "macs": self.macs,
                 "unsplit_macs": self.unsplit_macs, "ops": self.ops, "objective": self.objective,
+                "predicted_latency_ratio": round(timed.ratio, 4) if timed else None,
+                "predicted_seconds": timed.seconds if timed else None,
+                "predicted_unsplit_seconds": timed.unsplit_seconds if timed else None,
                 "planning_seconds": round(self.seconds, 3), "input_shape": list(self.shape),
                 "front": [p.to_dict() for p in self.front]}
 
@@ -139,27 +168,46 @@ class Planner:
 
     # ------------------------------------------------------------------ public
     def choose(self, shape, memory_budget: int | None = None, max_overhead: float | None = None,
-               finalists: int = FINALISTS, whole_front: bool = False, dtype: torch.dtype | None = None) -> PlanChoice:
+               finalists: int = FINALISTS, whole_front: bool = False, dtype: torch.dtype | None = None,
+               max_latency: float | None = None, time_model: TimeModel | None = None,
+               latency_mode: str = PROGRAM) -> PlanChoice:
         """The plan for inputs of ``shape`` (N, C, H, W): the smallest predicted peak within
         ``max_overhead`` (default 1.25x MACs), or with ``memory_budget`` (bytes, whole batch) the
         least MACs whose predicted peak fits (and within ``max_overhead`` if given too).
-        ``whole_front``: search (and return) the front up to 3x MACs, not only what the objective needs."""
+        With ``max_latency`` (predicted latency / the unsplit model's, ``latency_mode``: how the plan runs,
+        "program" or "interpreter") the smallest peak within it, or with ``memory_budget`` the fewest
+        predicted seconds within the budget (and within ``max_latency``); ``time_model``: the device's
+        (default: from the cache, calibrated on first use). ``whole_front``: search (and return) the front
+        up to 3x MACs, not only what the objective needs."""
         start = time.perf_counter()
         shape = tuple(int(s) for s in shape)
         if max_overhead is not None and max_overhead < 1:
             raise ValueError(f"max_overhead: a MACs ratio >= 1, got {max_overhead}")
-        cap = max_overhead if max_overhead is not None else (None if memory_budget else DEFAULT_MAX_OVERHEAD)
-        context = _SizeContext(self, shape, dtype or self.dtype)
+        max_latency = check_max_latency(max_latency)
+        timed = max_latency is not None
+        cap = max_overhead if max_overhead is not None else (None if memory_budget or timed else DEFAULT_MAX_OVERHEAD)
+        context = _SizeContext(self, shape, dtype or self.dtype, time_model, latency_mode, timed)
         stop = None if whole_front else (math.nan if memory_budget is None else memory_budget)
-        front = context.front(FRONT_OVERHEAD if whole_front else max(cap or FRONT_OVERHEAD, 1.0), stop)
-        if memory_budget is None:
+        macs_cap = f" and {cap:g}x MACs" if cap else ""
+        if timed:  # the search's cost is predicted seconds
+            front = context.front(max(max_latency, 1.0) * LATENCY_SLACK, None if timed else stop, metric=SECONDS)
+        else:
+            front = context.front(FRONT_OVERHEAD if whole_front else max(cap or FRONT_OVERHEAD, 1.0), stop)
+        if timed and memory_budget is None:
+            point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
+            objective = f"smallest peak within {max_latency:g}x predicted latency{macs_cap}"
+        elif timed:
+            point = context.fastest_within_budget(front, memory_budget, max_latency, cap, finalists)
+            objective = f"fewest predicted seconds within {memory_budget} bytes and {max_latency:g}x latency{macs_cap}"
+        elif memory_budget is None:
             point, objective = context.smallest_peak(front, cap, finalists), f"smallest peak within {cap:g}x MACs"
         else:
             point = context.least_macs(front, memory_budget, cap, finalists)
-            objective = f"least MACs within {memory_budget} bytes" + (f" and {cap:g}x MACs" if cap else "")
+            objective = f"least MACs within {memory_budget} bytes" + macs_cap
         cost = context.cost(point.plan)
+        predicted = context.plan_time(point.plan) if timed or time_model is not None else None
         return PlanChoice(point.plan, cost.peak_bytes, cost.macs_ratio, cost.macs, cost.unsplit_macs, cost.ops,
-                          objective, context.final_front(front), time.perf_counter() - start, shape)
+                          objective, context.final_front(front), time.perf_counter() - start, shape, predicted)
 
     def front(self, shape, max_overhead: float = FRONT_OVERHEAD, dtype: torch.dtype | None = None) -> list[Point]:
         """The estimated Pareto front (peak, MACs ratio) up to ``max_overhead``."""
@@ -168,22 +216,32 @@ class Planner:
 
 
 def plan_for(model: nn.Module | TracedModel, shape, memory_budget: int | None = None,
-             max_overhead: float | None = None, dtype: torch.dtype | None = None) -> PlanChoice:
+             max_overhead: float | None = None, dtype: torch.dtype | None = None,
+             max_latency: float | None = None) -> PlanChoice:
     """The staged plan for ``model`` and inputs of ``shape`` (N, C, H, W); see :meth:`Planner.choose`."""
-    return Planner(model, dtype).choose(shape, memory_budget, max_overhead)
+    return Planner(model, dtype).choose(shape, memory_budget, max_overhead, max_latency=max_latency)
 
 
 class _SizeContext:
     """Everything the planner knows about one input size."""
 
-    def __init__(self, planner: Planner, shape: tuple[int, ...], dtype: torch.dtype):
+    def __init__(self, planner: Planner, shape: tuple[int, ...], dtype: torch.dtype,
+                 time_model: TimeModel | None = None, latency_mode: str = PROGRAM, timed: bool = False):
+        """``timed``: the search estimates every stage's seconds too (the device's time model, calibrated
+        on first use if ``time_model`` is None)."""
         if len(shape) != 4:
             raise ValueError(f"input shape: expected (N, C, H, W), got {shape}")
         self.planner, self.shape, self.batch, self.dtype = planner, shape, shape[0], dtype
+        self.time_model, self.latency_mode = time_model, latency_mode
+        self._times: dict[Plan, PlanTime] = {}
+        self._programs: dict[Plan, Program] = {}
+        self._estimated_seconds: dict[Plan, float] = {}
         traced = planner.traced
         self.profile, self.shapes = allocation_profile(traced, shape, dtype)
+        self._predictor = None
+        op_times = self.predictor().op_times(self.shapes, self.batch, latency_mode) if timed else None
         self.estimator = Estimator(traced, planner.checkpoints, self.shapes, dtype, self.profile,
-                                   MAX_PASSES, MAX_SPAN)
+                                   MAX_PASSES, MAX_SPAN, op_times)
         self.unsplit_macs = unsplit_macs(traced, self.shapes)  # one image
         self._costs: dict[Plan, PlanCost] = {}
         self.pools: list[list[Point]] = []  # the last search's fronts: chained estimate, upper bound
@@ -192,6 +250,11 @@ class _SizeContext:
     def plan_of(self, path: _Path) -> Plan:
         cps = self.planner.checkpoints
         return Plan(tuple(Stage(cps[o.end - 1].name, (int(r), int(c))) for o, r, c in path.steps))
+
+    def estimated_seconds(self, path: _Path) -> float:
+        """The search's estimate of a path's seconds (a timed search only)."""
+        last = self.planner.checkpoints[path.steps[-1][0].end - 1]
+        return sum(float(o.seconds[r - 1, c - 1]) for o, r, c in path.steps) + self.estimator.tail_seconds(last)
 
     def estimate(self, path: _Path, chains: bool = True) -> tuple[float, float]:
         """(estimated peak bytes for the batch, MACs ratio) of a path; ``chains=False``: the upper bound
@@ -210,24 +273,39 @@ class _SizeContext:
         macs = sum(o.macs[r - 1, c - 1] for o, r, c in path.steps) + est.tail_macs(last)
         return peak, macs / self.unsplit_macs
 
-    def front(self, max_overhead: float, stop: float | None = None) -> list[Point]:
+    def front(self, max_overhead: float, stop: float | None = None, metric: str = MACS) -> list[Point]:
         """The estimated front; :meth:`smallest_peak` draws its finalists from both estimates' fronts
-        (kept in ``self.pools``), the front returned is the chained estimate's."""
+        (kept in ``self.pools``), the front returned is the chained estimate's. ``metric`` SECONDS (a timed
+        context): the search's cost is predicted seconds, up to ``max_overhead`` x the unsplit model's, the
+        estimated seconds are kept per plan and the plans of both fronts are returned."""
         self.pools = []
+        key = (lambda p: self._estimated_seconds[p.plan]) if metric == SECONDS else (lambda p: p.macs_ratio)
         for chains in (True, False):
             points = {}
-            for path in _Search(self, max_overhead, stop, chains).run():
+            for path in _Search(self, max_overhead, stop, chains, metric).run():
                 plan = self.plan_of(path)
                 if plan not in points:
                     peak, ratio = self.estimate(path, chains)
                     points[plan] = Point(plan, int(peak), float(ratio), False)
-            self.pools.append(pareto(list(points.values())))
+                    if metric == SECONDS:
+                        self._estimated_seconds.setdefault(plan, self.estimated_seconds(path))
+            self.pools.append(pareto(list(points.values()), key))
+        if metric == SECONDS:
+            both = {p.plan: p for p in self.pools[1] + self.pools[0]}  # the chained estimate where both have it
+            return sorted(both.values(), key=lambda p: (p.peak_bytes, key(p)))
         return self.pools[0]
 
     # ------------------------------------------------------------------ exact
+    def program(self, plan: Plan) -> Program:
+        if plan not in self._programs:
+            traced = self.planner.traced
+            self._programs[plan] = build_program(traced, stage_graphs(traced, plan), self.shapes, self.dtype)
+        return self._programs[plan]
+
     def cost(self, plan: Plan) -> PlanCost:
         if plan not in self._costs:
-            self._costs[plan] = plan_cost(self.planner.traced, plan, self.shape, self.dtype, (self.profile, self.shapes))
+            self._costs[plan] = plan_cost(self.planner.traced, plan, self.shape, self.dtype, (self.profile, self.shapes),
+                                          self.program(plan))
         return self._costs[plan]
 
     def exact(self, plan: Plan) -> Point:
@@ -265,6 +343,76 @@ class _SizeContext:
                              f"achievable{within} for input {list(self.shape)}: {_mib(best.peak_bytes)} "
                              f"(plan {best.plan}, {best.macs_ratio:.2f}x MACs)")
 
+    # ------------------------------------------------------------------ time
+    def predictor(self) -> Predictor:
+        if self._predictor is None:
+            traced = self.planner.traced
+            model = self.time_model or time_model_for(traced, max(self.shape[2:]), self.dtype, progress=True)
+            self._predictor = model.predictor(traced, self.dtype)
+            self._unsplit_s = self._predictor.unsplit_seconds(self.shapes, self.batch)
+        return self._predictor
+
+    def plan_time(self, plan: Plan) -> PlanTime:
+        """The plan's predicted seconds and latency ratio on this device (its program, by the time model)."""
+        if plan not in self._times:
+            predictor, last = self.predictor(), self.planner.traced.checkpoints[plan.stages[-1].checkpoint]
+            seconds = predictor.program_seconds(self.program(plan), self.shapes, last, self.batch, self.latency_mode)
+            self._times[plan] = PlanTime(seconds, self._unsplit_s, self.latency_mode)
+        return self._times[plan]
+
+    def _timed(self, points: list[Point]) -> list[Point]:
+        """``points`` with their programs' predicted times computed (the search's estimate ranks them)."""
+        for p in points[:TIMED_CANDIDATES]:
+            self.plan_time(p.plan)
+        return [p for p in points if p.plan in self._times]
+
+    def smallest_peak_within_latency(self, front: list[Point], max_latency: float, cap: float | None,
+                                     finalists: int) -> Point:
+        """The smallest exact peak among the plans whose programs are predicted within ``max_latency``
+        (candidates: the timed search's front, smallest estimated peak first)."""
+        order = sorted((p for p in front if cap is None or p.macs_ratio <= cap), key=lambda p: p.peak_bytes)
+        estimate = self._estimated_seconds
+        hopeful = [p for p in order if estimate[p.plan] <= max_latency * LATENCY_SLACK * self._unsplit_s]
+        fast = [p for p in self._timed(hopeful) if self.plan_time(p.plan).ratio <= max_latency]
+        if not fast:
+            fast = [p for p in self._timed([p for p in order if p not in hopeful]) if
+                    self.plan_time(p.plan).ratio <= max_latency]
+        if not fast:
+            self._latency_error(order, max_latency, "")
+        checked = [self.exact(p.plan) for p in fast[:finalists]]
+        least = min(p.peak_bytes for p in checked)
+        return min((p for p in checked if p.peak_bytes <= least * (1 + PEAK_TIE)),
+                   key=lambda p: (self.plan_time(p.plan).seconds, p.peak_bytes))
+
+    def fastest_within_budget(self, front: list[Point], budget: int, max_latency: float, cap: float | None,
+                              finalists: int) -> Point:
+        """The fewest predicted seconds among the plans whose exact peak fits ``budget`` (and ``cap``), if
+        within ``max_latency``. Candidates: the timed search's plans that fit (or nearly), fastest first."""
+        order = sorted((p for p in front if cap is None or p.macs_ratio <= cap),
+                       key=lambda p: self._estimated_seconds[p.plan])
+        fits = [p for p in order if p.peak_bytes <= budget]
+        near = [p for p in order if p not in fits and p.peak_bytes <= budget * 1.5]
+        candidates = sorted(self._timed(fits + near), key=lambda p: self.plan_time(p.plan).seconds)
+        for p in candidates[:2 * finalists]:
+            exact = self.exact(p.plan)
+            if exact.peak_bytes <= budget and (cap is None or exact.macs_ratio <= cap):
+                if self.plan_time(p.plan).ratio > max_latency:
+                    break
+                return exact
+        if not any(self.exact(p.plan).peak_bytes <= budget for p in candidates[:2 * finalists]):
+            self.least_macs(self.front(FRONT_OVERHEAD, budget), budget, cap, finalists)  # BudgetTooSmall if none fits
+        self._latency_error([p for p in candidates if self.exact(p.plan).peak_bytes <= budget] or order,
+                            max_latency, f" within memory_budget {_mib(budget)}")
+
+    def _latency_error(self, candidates: list[Point], max_latency: float, within: str) -> None:
+        """Raise LatencyTooLow naming the best predicted ratio among ``candidates``."""
+        by_estimate = sorted(candidates, key=lambda p: self._estimated_seconds.get(p.plan, 0.0))
+        best = min(self._timed(by_estimate), key=lambda p: self.plan_time(p.plan).seconds)
+        raise LatencyTooLow(f"max_latency {max_latency:g}: no plan{within} is predicted that fast for input "
+                            f"{list(self.shape)} on this device; the best achievable is "
+                            f"{self.plan_time(best.plan).ratio:.3f}x the unsplit model (plan {best.plan}, "
+                            f"{_mib(best.peak_bytes)} predicted peak)")
+
     def final_front(self, front: list[Point]) -> list[Point]:
         """The front with the plans predicted exactly so far replaced by their exact numbers."""
         exact = {plan: self.exact(plan) for plan in self._costs}
@@ -296,11 +444,11 @@ def chain_peak(bands, whole, tail, held, last):
     return np.maximum(held, bands + np.maximum(whole, tail + last))
 
 
-def pareto(points: list[Point]) -> list[Point]:
-    """Points no other point beats on both peak and MACs ratio, by increasing peak."""
+def pareto(points: list[Point], key: Callable[[Point], float] = lambda p: p.macs_ratio) -> list[Point]:
+    """Points no other point beats on both peak and ``key`` (the MACs ratio), by increasing peak."""
     out: list[Point] = []
-    for p in sorted(points, key=lambda p: (p.peak_bytes, p.macs_ratio)):
-        if not out or p.macs_ratio < out[-1].macs_ratio - 1e-12:
+    for p in sorted(points, key=lambda p: (p.peak_bytes, key(p))):
+        if not out or key(p) < key(out[-1]) * (1 - 1e-12) - 1e-12:
             out.append(p)
     return out
 
@@ -308,13 +456,22 @@ def pareto(points: list[Point]) -> list[Point]:
 class _Search:
     """The dynamic programme over (checkpoint, rows of its stage) x MACs-overhead bucket, per working-set cap."""
 
-    def __init__(self, context: _SizeContext, max_overhead: float, stop: float | None = None, chains: bool = True):
+    def __init__(self, context: _SizeContext, max_overhead: float, stop: float | None = None, chains: bool = True,
+                 metric: str = MACS):
         """``chains``: count the bytes along a plan as :func:`chain_bands` does (a stage that reads its
         source whole starts a new chain); False: every checkpoint's bands alive together, an upper bound
-        that ranks plans of many small bands better than the chained estimate does."""
+        that ranks plans of many small bands better than the chained estimate does. ``metric``: what
+        ``max_overhead`` caps and the buckets count, MACS or (a timed context) SECONDS."""
         self.context, self.est, self.chains = context, context.estimator, chains
         self.checkpoints = context.planner.checkpoints
-        self.bucket = max(1.0, (max_overhead - 1) * context.unsplit_macs / MACS_BUCKETS)
+        if metric == SECONDS:
+            self.extra = lambda o: o.extra_seconds
+            total = context.estimator.unsplit_seconds_between(context.planner.traced.input_node,
+                                                              context.planner.traced.nodes[-1])
+            self.bucket = max(total * 1e-6, (max_overhead - 1) * total / MACS_BUCKETS)
+        else:
+            self.extra = lambda o: o.extra_macs
+            self.bucket = max(1.0, (max_overhead - 1) * context.unsplit_macs / MACS_BUCKETS)
         # caps from which on no plan is worth having: None = every cap (the whole front); a number (batch
         # bytes: a budget) = caps below it; math.nan = caps below the least peak found so far
         self.stop = stop if stop is None or math.isnan(stop) else stop / context.batch
@@ -375,7 +532,7 @@ class _Search:
         o = self.options[k]
         if o.least_working_set > cap:
             return
-        extra = np.where(o.valid & (o.working_set <= cap), o.extra_macs, np.inf)
+        extra = np.where(o.valid & (o.working_set <= cap), self.extra(o), np.inf)
         cols = extra.argmin(axis=1)
         shifts = np.round(np.maximum(extra[np.arange(MAX_TILES), cols], 0) / self.bucket)
         usable = np.nonzero(shifts <= MACS_BUCKETS)[0]  # inf (nothing allowed) fails too

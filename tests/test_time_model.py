@@ -1,0 +1,238 @@
+"""The per-device time model (splitpack.core.cost.time_model) and the planner's latency objectives.
+
+* the fit recovers known coefficients from synthetic timings;
+* the cache is written once, reused, and keyed by device, torch version, thread count and dtype;
+* with an injected time model (known coefficients: no timing noise) the planner never picks a plan
+  predicted over ``max_latency``, picks the fastest plan within a memory budget, and an impossible
+  ``max_latency`` says what is achievable;
+* bad ``max_latency`` values are clear errors in the API and the serving schema.
+No assertion here depends on how fast this machine is: timing targets live in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import splitpack
+from splitpack.core.capture.graph import trace
+from splitpack.core.cost.exact_peak import allocation_profile
+from splitpack.core.cost.time_model import (INTERPRETED, PROGRAM, LinearFit, TimeModel, TimingStore, _signatures,
+                                            calibrate, device_key, fit_linear, time_model_for)
+from splitpack.core.plan.schedule import build_program, stage_graphs
+from splitpack.core.plan.spec import parse_plan
+from splitpack.core.search.planner import LatencyTooLow, Planner, check_max_latency
+from splitpack.serving.config import ServingConfig
+
+
+class TinyNet(nn.Module):
+    """Two strided conv blocks and a residual block, then the global pooling: a few checkpoints."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.block1(self.stem(x))
+        x = x + self.block2(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = TinyNet().eval()
+    return model, trace(model)
+
+
+def synthetic_time_model(traced, fixed=20e-6, per_element=2e-9) -> TimeModel:
+    """Every op costs ``fixed`` + ``per_element`` x its work; copies and views cost something too."""
+    ops = {sig: LinearFit(fixed, per_element) for sig in _signatures(traced).values()}
+    return TimeModel("synthetic", ops, LinearFit(2e-6, 1e-10), 1e-6)
+
+
+# --------------------------------------------------------------------------- the fit
+
+def test_fit_recovers_known_coefficients():
+    truth = LinearFit(7e-6, 3e-9)
+    points = [(w, truth(w)) for w in (1e3, 1e4, 1e5, 1e6, 4e6)]
+    fit = fit_linear(points)
+    assert fit.fixed == pytest.approx(truth.fixed, rel=1e-9) and fit.slope == pytest.approx(truth.slope, rel=1e-9)
+
+
+def test_fit_weighs_relative_error_and_stays_non_negative():
+    # +-10% noise around the line: the fit stays within a few percent of both coefficients
+    truth = LinearFit(50e-6, 1e-9)
+    points = [(w, truth(w) * f) for w in (1e3, 1e5, 1e6, 1e7) for f in (0.9, 1.1)]
+    fit = fit_linear(points)
+    assert fit.fixed == pytest.approx(truth.fixed, rel=0.05) and fit.slope == pytest.approx(truth.slope, rel=0.05)
+    assert fit_linear([(1e3, 5e-6), (1e6, 4e-6)]).slope == 0.0  # time that does not grow: a constant
+    assert fit_linear([(1e3, 1e-6), (1e6, 1e-3)]).fixed >= 0.0
+    assert fit_linear([(1e3, 5e-6), (1e3, 6e-6)]) == LinearFit(5e-6, 0.0)  # one size: its best time
+    with pytest.raises(ValueError, match="no timing points"):
+        fit_linear([])
+
+
+# --------------------------------------------------------------------------- the cache
+
+def test_the_cache_is_written_once_reused_and_keyed(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITPACK_CACHE_DIR", str(tmp_path))
+    _, traced = tiny
+    first = time_model_for(traced, 64)
+    files = list((tmp_path / "timing").glob("*.json"))
+    assert [f.name for f in files] == [f"{device_key('cpu', torch.float32)}.json"]
+    data = json.loads(files[0].read_text())
+    assert set(data["ops"]) == set(_signatures(traced).values())
+    assert sorted(next(iter(data["models"].values()))) == [32, 64]  # down to the smallest calibrated size
+    stamp = files[0].stat().st_mtime_ns
+    again = time_model_for(traced, 64)  # from the cache: nothing timed, nothing written
+    assert files[0].stat().st_mtime_ns == stamp and again.ops == first.ops
+    time_model_for(traced, 32)  # a smaller size is covered
+    assert files[0].stat().st_mtime_ns == stamp
+    larger = time_model_for(traced, 96)  # a larger one is timed and added
+    assert sorted(next(iter(json.loads(files[0].read_text())["models"].values()))) == [32, 64, 96]
+    assert set(larger.ops) == set(first.ops)
+
+
+def test_the_key_follows_threads_dtype_and_torch():
+    base = device_key("cpu", torch.float32, 2)
+    assert device_key("cpu", torch.float32, 1) != base and device_key("cpu", torch.float64, 2) != base
+    assert torch.__version__.split("+")[0] in base and "2threads" in base and "float32" in base
+    assert "/" not in base and " " not in base
+
+
+def test_a_corrupt_or_foreign_cache_file_is_ignored(tiny, tmp_path):
+    _, traced = tiny
+    store = TimingStore("k", tmp_path)
+    store.path.write_text("{not json")
+    assert TimingStore("k", tmp_path).data["ops"] == {}
+    store.path.write_text(json.dumps({"format": 1, "key": "other", "ops": {"x": [[1, 1.0]]}}))
+    assert TimingStore("k", tmp_path).data["ops"] == {}
+    model = calibrate(traced, 32, store=TimingStore("k", tmp_path))  # calibrating rewrites it whole
+    assert set(model.ops) == set(_signatures(traced).values())
+
+
+# --------------------------------------------------------------------------- prediction
+
+def test_prediction_reads_the_program(tiny):
+    """A plan's predicted seconds: its steps at their regions plus copies; halo recompute and more packs cost
+    more, the interpreter's overhead comes on top of the program's."""
+    model, traced = tiny
+    timed = synthetic_time_model(traced)
+    predictor = timed.predictor(traced)
+    _, shapes = allocation_profile(traced, (1, 3, 64, 64))
+    unsplit = predictor.unsplit_seconds(shapes)
+
+    def seconds(merge_layer, grid, mode=PROGRAM):
+        plan = parse_plan(merge_layer, grid)
+        program = build_program(traced, stage_graphs(traced, plan), shapes, torch.float32)
+        return predictor.program_seconds(program, shapes, traced.checkpoints[plan.stages[-1].checkpoint], 1, mode)
+
+    one = seconds("block1", "1x1")
+    assert unsplit < one < unsplit * 1.2  # one pack: the unsplit ops plus a write and a view or two
+    assert one < seconds("block1", "2x2") < seconds("block1", "4x4")
+    assert seconds("block1", "4x4") < seconds("block1", "4x4", INTERPRETED)
+    # a deeper stage recomputes more halo: its split costs more over its one-pack run
+    assert seconds("block1", "2x2") - one > seconds("stem", "2x2") - seconds("stem", "1x1") > 0
+
+
+# --------------------------------------------------------------------------- the planner
+
+@pytest.mark.parametrize("max_latency", [1.1, 1.3, 2.0])
+def test_a_plan_over_max_latency_is_never_chosen(tiny, max_latency):
+    _, traced = tiny
+    timed = synthetic_time_model(traced)
+    planner = Planner(traced)
+    choice = planner.choose((1, 3, 64, 64), max_latency=max_latency, time_model=timed)
+    assert choice.predicted_latency_ratio <= max_latency
+    assert "within" in choice.objective and f"{max_latency:g}x predicted latency" in choice.objective
+    # the same number from the program directly
+    plan = choice.plan
+    _, shapes = allocation_profile(traced, (1, 3, 64, 64))
+    program = build_program(traced, stage_graphs(traced, plan), shapes, torch.float32)
+    predictor = timed.predictor(traced)
+    direct = predictor.program_seconds(program, shapes, traced.checkpoints[plan.stages[-1].checkpoint])
+    assert choice.predicted_time.seconds == pytest.approx(direct)
+    assert choice.to_dict()["predicted_latency_ratio"] == pytest.approx(choice.predicted_latency_ratio, abs=1e-4)
+
+
+def test_more_latency_buys_a_smaller_peak(tiny):
+    _, traced = tiny
+    timed = synthetic_time_model(traced)
+    planner = Planner(traced)
+    tight = planner.choose((1, 3, 96, 96), max_latency=1.1, time_model=timed)
+    loose = planner.choose((1, 3, 96, 96), max_latency=2.0, time_model=timed)
+    assert loose.predicted_peak_bytes <= tight.predicted_peak_bytes
+    assert loose.predicted_latency_ratio >= tight.predicted_latency_ratio or \
+        loose.predicted_peak_bytes == tight.predicted_peak_bytes
+
+
+def test_memory_budget_with_latency_picks_the_fastest_plan_within_it(tiny):
+    _, traced = tiny
+    timed = synthetic_time_model(traced)
+    planner = Planner(traced)
+    shape = (1, 3, 96, 96)
+    smallest = planner.choose(shape, max_latency=3.0, time_model=timed)
+    budget = int(smallest.predicted_peak_bytes * 2)
+    fastest = planner.choose(shape, memory_budget=budget, max_latency=3.0, time_model=timed)
+    assert fastest.predicted_peak_bytes <= budget
+    assert "fewest predicted seconds" in fastest.objective
+    # no plan of the front that fits the budget is predicted faster
+    for point in fastest.front:
+        if point.exact and point.peak_bytes <= budget:
+            other = planner.choose(shape, memory_budget=point.peak_bytes, max_latency=3.0, time_model=timed)
+            assert fastest.predicted_time.seconds <= other.predicted_time.seconds * (1 + 1e-9) or \
+                other.predicted_peak_bytes > budget
+    assert fastest.predicted_time.seconds <= smallest.predicted_time.seconds
+
+
+def test_an_impossible_max_latency_names_the_best_achievable_ratio(tiny):
+    _, traced = tiny
+    planner = Planner(traced)
+    with pytest.raises(LatencyTooLow, match=r"max_latency 0\.5: no plan is predicted that fast .* the best "
+                                            r"achievable is 1\.\d+x the unsplit model \(plan "):
+        planner.choose((1, 3, 64, 64), max_latency=0.5, time_model=synthetic_time_model(traced))
+    with pytest.raises(LatencyTooLow, match="within memory_budget"):
+        planner.choose((1, 3, 64, 64), memory_budget=1 << 30, max_latency=0.5, time_model=synthetic_time_model(traced))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1.1", True])
+def test_bad_max_latency_is_a_clear_error(tiny, bad):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="max_latency: a latency ratio > 0"):
+        check_max_latency(bad)
+    with pytest.raises(ValueError, match="max_latency"):
+        splitpack.wrap(model, "auto", max_latency=bad)
+
+
+def test_max_latency_is_for_auto_only(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="are for merge_layer='auto'.*max_latency"):
+        splitpack.wrap(model, "block1", max_latency=1.1)
+
+
+def test_wrap_auto_with_max_latency_plans_by_the_device_model(tiny, tmp_path, monkeypatch):
+    """The real path: calibrated on first use (cached under SPLITPACK_CACHE_DIR), equal to the unsplit model."""
+    monkeypatch.setenv("SPLITPACK_CACHE_DIR", str(tmp_path))
+    model, _ = tiny
+    auto = splitpack.wrap(model, "auto", max_latency=3.0, compile="program")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x), model(x), rtol=1e-5, atol=1e-5)
+    (choice,) = auto.choices.values()
+    assert choice.predicted_latency_ratio <= 3.0 and choice.predicted_time.mode == PROGRAM
+    assert list((tmp_path / "timing").glob("*.json"))
+
+
+def test_serving_schema_reads_max_latency():
+    config = ServingConfig(model_name="resnet18", merge_layer="auto", max_latency="1.2x")
+    assert config.max_latency == 1.2 and config.plan.max_latency == 1.2
+    assert ServingConfig(model_name="resnet18", merge_layer="auto", max_latency="none").max_latency is None
+    for bad in ("0", "-1", "fast", "nan"):
+        with pytest.raises(ValueError, match="max_latency"):
+            ServingConfig(model_name="resnet18", merge_layer="auto", max_latency=bad)
