@@ -87,14 +87,15 @@ def table(rows: list[dict]) -> str:
             continue
         plan = r["plan"] if len(r["plan"]) < 60 else f"{r['plan'][:57]}..."
         meas_peak = r.get("measured_peak_bytes")
-        memory = f"{r['unsplit_peak_bytes'] / meas_peak:.2f}x" if meas_peak else "-"
-        lines.append(
-            f"{head} `{plan}` ({r['stages']}) | {r['predicted_peak_bytes'] / 2**20:.1f} / "
-            f"{meas_peak / 2**20 if meas_peak else float('nan'):.1f} | {memory} | {r['macs_ratio']:.3f}x | "
-            f"{r['predicted_ratio']:.3f}x / {r['measured_ratio']:.3f}x | "
-            f"{r['predicted_s'] * 1e3:.0f} / {r['measured_s'] * 1e3:.0f} ({r['predicted_unsplit_s'] * 1e3:.0f} / "
-            f"{r['measured_unsplit_s'] * 1e3:.0f}) | {r['error_s']:+.1%}, {r['error_unsplit_s']:+.1%}, "
-            f"{r['error_ratio']:+.1%} |")
+        cells = [f"`{plan}` ({r['stages']})",
+                 f"{r['predicted_peak_bytes'] / 2**20:.1f} / {meas_peak / 2**20 if meas_peak else float('nan'):.1f}",
+                 f"{r['unsplit_peak_bytes'] / meas_peak:.2f}x" if meas_peak else "-",
+                 f"{r['macs_ratio']:.3f}x",
+                 f"{r['predicted_ratio']:.3f}x / {r['measured_ratio']:.3f}x",
+                 f"{r['predicted_s'] * 1e3:.0f} / {r['measured_s'] * 1e3:.0f} "
+                 f"({r['predicted_unsplit_s'] * 1e3:.0f} / {r['measured_unsplit_s'] * 1e3:.0f})",
+                 ", ".join(f"{r[k]:+.1%}" for k in ("error_s", "error_unsplit_s", "error_ratio"))]
+        lines.append(f"{head} {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
