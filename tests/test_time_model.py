@@ -19,7 +19,7 @@ from torch import nn
 import splitpack
 from splitpack.core.capture.graph import trace
 from splitpack.core.cost.exact_peak import allocation_profile
-from splitpack.core.cost.time_model import (INTERPRETED, PROGRAM, LinearFit, TimeModel, TimingStore, _signatures,
+from splitpack.core.cost.time_model import (FORMAT, INTERPRETED, PROGRAM, LinearFit, TimeModel, TimingStore, _signatures,
                                             calibrate, device_key, fit_linear, time_model_for)
 from splitpack.core.plan.schedule import build_program, stage_graphs
 from splitpack.core.plan.spec import parse_plan
@@ -111,7 +111,7 @@ def test_a_corrupt_or_foreign_cache_file_is_ignored(tiny, tmp_path):
     store = TimingStore("k", tmp_path)
     store.path.write_text("{not json")
     assert TimingStore("k", tmp_path).data["ops"] == {}
-    store.path.write_text(json.dumps({"format": 1, "key": "other", "ops": {"x": [[1, 1.0]]}}))
+    store.path.write_text(json.dumps({"format": FORMAT, "key": "other", "ops": {"x": [[1, 1.0]]}}))
     assert TimingStore("k", tmp_path).data["ops"] == {}
     model = calibrate(traced, 32, store=TimingStore("k", tmp_path))  # calibrating rewrites it whole
     assert set(model.ops) == set(_signatures(traced).values())

@@ -2,7 +2,10 @@
 
 Calibration times the model's own ops where they run: the traced graph is run node by node at a
 few image sizes (batch 1, the caller's torch thread count and dtype), each op timed on its real
-inputs (best of a few calls). Ops with the same *signature* (the op and its channel counts: the
+inputs as the run reaches it -- in sequence, as a real run meets it (its input just written, the
+weights not yet in cache; calling one op again and again on the same tensors times it hot in cache,
+which on a CPU made a whole MobileNetV2 look twice as fast as it runs) -- and the median over a few
+runs kept. Ops with the same *signature* (the op and its channel counts: the
 16 identical 3x3 convolutions of a ResNet stage are one signature) pool their timings, and each
 signature gets ``seconds = fixed + slope * work`` (work: elements of the op's largest tensor, which
 for a given signature is proportional to the area it computes). Copies (the pads, band writes and
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +44,14 @@ from splitpack.core.capture.rules import spatial_dims
 from splitpack.core.plan.schedule import Program, StageProgram, Step
 
 CACHE_ENV = "SPLITPACK_CACHE_DIR"
-FORMAT = 1  # version of the cache file's layout
+FORMAT = 2  # version of the cache file's layout (2: ops timed in sequence, medians)
 INTERPRETED, PROGRAM = "interpreter", "program"
 MODES = (INTERPRETED, PROGRAM)
 INTERPRETER_STEP_S = 25e-6  # Python overhead of one interpreted step, until calibrated on the device
 MIN_CALIBRATION_SIZE = 32
-OP_BUDGET_S = 0.02  # repeat an op's timing until this much time was spent on it (at least MIN_REPEATS)
+OP_BUDGET_S = 0.02  # repeat a copy's timing until this much time was spent on it (at least MIN_REPEATS)
 MIN_REPEATS, MAX_REPEATS = 2, 8
+RUNS, LONG_RUNS, LONG_RUN_S = 5, 3, 1.0  # timed runs of the model per size (fewer where one takes > 1 s)
 COPY_BYTES = (1 << 14, 1 << 18, 1 << 22, 1 << 25)
 
 
@@ -201,7 +206,7 @@ def _sync_for(device: torch.device) -> Callable[[], None]:
 
 
 class _TimingInterpreter(fx.Interpreter):
-    """Runs the graph, timing every input-dependent call on its real inputs."""
+    """Runs the graph, timing every input-dependent call as the run reaches it."""
 
     def __init__(self, traced: TracedModel, sync):
         super().__init__(traced.gm, garbage_collect_values=True)
@@ -213,9 +218,13 @@ class _TimingInterpreter(fx.Interpreter):
         if n.op.startswith("call_") and n in self.traced.input_dependent:
             with self._set_current_node(n):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
-                fn = getattr(self, n.op)
-                self.seconds[n] = _best_of(lambda: fn(n.target, args, kwargs), self.sync)
-        out = super().run_node(n)
+                self.sync()
+                start = time.perf_counter()
+                out = getattr(self, n.op)(n.target, args, kwargs)
+                self.sync()
+                self.seconds[n] = time.perf_counter() - start
+        else:
+            out = super().run_node(n)
         if isinstance(out, torch.Tensor):
             self.shapes[n] = out.shape
         elif isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
@@ -269,15 +278,27 @@ def calibrate(traced: TracedModel, size: int, dtype: torch.dtype | None = None, 
             store.data["copy"], store.data["view_s"] = [list(p) for p in copies], view
         bar.update(1)
         for s in todo:
-            timer = _TimingInterpreter(traced, sync)
-            timer.run(torch.randn(1, channels, s, s, device=device).to(dtype))
-            for node, seconds in timer.seconds.items():
-                store.add_points(signatures[node], [(node_work(node, timer.shapes), seconds)])
+            for node, (work, seconds) in _median_times(traced, torch.randn(1, channels, s, s, device=device).to(dtype),
+                                                       sync).items():
+                store.add_points(signatures[node], [(work, seconds)])
             store.data["models"].setdefault(fingerprint, []).append(s)
             bar.update(1)
     bar.close()
     store.save()
     return TimeModel.from_store(store)
+
+
+def _median_times(traced: TracedModel, x: torch.Tensor, sync) -> dict[fx.Node, tuple[int, float]]:
+    """Per timed op: (work, median seconds over :data:`RUNS` runs of the model on ``x``, after a warm-up)."""
+    start = time.perf_counter()
+    _TimingInterpreter(traced, sync).run(x)  # warm-up: allocator, kernels
+    runs = RUNS if time.perf_counter() - start < LONG_RUN_S else LONG_RUNS
+    timers = []
+    for _ in range(runs):
+        timers.append(_TimingInterpreter(traced, sync))
+        timers[-1].run(x)
+    shapes = timers[0].shapes
+    return {n: (node_work(n, shapes), statistics.median(t.seconds[n] for t in timers)) for n in timers[0].seconds}
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -59,7 +59,8 @@ LADDER_STEP = 1.2  # ratio between consecutive working-set caps
 FINALISTS = 6  # plans predicted exactly per objective
 PEAK_TIE = 0.02  # smallest peak: plans within 2% of it are a tie, broken by fewer MACs
 TIMED_CANDIDATES = 12  # plans of the search's front whose programs the time model predicts, per objective
-LATENCY_SLACK = 1.15  # the search's seconds are estimates: it looks this far past max_latency
+LATENCY_SLACK = 1.05  # the search's seconds are estimates: it looks this far past max_latency
+ESTIMATE_MARGIN = 1.05  # plans whose estimated seconds are within this of max_latency get their programs timed
 MACS, SECONDS = "macs", "seconds"  # what the search's cost is
 
 
@@ -190,11 +191,17 @@ class Planner:
         stop = None if whole_front else (math.nan if memory_budget is None else memory_budget)
         macs_cap = f" and {cap:g}x MACs" if cap else ""
         if timed:  # the search's cost is predicted seconds
-            front = context.front(max(max_latency, 1.0) * LATENCY_SLACK, None if timed else stop, metric=SECONDS)
+            front = context.front(max(max_latency, 1.0) * LATENCY_SLACK, stop, metric=SECONDS)
         else:
             front = context.front(FRONT_OVERHEAD if whole_front else max(cap or FRONT_OVERHEAD, 1.0), stop)
         if timed and memory_budget is None:
-            point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
+            try:
+                point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
+            except LatencyTooLow:  # the search stopped at the least estimated peak: look at the whole front
+                if stop is None:
+                    raise
+                front = context.front(max(max_latency, 1.0) * LATENCY_SLACK, None, metric=SECONDS)
+                point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
             objective = f"smallest peak within {max_latency:g}x predicted latency{macs_cap}"
         elif timed:
             point = context.fastest_within_budget(front, memory_budget, max_latency, cap, finalists)
@@ -371,12 +378,13 @@ class _SizeContext:
         """The smallest exact peak among the plans whose programs are predicted within ``max_latency``
         (candidates: the timed search's front, smallest estimated peak first)."""
         order = sorted((p for p in front if cap is None or p.macs_ratio <= cap), key=lambda p: p.peak_bytes)
-        estimate = self._estimated_seconds
-        hopeful = [p for p in order if estimate[p.plan] <= max_latency * LATENCY_SLACK * self._unsplit_s]
-        fast = [p for p in self._timed(hopeful) if self.plan_time(p.plan).ratio <= max_latency]
-        if not fast:
-            fast = [p for p in self._timed([p for p in order if p not in hopeful]) if
-                    self.plan_time(p.plan).ratio <= max_latency]
+        limit = max_latency * ESTIMATE_MARGIN * self._unsplit_s
+        fast = []
+        for p in [p for p in order if self._estimated_seconds[p.plan] <= limit][:3 * TIMED_CANDIDATES]:
+            if self.plan_time(p.plan).ratio <= max_latency:
+                fast.append(p)
+                if len(fast) == finalists:
+                    break
         if not fast:
             self._latency_error(order, max_latency, "")
         checked = [self.exact(p.plan) for p in fast[:finalists]]
