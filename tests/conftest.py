@@ -54,6 +54,16 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """Thousands of tiny pack ops: on 2 shared cores, OpenMP's spinning threads make each take milliseconds.
+    A module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def models():
     """``models(name)``: a timm/torchvision model with random weights and randomized norms, built once per module."""
     cache = {}

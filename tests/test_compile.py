@@ -40,9 +40,9 @@ def test_program_gives_the_interpreters_outputs_bit_for_bit_at_any_batch(models,
 
 
 def test_program_keeps_the_interpreters_peak_memory(models):
-    """Same order, values freed at their last use: the peak is at most the interpreter's (+2%). It is lower
-    where the interpreter keeps a band until the pack that read it last is done, while the program frees it
-    right after that pack's read."""
+    """Same order, values freed at their last use: the peak is at most the interpreter's (+2%). It can be
+    lower: the program frees a value right after the op that reads it last, the interpreter once the step
+    that read it is done."""
     model = models("test_efficientnet")
     x = torch.randn(1, 3, 160, 160)
     plan = ("blocks.1,blocks.3,global_pool", "4x4,2x2,2x2")

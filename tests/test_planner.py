@@ -28,24 +28,20 @@ from splitpack.measure.meter import peak_activation_bytes
 from conftest import REL_TOL, randomize_norms, rel_error
 
 # (model, two input sizes, fixed plans: merge layers and grids): a single checkpoint, a staged plan through
-# squeeze-excitation / inner checkpoints / non-square grids to the global pooling.
+# squeeze-excitation / inner checkpoints / non-square grids to the global pooling, full-width strips (line
+# buffers: every pack below the first takes rows from the pack above).
 CASES = {
-    "resnet18": ((64, 96), [("layer2", "3x2"), ("maxpool,layer3,global_pool", "4x4,2x1,2x2")]),
+    "resnet18": ((64, 96), [("layer2", "3x2"), ("maxpool,layer3,global_pool", "4x4,2x1,2x2"), ("layer2", "6x1")]),
     "resnet50": ((64, 96), [("layer1", "2x3"), ("maxpool,layer2.0,layer4.0,global_pool", "4x4,3x3,1x2,2x2")]),
-    "mobilenetv2_100": ((64, 96), [("blocks.2", "3x3"), ("blocks.1,blocks.3,global_pool", "4x2,2x2,2x2")]),
+    "mobilenetv2_100": ((64, 96), [("blocks.2", "3x3"), ("blocks.1,blocks.3,global_pool", "4x2,2x2,2x2"),
+                                   ("blocks.2,blocks.4", "5x1,3x1")]),
     "efficientnet_b0": ((64, 96), [("blocks.1.0.se", "2x2"),
                                    ("blocks.1,blocks.2,blocks.4,global_pool", "3x3,2x2,2x1,1x2")]),
     "convnext_nano": ((64, 96), [("stages.1", "2x2"), ("stem,stages.1.downsample,head.global_pool", "4x4,2x2,2x2")]),
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny pack ops: on 2 shared cores, OpenMP's spinning threads make each take milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +79,8 @@ def test_predicted_peak_is_the_measured_peak(models, name):
 
 
 @pytest.mark.parametrize("name, plan, grids", [("efficientnet_b0", "blocks.0.0.se,blocks.2,global_pool", "3x2,2x2,1x1"),
-                                               ("resnet18", "layer1.0,layer3", "5x3,2x2")])
+                                               ("resnet18", "layer1.0,layer3", "5x3,2x2"),
+                                               ("resnet18", "layer2,layer3", "6x1,3x1")])
 def test_replay_equals_the_executor_run_on_fake_tensors(models, name, plan, grids):
     """The reference: the real executor and rest of the network on fake tensors, bytes counted by storage.
     Batch 2 in half precision: the replay scales by the batch and reads each op's item size."""

@@ -17,7 +17,7 @@ __all__ = ["MODES", "PLAN_CACHE_SIZE", "SplitPack", "merge_layers", "wrap"]
 
 def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
          cuda_graphs: bool = False, max_batch: int = DEFAULT_MAX_BATCH, memory_budget: int | None = None,
-         max_overhead: float | None = None, max_latency: float | None = None) -> nn.Module:
+         max_overhead: float | None = None, max_latency: float | None = None, halo: str = "reuse") -> nn.Module:
     """Run ``model`` with split-pack inference.
 
     ``merge_layer`` is a checkpoint (module name), a staged plan (a list or comma string of
@@ -35,6 +35,11 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     :mod:`splitpack.core.compile.cudagraphs`), the buckets 1, 2, 4, ... up to ``max_batch`` (a
     server's largest batch); larger batches run without. Outputs are the same as the interpreter's.
 
+    ``halo`` (exact mode): "reuse" (default) -- each pack takes the rows its upper neighbour in the
+    same grid column computed (line buffers) instead of recomputing them, so full-width strips
+    (grid Rx1) recompute nothing; "recompute" -- every pack computes its whole halo (to compare, or
+    to bisect). Outputs are the same either way.
+
     ``merge_layer="auto"``: the planner (:mod:`splitpack.core.search.planner`) picks the staged plan for
     each input size on its first call -- the smallest predicted peak within ``max_overhead`` x the
     unsplit MACs (default 1.25), or with ``memory_budget`` (peak activation bytes per image) the
@@ -46,11 +51,14 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     plan = parse_plan(merge_layer, grid, memory_budget=memory_budget, max_overhead=max_overhead,
                       max_latency=max_latency)
     if isinstance(plan, AutoPlan):
+        if halo != "reuse":
+            raise ValueError("halo='recompute' is for a given plan: the planner's plans reuse the halo")
         return AutoSplitPack(model, plan, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch)
     if memory_budget is not None or max_overhead is not None or max_latency is not None:
         raise ValueError("memory_budget and max_overhead are for merge_layer='auto' (the planner's objective), "
                          "and so is max_latency")
-    return SplitPack(model, plan, grid, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch)
+    return SplitPack(model, plan, grid, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch,
+                     halo=halo)
 
 
 def merge_layers(model: nn.Module, mode: str | None = None) -> list[str]:

@@ -279,6 +279,16 @@ class _Replay(Executor):
         numel = self._pixel_numel(stage, step.node) * _area(step.region)
         return _op_output(self.meter, self.profile, step.node, numel, values)
 
+    def _value_bytes(self, stage: StageProgram, node: fx.Node, region: Region) -> float:
+        return self._pixel_numel(stage, node) * _area(region) * self._itemsize(node)
+
+    def _join(self, stage: StageProgram, step, kept, new):
+        """A concatenation: a new value of the whole region held (the kept rows alone: no copy)."""
+        return kept if not step.computes else self.meter.alloc(self._value_bytes(stage, step.node, step.held))
+
+    def _keep(self, stage: StageProgram, step, value):
+        return self.meter.alloc(self._value_bytes(stage, step.node, step.keep))
+
     def _finalize(self, stage: StageProgram, r: fx.Node, acc, acc_itemsize: int):
         """Reduce.finalize: a mean divides (a new tensor), then casts to the output dtype (new if it differs)."""
         numel = shape_numel(stage.shapes[r]) * self.batch

@@ -6,9 +6,12 @@ columns separately, so one backward sweep of row and column intervals from every
 checkpoint, or the input of a reduction that a pass accumulates) with 1..8 tiles gives, for every
 node, the summed and the largest tile extent -- and so, for every grid at once:
 
-* MACs of a pass: sum over nodes of MACs per pixel x (sum of row extents) x (sum of column extents);
+* MACs of a pass: sum over nodes of MACs per pixel x (sum of computed row extents) x (sum of column
+  extents); with halo reuse (the schedule's default) a tile computes only the rows below those the
+  tile above held, and the windows back-propagate from the rows computed, as the schedule does;
 * the working set of a pack: the largest, over the steps of the stage, sum of the storages alive
-  (liveness and bytes per pixel from the allocation profile, extents of the largest tile);
+  (liveness and bytes per pixel from the allocation profile, extents of the largest tile), plus the
+  line buffers (the rows each value keeps for the tile below, across every column);
 * the bands of a checkpoint alive while the next stage reads it: from the rows each grid row of the
   consumer reads and the band boundaries of the producer (the whole checkpoint when the consumer
   takes several passes), whether the consumer needs it whole, and what of it the consumer's last
@@ -89,6 +92,28 @@ class _Intervals:
         return np.maximum(self.hi - self.lo, 0)
 
 
+def _first_tiles() -> np.ndarray:
+    first = np.zeros(TILE_COLUMNS, bool)
+    first[OFFSETS] = True
+    return first
+
+
+FIRST_TILES = _first_tiles()  # tile columns with no tile above them (the first of each split)
+
+
+def reused_rows(rows: _Intervals) -> tuple[_Intervals, np.ndarray]:
+    """(rows each tile computes, rows it takes from the tile above) for the rows each holds: the
+    schedule's halo reuse (schedule._new_rows) for every tile count at once."""
+    lo, hi = rows.lo, rows.hi
+    above_lo, above_hi = np.roll(lo, 1, axis=1), np.roll(hi, 1, axis=1)
+    overlap = ~FIRST_TILES & (above_lo <= lo) & (lo < above_hi) & (lo < hi)
+    split = np.minimum(hi, above_hi)
+    new_lo = np.where(overlap, split, lo)
+    empty = new_lo >= hi
+    computed = _Intervals(np.where(empty, EMPTY, new_lo), np.where(empty, -EMPTY, hi))
+    return computed, np.where(overlap, split - lo, 0)
+
+
 def _window(rule: Rule, k: int, d: int, iv: _Intervals, other: _Intervals) -> _Intervals:
     """The rule's input window along dim ``d`` for every interval at once (``other``: the other dim,
     for rules whose window needs a whole region)."""
@@ -120,6 +145,8 @@ class Sweep:
     col_max: dict[fx.Node, np.ndarray] = field(default_factory=dict)
     row_count: dict[fx.Node, np.ndarray] = field(default_factory=dict)  # tiles with at least one row
     col_count: dict[fx.Node, np.ndarray] = field(default_factory=dict)
+    computed_row_sum: dict[fx.Node, np.ndarray] = field(default_factory=dict)  # rows computed (halo reuse)
+    kept_row_max: dict[fx.Node, np.ndarray] = field(default_factory=dict)  # largest rows kept for the tile below
     rows_at: dict[fx.Node, _Intervals] = field(default_factory=dict)  # checkpoints: (targets, TILE_COLUMNS)
 
     def column(self, target: fx.Node) -> int:
@@ -151,6 +178,9 @@ def sweep(stage: StageGraph, rules: dict[fx.Node, Rule], hw: dict[fx.Node, tuple
         _summarise(result, node, rows, cols, keep_rows)
         if node is stage.source:
             continue
+        rows, kept = reused_rows(rows)
+        result.computed_row_sum[node] = _per_grid(rows.lengths(), np.add)
+        result.kept_row_max[node] = _per_grid(kept, np.maximum)
         rule = rules[node]
         for k, x in enumerate(rule.spatial_inputs):
             window = [_window(rule, k, 0, rows, cols).clamp(hw[x][0]), _window(rule, k, 1, cols, rows).clamp(hw[x][1])]
@@ -234,6 +264,7 @@ class Estimator:
         if op_time is not None:
             self._pass_seconds = {t: self._cumulative_seconds(t) for t in self.targets}
             self._seconds_before = np.cumsum([op_time.full.get(n, 0.0) for n in traced.nodes])
+        self._pass_lines = {t: self._cumulative_lines(t) for t in self.targets}
         self.step_peaks = self._unsplit_step_peaks()
         self.options = self._options(max_passes, max_span)
 
@@ -264,26 +295,45 @@ class Estimator:
         return node
 
     # MACs ---------------------------------------------------------------------
-    def _cumulative_macs(self, target: fx.Node) -> tuple[np.ndarray, np.ndarray]:
-        """(node indices, running MACs (n, 8, 8)) of a pass seeded at ``target``, over the MAC nodes before it."""
-        col, s = self.sweep.column(target), self.sweep
-        nodes = [n for n in self.macs_per_pixel if n in s.row_sum and self.index[n] <= self.index[target]]
+    def _running(self, target: fx.Node, weights: dict[fx.Node, float], rows: dict[fx.Node, np.ndarray],
+                 cols: dict[fx.Node, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(node indices, running sums (n, 8, 8)) of weight x rows x columns over the nodes of ``weights``
+        up to ``target``, for a pass seeded at ``target``."""
+        col = self.sweep.column(target)
+        nodes = [n for n in weights if n in rows and self.index[n] <= self.index[target]]
         nodes.sort(key=self.index.__getitem__)
         if not nodes:
             return np.zeros(0, np.int64), np.zeros((0, MAX_TILES, MAX_TILES))
-        rows = np.stack([s.row_sum[n][col] for n in nodes]).astype(float)
-        cols = np.stack([s.col_sum[n][col] for n in nodes]).astype(float)
-        weights = np.array([self.macs_per_pixel[n] for n in nodes])
-        running = np.cumsum(np.einsum("m,mi,mj->mij", weights, rows, cols), axis=0)
-        return np.array([self.index[n] for n in nodes]), running
+        r = np.stack([rows[n][col] for n in nodes]).astype(float)
+        c = np.stack([cols[n][col] for n in nodes]).astype(float)
+        w = np.array([weights[n] for n in nodes])
+        return np.array([self.index[n] for n in nodes]), np.cumsum(np.einsum("m,mi,mj->mij", w, r, c), axis=0)
 
-    def pass_macs(self, source: fx.Node, target: fx.Node) -> np.ndarray:
-        where, running = self._pass_macs[target]
+    def _cumulative_macs(self, target: fx.Node) -> tuple[np.ndarray, np.ndarray]:
+        """(node indices, running MACs (n, 8, 8)) of a pass seeded at ``target``, over the MAC nodes before it."""
+        return self._running(target, self.macs_per_pixel, self.sweep.computed_row_sum, self.sweep.col_sum)
+
+    def _cumulative_lines(self, target: fx.Node) -> tuple[np.ndarray, np.ndarray]:
+        """(node indices, running line-buffer bytes (n, 8, 8)): the rows each value keeps for the tile
+        below, across every column, all alive together (an estimate: the largest rows kept)."""
+        weights = {n: self.pixel_numel[n] * self.itemsize(n) for n in self.whole.spatial}  # a copy, even of a view
+        return self._running(target, weights, self.sweep.kept_row_max, self.sweep.col_sum)
+
+    @staticmethod
+    def _between(cumulative: tuple[np.ndarray, np.ndarray], index: int) -> np.ndarray:
+        """The running sum's total over the nodes after ``index``."""
+        where, running = cumulative
         if not len(where):
             return np.zeros((MAX_TILES, MAX_TILES))
         end = running[-1]
-        k = np.searchsorted(where, self.index[source], side="right")
+        k = np.searchsorted(where, index, side="right")
         return end - running[k - 1] if k > 0 else end
+
+    def pass_macs(self, source: fx.Node, target: fx.Node) -> np.ndarray:
+        return self._between(self._pass_macs[target], self.index[source])
+
+    def pass_lines(self, source: fx.Node, target: fx.Node) -> np.ndarray:
+        return self._between(self._pass_lines[target], self.index[source])
 
     # seconds (with a time model) ----------------------------------------------
     def _cumulative_seconds(self, target: fx.Node) -> tuple[np.ndarray, np.ndarray]:
@@ -298,16 +348,12 @@ class Estimator:
             return np.stack([table[n][col] for n in nodes]).astype(float)
         per_pixel = np.array([(times.full[n] - times.fixed[n]) / (self.hw[n][0] * self.hw[n][1]) for n in nodes])
         fixed = np.array([times.fixed[n] + times.per_step for n in nodes])
-        seconds = np.einsum("m,mi,mj->mij", per_pixel, stacked(s.row_sum), stacked(s.col_sum)) \
+        seconds = np.einsum("m,mi,mj->mij", per_pixel, stacked(s.computed_row_sum), stacked(s.col_sum)) \
             + np.einsum("m,mi,mj->mij", fixed, stacked(s.row_count), stacked(s.col_count))
         return np.array([self.index[n] for n in nodes]), np.cumsum(seconds, axis=0)
 
     def pass_seconds(self, source: fx.Node, target: fx.Node) -> np.ndarray:
-        where, running = self._pass_seconds[target]
-        if not len(where):
-            return np.zeros((MAX_TILES, MAX_TILES))
-        k = np.searchsorted(where, self.index[source], side="right")
-        return running[-1] - running[k - 1] if k > 0 else running[-1]
+        return self._between(self._pass_seconds[target], self.index[source])
 
     def unsplit_seconds_between(self, first: fx.Node, last: fx.Node) -> float:
         return float(self._seconds_before[self.index[last]] - self._seconds_before[self.index[first]])
@@ -477,7 +523,8 @@ class Estimator:
         macs = sum(per_target) + self._global_macs(source, end)
         if len(seeds) > 1:  # one pack (1x1) keeps its values from pass to pass: each node runs once
             macs[0, 0] = max(m[0, 0] for m in per_target) + self._global_macs(source, end)
-        ws = np.max([self.pass_working_set(source, t) for pass_seeds in seeds for t in pass_seeds], axis=0)
+        ws = np.max([self.pass_working_set(source, t) + self.pass_lines(source, t)
+                     for pass_seeds in seeds for t in pass_seeds], axis=0)
         valid = np.ones((MAX_TILES, MAX_TILES), bool)
         for t in {t for pass_seeds in seeds for t in pass_seeds}:
             h, w = self.hw[t]

@@ -6,6 +6,10 @@ last use. A checkpoint that the next stage reads is stored as row bands and made
 pack needs them, and frees the bands that no later pack reads. Stages therefore run
 interleaved, row band by row band, and a checkpoint exists in full only where a
 stage must see all of it (a pass that accumulates a squeeze-excitation statistic).
+
+Halo reuse: a step that takes rows from the pack above joins them to the rows it computes
+(:meth:`Executor._join`), and a step whose rows the pack below takes keeps a copy of them
+(:meth:`Executor._keep`) in the line buffers of its grid column until that pack runs.
 """
 from __future__ import annotations
 
@@ -46,6 +50,20 @@ def cut(value: Any, narrows: tuple[Narrow, ...]) -> Any:
 
 def region_narrows(region: Region, layout: Layout) -> tuple[Narrow, ...]:
     return tuple((axis, lo, hi - lo) for (lo, hi), axis in zip(region, layout))
+
+
+def join_rows(kept: Any, new: Any, axis: int) -> Any:
+    """Rows kept by the pack above followed by the rows computed (every part of a tuple of channel splits)."""
+    if isinstance(kept, (tuple, list)):
+        return type(kept)(join_rows(k, n, axis) for k, n in zip(kept, new))
+    return torch.cat([kept, new], dim=axis)
+
+
+def copy_rows(value: Any, narrows: tuple[Narrow, ...]) -> Any:
+    """A copy of the rows a pack keeps for the pack below (not a view: the value itself is freed)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(copy_rows(v, narrows) for v in value)
+    return cut(value, narrows).clone()
 
 
 def empty_like_layout(sample: torch.Tensor, shape) -> torch.Tensor:
@@ -165,7 +183,8 @@ class Executor:
     The walk (:meth:`_walk`, :meth:`_stage`, :meth:`_run_pack`: stages interleaved band by band,
     passes, packs, steps, frees) is the one loop over a program. What it does with values is in its
     leaves -- :meth:`_output` (a checkpoint's storage), :meth:`_clone_read`, :meth:`_cut_input`,
-    :meth:`_accumulate`, :meth:`_compute`, :meth:`_finalize`, :meth:`_global` -- which the peak
+    :meth:`_accumulate`, :meth:`_compute`, :meth:`_join`, :meth:`_keep`, :meth:`_finalize`,
+    :meth:`_global` -- which the peak
     replay (splitpack.core.cost.exact_peak) overrides to count bytes instead of computing tensors,
     as torch.fx's ShapeProp overrides ``Interpreter.run_node``.
     """
@@ -202,10 +221,9 @@ class Executor:
         kept = Env(globals_) if stage.keep else None  # one pack whose values live from pass to pass
         for pass_ in stage.passes:
             sums: dict[fx.Node, list] = {}
+            lines: list[dict] = [{} for _ in range(columns)]  # per grid column: rows kept for the pack below
             for i, pack in enumerate(pass_.packs):
-                self._run_pack(stage, pack, source, globals_, sums, out, kept)
-                if pack.release_below is not None:
-                    source.release_below(pack.release_below)
+                self._run_pack(stage, pack, source, globals_, sums, out, kept, lines[pack.column])
                 if pack.write is not None and (i + 1) % columns == 0:
                     yield pack.write[0][1]
             for r in pass_.reductions:
@@ -217,11 +235,16 @@ class Executor:
         if not graph.spatial_target:
             out.value = globals_[graph.target]
 
-    def _run_pack(self, stage: StageProgram, pack, source, globals_: Env, sums: dict, out, kept: Env | None) -> None:
+    def _run_pack(self, stage: StageProgram, pack, source, globals_: Env, sums: dict, out, kept: Env | None,
+                  line: dict) -> None:
+        """``line``: the rows the pack above in this column kept (taken here), and those kept here."""
         env = kept if kept is not None else Env(globals_)
-        if not dict.__contains__(env, stage.graph.source):
+        if pack.read is not None and not dict.__contains__(env, stage.graph.source):
             read = source.read(pack.read)
             env[stage.graph.source] = self._clone_read(stage, pack.read, read) if pack.copy_read else read
+            del read
+        if pack.release_below is not None:  # once read: a read across bands is a copy, the bands can go
+            source.release_below(pack.release_below)
         # ``held`` and ``part`` are the references a step keeps until the next step replaces them (the
         # input it read last, a reduction's partial sum): they decide when storages are freed, so
         # the walk keeps them here, for the executor and the replay alike.
@@ -231,15 +254,24 @@ class Executor:
             for src, narrows, pads in step.inputs:
                 held = env[src]
                 values[src] = self._cut_input(stage, step, src, held, narrows, pads)
+            value = None
             if step.reduce:
                 held = values[step.inputs[0][0]]
                 sums[step.node], part = self._accumulate(stage, step, held, sums.get(step.node))
-            else:
-                env[step.node] = self._compute(stage, step, values)
-                self._notify(step.node)
+            elif step.computes:
+                value = self._compute(stage, step, values)
             del values
             for p in step.frees:
                 del env[p]
+            if not step.reduce:
+                if step.carry is not None:  # joined once the inputs are gone: the copy does not meet them
+                    held = None
+                    value = self._join(stage, step, line.pop(step.node), value)
+                env[step.node] = value
+                if step.keep is not None:
+                    line[step.node] = self._keep(stage, step, value)
+                del value
+                self._notify(step.node)
         if pack.write is not None:
             out.write(pack.write, env[stage.graph.target])
 
@@ -281,6 +313,14 @@ class Executor:
     def _compute(self, stage: StageProgram, step, values: Env) -> Any:
         return step.rule.compute(values, step.region) if step.padding is None \
             else step.rule.compute(values, step.region, step.padding)
+
+    def _join(self, stage: StageProgram, step, kept: Any, new: Any) -> Any:
+        """The step's value: the rows the pack above kept, then the rows computed (None: no new row)."""
+        return kept if new is None else join_rows(kept, new, stage.layouts[step.node][0])
+
+    def _keep(self, stage: StageProgram, step, value: Any) -> Any:
+        """A copy of the rows of the step's value that the pack below takes."""
+        return copy_rows(value, step.keep_cut)
 
     def _finalize(self, stage: StageProgram, r: fx.Node, total: Any, dtype: torch.dtype) -> Any:
         return stage.rules[r].finalize(total, stage.counts[r], dtype)

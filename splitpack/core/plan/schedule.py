@@ -10,6 +10,16 @@ reductions of level p (those whose inputs need only globals of lower levels), an
 the last pass computes the checkpoint. Every pass recomputes the packs from the
 stage's source; only the source and the checkpoint exist at full size.
 
+*Halo reuse* (line buffers, ``halo="reuse"``, the default): packs of a pass run in raster order,
+and a pack reuses the rows its upper neighbour in the same grid column already computed instead
+of recomputing them. For a value whose rows [a, b) this pack needs while the pack above held rows
+[a', b') with a' <= a < b', the pack computes only rows [min(b, b'), b) and joins them to the rows
+[a, min(b, b')) the pack above kept for it (a copy of its value's tail, so the value itself is
+freed as before). The input regions are then worked out from the rows computed, not the rows
+held, so a kept row is never computed twice: full-width strips (grids Rx1) recompute nothing, and
+grids with several columns recompute only the horizontal halo. ``halo="recompute"`` computes every
+pack's whole region (the reference the tests compare with, and a way to bisect).
+
 The program is plain data: the executor runs it, the cost model sums it, and a
 compiler can turn it into straight-line code.
 """
@@ -26,6 +36,7 @@ from splitpack.core.capture.rules import NCHW, Layout, MetaQuery, NoRule, OpCont
     mutates_input, spatial_dims
 
 Narrow = tuple[int, int, int]  # (axis, start, length)
+HALO_MODES = ("reuse", "recompute")
 Pads = tuple[int, int, int, int]  # F.pad amounts (left, right, top, bottom) past the true border
 
 
@@ -124,16 +135,26 @@ class Step:
     frees: tuple[fx.Node, ...]  # values no later step of the pack reads
     reduce: bool = False  # accumulate a partial reduction instead of producing a value
     padding: tuple[int, int] | None = None  # border padding the op applies itself (no padded copy)
+    held: Region | None = None  # the value's region (``region`` plus the rows taken from ``carry``)
+    carry: Region | None = None  # rows kept by the pack above, joined before ``region`` (halo reuse)
+    keep: Region | None = None  # rows of the value kept for the pack below (its ``carry``)
+    keep_cut: tuple[Narrow, ...] = ()  # ``narrow`` calls that cut ``keep`` out of the value
+
+    @property
+    def computes(self) -> bool:
+        """False when the rows kept by the pack above are the whole value (nothing new to compute)."""
+        return self.region[0][0] < self.region[0][1]
 
 
 @dataclass
 class PackProgram:
     tile: Region  # of the pass's main extent (the checkpoint, or the reductions' inputs)
-    read: Region  # the region of the stage source this pack reads
+    read: Region | None  # the region of the stage source this pack reads (None: the pack above read it all)
     steps: list[Step]
     write: Region | None = None  # target tile written into the checkpoint (final pass, spatial target)
     release_below: int | None = None  # source rows no later pack reads (final pass of a banded source)
     copy_read: bool = False  # an in-place op writes to the source: read a copy, not a view shared by packs
+    column: int = 0  # grid column: the packs of one column hand rows down to each other (halo reuse)
 
 
 @dataclass
@@ -253,9 +274,37 @@ def border_pads(window: Region, clamped: Region) -> Pads | None:
     return pads if any(pads) else None
 
 
+def _new_rows(held: Region, above: Region | None) -> Region:
+    """The part of ``held`` a pack computes when the pack above in its column held ``above`` of the
+    same value: the rows below what it can take from there (all of ``held`` without an overlap).
+    The columns held may be fewer than above's (a reader that computes nothing new here)."""
+    if above is None or not above[1][0] <= held[1][0] <= held[1][1] <= above[1][1]:
+        return held  # the columns kept above must include the columns held here
+    (a, b), (a_above, b_above) = held[0], above[0]
+    if not a_above <= a < b_above:
+        return held
+    return (min(b, b_above), b), held[1]
+
+
+def _rewritten_after_read(stage: StageGraph, gm: fx.GraphModule) -> set[fx.Node]:
+    """Values an in-place op writes to while a later op still reads them, with those ops: kept rows
+    would miss the write, so these are computed whole in every pack."""
+    order = {n: k for k, n in enumerate(stage.nodes)}
+    blocked = set()
+    for node in stage.nodes:
+        target = mutates_input(node, gm)
+        if target is not None and any(order.get(u, -1) > order[node] for u in target.users):
+            blocked |= {target, node}
+    return blocked
+
+
 class _StageBuilder:
-    def __init__(self, gm: fx.GraphModule, stage: StageGraph, rules, shapes, layouts):
+    def __init__(self, gm: fx.GraphModule, stage: StageGraph, rules, shapes, layouts, halo: str = "reuse"):
+        if halo not in HALO_MODES:
+            raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
         self.gm, self.stage, self.rules, self.shapes, self.layouts = gm, stage, rules, shapes, layouts
+        self.reuse = halo == "reuse"
+        self.whole = _rewritten_after_read(stage, gm) if self.reuse else set()
 
     def hw(self, node: fx.Node) -> tuple[int, int]:
         return spatial_dims(self.shapes[node], self.layouts[node])
@@ -278,14 +327,25 @@ class _StageBuilder:
         write = final and stage.spatial_target
         if write:
             seeds.append((stage.target, self._grid_tiles(stage.target, f"checkpoint {stage.checkpoint!r}"), False))
-        packs = [self._pack(seeds, i, write, carried or set()) for i in range(stage.grid[0] * stage.grid[1])]
+        columns, packs, held = stage.grid[1], [], []
+        for i in range(stage.grid[0] * stage.grid[1]):
+            above = held[i - columns] if self.reuse and i >= columns else None
+            pack, need = self._pack(seeds, i, write, carried or set(), above)
+            pack.column = i % columns
+            if above is not None:
+                self._keep_for(packs[i - columns], pack)
+            packs.append(pack)
+            held.append(need)
         if final:
             self._set_releases(packs)
         after = [n for n in stage.nodes if n not in stage.spatial and n not in stage.reductions
                  and n not in stage.metas and stage.level[n] == level]
         return PassProgram(packs, reductions, after)
 
-    def _pack(self, seeds, i: int, write: bool, carried: set[fx.Node]) -> PackProgram:
+    def _pack(self, seeds, i: int, write: bool, carried: set[fx.Node],
+              above: dict[fx.Node, Region] | None) -> tuple[PackProgram, dict[fx.Node, Region]]:
+        """The pack's program and the region of every value it holds. ``above``: the regions the
+        pack above in the same column held (halo reuse), or None."""
         stage, rules = self.stage, self.rules
         need: dict[fx.Node, Region] = {}
         owned: dict[fx.Node, Region] = {}  # reduction -> the tile of its input this pack accumulates
@@ -296,12 +356,17 @@ class _StageBuilder:
                 need[x] = _union(need.get(x), node_tiles[i])
             else:
                 need[node] = node_tiles[i]
+        new: dict[fx.Node, Region] = {}  # the rows each value computes (the rest comes from above)
         for node in reversed(stage.nodes):
             if node not in need or node not in stage.spatial or node is stage.source:
                 continue
+            reusable = above is not None and node not in self.whole and node not in carried
+            new[node] = _new_rows(need[node], above.get(node) if reusable else None)
+            if new[node][0][0] == new[node][0][1]:
+                continue  # every row comes from the pack above: no input read
             rule = rules[node]
             for k, x in enumerate(rule.spatial_inputs):
-                window = _clamp(rule.input_window(need[node], k), self.hw(x))
+                window = _clamp(rule.input_window(new[node], k), self.hw(x))
                 need[x] = _union(need.get(x), window)
         steps = []
         for node in stage.nodes:
@@ -310,24 +375,37 @@ class _StageBuilder:
                 steps.append(Step(node, rules[node], owned[node],
                                   [(x, narrows(need[x], owned[node], self.layouts[x]), None)], (), reduce=True))
             elif node in need and node in stage.spatial and node not in carried:
-                steps.append(self._step(node, need))
+                steps.append(self._step(node, need, new[node]))
         self.set_frees(steps)
         tile = seeds[0][1][i]
         copy_read = any(mutates_input(step.node, self.gm) is stage.source for step in steps)
-        return PackProgram(tile, need[stage.source], steps, tile if write else None, copy_read=copy_read)
+        return PackProgram(tile, need.get(stage.source), steps, tile if write else None, copy_read=copy_read), need
 
-    def _step(self, node: fx.Node, need) -> Step:
-        rule = self.rules[node]
+    def _step(self, node: fx.Node, need, region: Region) -> Step:
+        """The step computing ``region`` of ``node``, whose value holds ``need[node]`` (the rows above
+        ``region`` come from the pack above)."""
+        rule, held = self.rules[node], need[node]
+        carry = ((held[0][0], region[0][0]), held[1]) if region[0][0] > held[0][0] else None
+        if region[0][0] == region[0][1]:
+            return Step(node, rule, region, [], (), held=held, carry=carry)
         inputs, padding = [], None
         for k, src in enumerate(rule.spatial_inputs):
-            window = rule.input_window(need[node], k)
+            window = rule.input_window(region, k)
             clamped = _clamp(window, self.hw(src))
             pads = border_pads(window, clamped)
             if pads is not None and len(rule.spatial_inputs) == 1:
                 padding = rule.native_padding(pads)
                 pads = None if padding is not None else pads
             inputs.append((src, narrows(need[src], clamped, self.layouts[src]), pads))
-        return Step(node, rule, need[node], inputs, (), padding=padding)
+        return Step(node, rule, region, inputs, (), padding=padding, held=held, carry=carry)
+
+    def _keep_for(self, upper: PackProgram, lower: PackProgram) -> None:
+        """Make ``upper`` keep the rows ``lower`` (the next pack of its column) takes from it."""
+        wanted = {step.node: step.carry for step in lower.steps if step.carry is not None}
+        for step in upper.steps:
+            if step.node in wanted:
+                step.keep = wanted[step.node]
+                step.keep_cut = narrows(step.held, step.keep, self.layouts[step.node])
 
     def set_frees(self, steps: list[Step]) -> None:
         last: dict[fx.Node, int] = {}
@@ -343,16 +421,19 @@ class _StageBuilder:
         lowest = None
         for pack in reversed(packs):
             pack.release_below = lowest
-            start = pack.read[0][0]
-            lowest = start if lowest is None else min(lowest, start)
+            if pack.read is not None:
+                start = pack.read[0][0]
+                lowest = start if lowest is None else min(lowest, start)
 
 
-def build_program(traced: TracedModel, stages: list[StageGraph], shapes, dtype: torch.dtype) -> Program:
-    """The program of ``stages`` for one input size and dtype (``shapes``: full-size shapes at batch 1)."""
+def build_program(traced: TracedModel, stages: list[StageGraph], shapes, dtype: torch.dtype,
+                  halo: str = "reuse") -> Program:
+    """The program of ``stages`` for one input size and dtype (``shapes``: full-size shapes at batch 1);
+    ``halo``: "reuse" (packs take the rows their upper neighbour computed) or "recompute"."""
     programs, source_layout = [], NCHW
     for stage in stages:
         rules, layouts = stage_rules(traced, stage, shapes, source_layout, dtype)
-        builder = _StageBuilder(traced.gm, stage, rules, shapes, layouts)
+        builder = _StageBuilder(traced.gm, stage, rules, shapes, layouts, halo)
         keep = stage.grid == (1, 1) and stage.passes > 1
         passes, carried = [], set()
         for level in range(1, stage.passes + 1):

@@ -1,0 +1,80 @@
+"""Halo reuse (line buffers): packs take the rows their upper neighbour in the same grid column computed.
+
+* full-width strips (grids Rx1) compute every row once: the plan's MACs are the unsplit model's, and the
+  outputs equal the unsplit model's in float64, with reuse as with recompute;
+* grids with several columns recompute only the horizontal halo: fewer MACs than recompute, more than unsplit;
+* the replay's peak (line buffers included) is the measuring tracker's, byte for byte;
+* the recorded program gives the interpreter's outputs bit for bit;
+* the fast estimate's MACs are the program's for strip plans too.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import splitpack
+from conftest import F64_TOL, rel_error
+from splitpack.core.cost.plan_cost import plan_cost
+from splitpack.core.plan.spec import parse_plan
+from splitpack.measure.meter import peak_activation_bytes
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _carries(program) -> int:
+    return sum(step.carry is not None for stage in program.stages for pass_ in stage.passes
+               for pack in pass_.packs for step in pack.steps)
+
+
+@pytest.mark.parametrize("name, merge, grid", [("resnet18", "layer3", "5x1"),
+                                               ("mobilenetv2_100", "blocks.2,blocks.4", "4x1,3x1")])
+def test_strips_compute_every_row_once_and_stay_exact(models, name, merge, grid):
+    model = copy.deepcopy(models(name)).double()
+    x = torch.randn(1, 3, 97, 83, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        reuse, recompute = splitpack.wrap(model, merge, grid), splitpack.wrap(model, merge, grid, halo="recompute")
+        assert rel_error(reuse(x), ref) <= F64_TOL and rel_error(recompute(x), ref) <= F64_TOL
+    assert _carries(reuse.program(x.shape)) > 0 and _carries(recompute.program(x.shape)) == 0
+    assert reuse.cost(x.shape)["macs_ratio"] == pytest.approx(1.0, abs=1e-9)
+    assert recompute.cost(x.shape)["macs_ratio"] > 1.2
+
+
+def test_grids_recompute_only_the_horizontal_halo(models):
+    model = models("resnet18")
+    shape = (1, 3, 96, 96)
+    ratios = {halo: splitpack.wrap(model, "layer2", "3x3", halo=halo).cost(shape)["macs_ratio"]
+              for halo in ("reuse", "recompute")}
+    strips = splitpack.wrap(model, "layer2", "3x1").cost(shape)["macs_ratio"]
+    assert strips == pytest.approx(1.0, abs=1e-9)
+    assert 1.0 < ratios["reuse"] < ratios["recompute"]
+
+
+@pytest.mark.parametrize("merge, grid", [("layer2", "6x1"), ("layer1,layer3", "4x3,3x1"), ("layer2", "3x2")])
+def test_predicted_peak_counts_the_line_buffers(models, merge, grid):
+    """Predicted == measured, and the buffers are really there: reuse keeps rows the recompute plan does not."""
+    model = models("resnet18")
+    x = torch.randn(1, 3, 128, 112)
+    plan = parse_plan(merge, grid)
+    for halo in ("reuse", "recompute"):
+        split = splitpack.SplitPack(model, plan, halo=halo)
+        split.program(x.shape)
+        assert plan_cost(split._traced, plan, x.shape, halo=halo).peak_bytes == peak_activation_bytes(split, x), halo
+
+
+def test_program_gives_the_interpreters_outputs_bit_for_bit(models):
+    model = models("mobilenetv2_100")
+    x = torch.randn(2, 3, 90, 77)
+    interpreted = splitpack.wrap(model, "blocks.1,blocks.3,global_pool", "5x1,3x2,2x1")
+    compiled = splitpack.wrap(model, "blocks.1,blocks.3,global_pool", "5x1,3x2,2x1", compile="program")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), interpreted(x))
+        assert torch.equal(compiled(x[:1]), interpreted(x[:1]))
+
+
+def test_halo_mode_is_checked(models):
+    with pytest.raises(ValueError, match="halo must be one of"):
+        splitpack.wrap(models("resnet18"), "layer2", "2x1", halo="share")
