@@ -416,7 +416,8 @@ class Predictor:
         total = sum(self._op(n, node_work(n, shapes) * batch) for n in globals_ if n in self.signatures)
         for pass_ in stage.passes:
             for pack in pass_.packs:
-                total += self._read_seconds(stage, pack.read, batch, source_bands, pack.copy_read)
+                if pack.read is not None:  # None: the pack above read every row this pack uses
+                    total += self._read_seconds(stage, pack.read, batch, source_bands, pack.copy_read)
                 for step in pack.steps:
                     total += self._step_seconds(stage, step, shapes, batch) + step_overhead
                 if pack.write is not None:
@@ -441,7 +442,9 @@ class Predictor:
         return seconds
 
     def _step_seconds(self, stage: StageProgram, step: Step, shapes, batch: int) -> float:
-        seconds = 0.0
+        seconds = self._line_seconds(stage, step, batch)
+        if not step.computes:
+            return seconds
         for k, (src, narrows, pads) in enumerate(step.inputs):
             seconds += self.model.view_s * len(narrows)
             if pads is not None:
@@ -453,3 +456,13 @@ class Predictor:
         (r0, r1), (c0, c1) = step.region
         fraction = (r1 - r0) * (c1 - c0) / max(1, h * w)
         return seconds + self._op(step.node, node_work(step.node, shapes) * batch * fraction)
+
+    def _line_seconds(self, stage: StageProgram, step: Step, batch: int) -> float:
+        """Halo reuse: the copy joining the rows kept by the pack above to the rows computed, and the
+        copy of the rows kept for the pack below."""
+        seconds = 0.0
+        if step.carry is not None and step.computes:
+            seconds += self.model.copy(self._bytes(stage, step.node, step.held, batch))
+        if step.keep is not None:
+            seconds += self.model.copy(self._bytes(stage, step.node, step.keep, batch))
+        return seconds
