@@ -3,7 +3,7 @@
 
 usage: scripts/bench_planner.py [--models M ...] [--sizes 512 1024] [--brute-size 512] [--cap 1.25]
                                 [--planning-model efficientnet_b7 --planning-size 600]
-                                [--parts accuracy brute planning]
+                                [--parts accuracy brute planning hand] [--hand-models M ...]
                                 [--write BENCHMARKS.md] [--json benchmarks/planner.json]
 
 1. Prediction accuracy: for every model and size, the predicted peak (splitpack.core.cost.exact_peak: the
@@ -14,6 +14,8 @@ usage: scripts/bench_planner.py [--models M ...] [--sizes 512 1024] [--brute-siz
    1..6 and every two-stage plan x square grids 1..6 for both stages, ranked by predicted peak; the three
    best and the planner's choice are measured.
 3. Planning time (trace, then plan) for --planning-model at --planning-size, and for each model.
+4. Planner vs hand plans: for each hand-picked plan of BENCHMARKS.md's staged table
+   (scripts/bench_suite.py's STAGED), the planner's plan within the hand plan's MACs ratio; both measured.
 
 Measurements run with one torch thread: peak bytes do not depend on it, and on a shared 2-core machine
 thousands of tiny pack ops under OpenMP would take minutes.
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 import splitpack  # noqa: E402
+from bench_suite import STAGED  # noqa: E402
 from splitpack.core.cost.fast_estimate import Estimator  # noqa: E402
 from splitpack.core.plan.spec import Plan, Stage, parse_plan  # noqa: E402
 from splitpack.core.search.planner import Planner, _SizeContext  # noqa: E402
@@ -50,7 +53,7 @@ FIXED = {  # one checkpoint; a staged plan to the global pooling
     "convnext_nano": [("stages.1", "3x3"), ("stem,stages.1,head.global_pool", "4x4,2x2,2x2")],
 }
 BEGIN, END = "<!-- planner:begin -->", "<!-- planner:end -->"
-PARTS = ("accuracy", "brute", "planning")  # predicted vs measured, planner vs brute force, planning time
+PARTS = ("accuracy", "brute", "planning", "hand")  # predicted vs measured, vs brute force, planning time, vs hand plans
 GRIDS = range(1, 7)
 COARSE = re.compile(r"^([^.]+|(layer|blocks|stages)\.\d+)$")
 
@@ -156,6 +159,33 @@ def planning_time(name: str, size: int, cap: float, log) -> dict:
             "predicted_peak": choice.predicted_peak_bytes, "macs_ratio": choice.predicted_macs_ratio}
 
 
+def versus_hand_plan(name: str, size: int, merge: str, grid: str, log) -> dict:
+    """The hand plan and the planner's plan within the hand plan's MACs ratio, predicted and measured."""
+    model = splitpack.create_model(name)
+    planner = Planner(model)
+    shape = (1, 3, size, size)
+    hand = parse_plan(merge, grid)
+    hand_cost = plan_cost(planner.traced, hand, shape)
+    chosen = planner.choose(shape, max_overhead=hand_cost.macs_ratio)
+    rows = {"model": name, "size": size, "hand": str(hand), "hand_macs_ratio": hand_cost.macs_ratio,
+            "hand_predicted": hand_cost.peak_bytes, "hand_measured": measured_peak(model, planner.traced, hand, shape),
+            "chosen": str(chosen.plan), "chosen_macs_ratio": chosen.predicted_macs_ratio,
+            "chosen_predicted": chosen.predicted_peak_bytes,
+            "chosen_measured": measured_peak(model, planner.traced, chosen.plan, shape)}
+    rows["ratio"] = rows["chosen_measured"] / rows["hand_measured"]
+    log(f"hand {name}@{size}: hand {rows['hand_measured'] / MiB:.2f} MiB at {hand_cost.macs_ratio:.3f}x, planner "
+        f"{rows['chosen_measured'] / MiB:.2f} MiB at {chosen.predicted_macs_ratio:.3f}x ({chosen.plan})")
+    return rows
+
+
+def hand_table(rows: list[dict]) -> list[str]:
+    return table(["model", "size", "hand plan", "MACs ratio", "measured MiB", "planner's plan (within the hand plan's "
+                  "MACs)", "MACs ratio", "predicted MiB", "measured MiB", "planner / hand"],
+                 [[r["model"], r["size"], f"`{r['hand']}`", f"{r['hand_macs_ratio']:.3f}", mib(r["hand_measured"]),
+                   f"`{r['chosen']}`", f"{r['chosen_macs_ratio']:.3f}", mib(r["chosen_predicted"]),
+                   mib(r["chosen_measured"]), f"**{r['ratio']:.2f}**"] for r in rows])
+
+
 def mib(n: int) -> str:
     return f"{n / MiB:.2f}"
 
@@ -206,7 +236,10 @@ def markdown(results: dict, command: str) -> str:
     lines += ["", "`plan s` is `Planner.choose` (allocation profile and shapes from one fake-tensor run, the search, "
               "the finalists' exact replays), as wall-clock and as this process's CPU time (one thread: the CPU "
               "time is what an idle machine's wall clock would show); `trace s` is the fx trace every split-pack "
-              "model pays once.", END]
+              "model pays once.", "", "### Planner vs hand plans (the staged table's, within their MACs)", ""]
+    lines += hand_table(results["hand"])
+    lines += ["", "`planner / hand`: the planner's measured peak over the hand plan's; at most 1 on every row is the "
+              "planner doing at least as well as a person within the same compute.", END]
     return "\n".join(lines) + "\n"
 
 
@@ -229,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--planning-size", type=int, default=600)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to run (default: all; --write needs all)")
+    parser.add_argument("--hand-models", nargs="*", help="hand-plan rows of these models only (default: all)")
     parser.add_argument("--write", type=Path, help="BENCHMARKS.md to put the section into")
     parser.add_argument("--json", type=Path, help="raw results here")
     args = parser.parse_args(argv)
@@ -244,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     results["brute"] = [versus_brute_force(name, args.brute_size, args.cap, log) for name in args.models] \
         if "brute" in args.parts else []
     results["planning"] += [planning_time(name, args.brute_size, args.cap, log) for name in args.models] if planning else []
+    results["hand"] = [versus_hand_plan(name, size, merge, grid, log) for name, size, _, merge, grid, _ in STAGED
+                       if args.hand_models is None or name in args.hand_models] if "hand" in args.parts else []
     results["load_end"] = os.getloadavg()
     command = "scripts/bench_planner.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = markdown(results, command.strip())

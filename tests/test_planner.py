@@ -178,6 +178,24 @@ def test_choice_is_no_worse_than_the_hand_plan_within_its_macs(models, name):
                                                             hand.peak_bytes)
 
 
+def test_se_stages_recompute_from_a_smaller_checkpoint_where_the_macs_allow(models, monkeypatch):
+    """SE-ResNet-50: a stage from the stem's output through several SE blocks holds only that (4x smaller)
+    source whole while its passes recompute the blocks, where a checkpoint per block holds each block's
+    output whole through the next block's two passes. Within 2x MACs it beats every plan whose stages span
+    at most two SE levels."""
+    import splitpack.core.search.planner as planner_module
+
+    _, planner = models("seresnet50")
+    shape = (1, 3, 256, 256)
+    deep = planner.choose(shape, max_overhead=2.0)
+    monkeypatch.setattr(planner_module, "MAX_PASSES", 3)
+    shallow = planner.choose(shape, max_overhead=2.0)
+    assert deep.predicted_peak_bytes < 0.95 * shallow.predicted_peak_bytes, (str(deep.plan), str(shallow.plan))
+    assert deep.predicted_macs_ratio <= 2.0 and plan_cost(planner.traced, deep.plan, shape).peak_bytes == \
+        deep.predicted_peak_bytes
+    assert str(deep.plan).startswith("maxpool@") and ",layer2.0@" in str(deep.plan)  # maxpool -> layer2.0: 5 passes
+
+
 def test_budget_gets_the_fewest_macs_that_fit_and_an_impossible_one_says_what_is_possible(models):
     _, planner = models("resnet18")
     shape = (2, 3, 96, 96)

@@ -52,7 +52,11 @@ log = logging.getLogger("splitpack.planner")
 
 DEFAULT_MAX_OVERHEAD = 1.25  # MACs split / unsplit when no cap and no budget is given
 FRONT_OVERHEAD = 3.0  # the front covers plans up to this MACs ratio
-MAX_PASSES = 3  # a stage spans at most two squeeze-excitation levels (each costs a pass over its packs)
+# a stage spans at most six squeeze-excitation levels (each costs a pass over its packs, recomputed from the
+# stage's source): a stage from a small checkpoint through several SE blocks holds only that source whole
+# while its passes run, where a checkpoint per block would hold each block's larger output (SE-ResNet-50's
+# layer3 is six SE blocks: seven passes)
+MAX_PASSES = 7
 MAX_SPAN = 40  # a stage spans at most this many checkpoints
 MACS_BUCKETS = 160  # resolution of the MACs overhead in the dynamic programme
 LADDER_STEP = 1.2  # ratio between consecutive working-set caps
