@@ -33,6 +33,7 @@ from splitpack.core.search.planner import LatencyTooLow, Planner  # noqa: E402
 from splitpack.experiments.bench import latencies_ms  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 DEFAULT_CASES = ["resnet50:1024:1.0", "tf_efficientnet_b7:600:1.15", "mobilenetv2_100:224:1.3"]
 
 
@@ -43,20 +44,6 @@ def load() -> str:
 def parse_case(text: str) -> tuple[str, int, float]:
     name, size, latency = text.rsplit(":", 2)
     return name, int(size), float(latency)
-
-
-def cpu_latencies_ms(fns, x, repeats: int) -> list[float]:
-    """Best-of-``repeats`` CPU time of each fn (one torch thread: the process's CPU time is the run's), interleaved."""
-    best = [float("inf")] * len(fns)
-    with torch.inference_mode():
-        for fn in fns:
-            fn(x)
-        for _ in range(repeats):
-            for i, fn in enumerate(fns):
-                start = time.process_time()
-                fn(x)
-                best[i] = min(best[i], (time.process_time() - start) * 1e3)
-    return best
 
 
 def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_mode: str, peak: bool,
@@ -82,7 +69,7 @@ def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_m
                predicted_ratio=choice.predicted_latency_ratio)
     split = SplitPack(model, choice.plan, compile=compile_mode, traced=planner.traced)
     x = torch.randn(1, 3, size, size)
-    unsplit_ms, split_ms = (latencies_ms if clock == "wall" else cpu_latencies_ms)([model, split], x, repeats)
+    unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, CLOCKS[clock])
     row.update(measured_s=split_ms / 1e3, measured_unsplit_s=unsplit_ms / 1e3, measured_ratio=split_ms / unsplit_ms)
     row["error_s"] = row["predicted_s"] / row["measured_s"] - 1
     row["error_unsplit_s"] = row["predicted_unsplit_s"] / row["measured_unsplit_s"] - 1

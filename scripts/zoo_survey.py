@@ -2,6 +2,7 @@
 """The zoo survey: the planner's plan (merge_layer auto, default objective) for each model of the zoo.
 
 usage: scripts/zoo_survey.py [--models M ...] [--size 512] [--float64] [--json benchmarks/zoo.json]
+                             [--max-latency 1.3 [--repeats 5] [--clock wall|cpu]]
 
 Per model (random weights, fp32, batch 1): the planner's plan at --size, the unsplit and split peak
 activation memory measured by the CPU tracker (splitpack.measure.meter) and their ratio, the MACs
@@ -12,6 +13,10 @@ a wrong halo at the 1e-2 level and rounding at 1e-16). A model exact mode cannot
 the error. Prints a markdown table (BENCHMARKS.md's zoo section) and writes the rows as JSON.
 
 Memory and MACs do not depend on the machine's load; measurements run with one torch thread.
+With --max-latency the planner's objective is the smallest peak within that predicted latency ratio
+(the device's time model, splitpack.core.cost.time_model), and each row adds the predicted latency ratio
+and the measured one: the plan as a recorded program (compile="program") against the unsplit eager model,
+interleaved, best of --repeats (--clock cpu: the process's CPU time, for a loaded machine).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from tqdm import tqdm  # noqa: E402
 import splitpack  # noqa: E402
 from bench_planner import measured_peak  # noqa: E402
 from splitpack.core.search.planner import Planner  # noqa: E402
+from splitpack.experiments.bench import latencies_ms  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 from splitpack.measure.units import MiB  # noqa: E402
 
@@ -50,7 +56,16 @@ def split_error(model, plan, x: torch.Tensor) -> float:
         return rel_error(splitpack.SplitPack(model, plan)(x), model(x))
 
 
-def survey(name: str, size: int, float64: bool) -> dict:
+def latency(row: dict, model, planner: Planner, choice, x: torch.Tensor, repeats: int, clock) -> None:
+    """The predicted latency ratio, and the measured one of the plan as a recorded program."""
+    split = splitpack.SplitPack(model, choice.plan, compile="program", traced=planner.traced)
+    unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, clock)
+    row.update(predicted_latency_ratio=choice.predicted_latency_ratio, measured_latency_ratio=split_ms / unsplit_ms,
+               unsplit_ms=unsplit_ms, split_ms=split_ms)
+
+
+def survey(name: str, size: int, float64: bool, max_latency: float | None = None, repeats: int = 5,
+           clock=time.perf_counter) -> dict:
     torch.manual_seed(0)
     model = splitpack.create_model(name).eval()
     shape = (1, 3, size, size)
@@ -58,7 +73,7 @@ def survey(name: str, size: int, float64: bool) -> dict:
     start = time.perf_counter()
     try:
         planner = Planner(model)
-        choice = planner.choose(shape)
+        choice = planner.choose(shape, max_latency=max_latency)
     except (splitpack.SplitError, ValueError) as err:
         return {**row, "error": f"{type(err).__name__}: {err}"}
     x = torch.randn(shape)
@@ -68,6 +83,8 @@ def survey(name: str, size: int, float64: bool) -> dict:
                memory_ratio=unsplit / split, macs_ratio=choice.predicted_macs_ratio,
                predicted_peak=choice.predicted_peak_bytes, prediction_error=choice.predicted_peak_bytes / split - 1,
                fp32_error=split_error(model, choice.plan, x), planning_seconds=choice.seconds)
+    if max_latency is not None:
+        latency(row, model, planner, choice, x, repeats, clock)
     if float64:
         row["float64_error"] = split_error(model.double(), choice.plan, x.double())
         row["exact"] = row["float64_error"] <= F64_TOL
@@ -76,13 +93,17 @@ def survey(name: str, size: int, float64: bool) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    timed = any("measured_latency_ratio" in r for r in rows)
     lines = ["| model | plan | unsplit MiB | split MiB | memory ratio | MACs ratio | predicted / measured peak | "
-             "fp32 error | float64 error |", "|---|---|---|---|---|---|---|---|---|"]
+             "fp32 error | float64 error |" + (" latency predicted / measured |" if timed else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | not planned: {r['error'][:160]} | - | - | - | - | - | - | - |")
+            lines.append(f"| {r['model']} | not planned: {r['error'][:160]} | - | - | - | - | - | - | - |"
+                         + (" - |" if timed else ""))
             continue
         f64 = f"{r['float64_error']:.1e}" if "float64_error" in r else "not run"
+        f64 += f" | {r['predicted_latency_ratio']:.2f}x / **{r['measured_latency_ratio']:.2f}x**" if timed else ""
         lines.append(f"| {r['model']} | {r['stages']} stages | {r['unsplit_peak'] / MiB:.1f} | {r['split_peak'] / MiB:.1f} | "
                      f"**{r['memory_ratio']:.2f}x** | {r['macs_ratio']:.2f}x | "
                      f"{r['predicted_peak'] / MiB:.1f} / {r['split_peak'] / MiB:.1f} ({r['prediction_error']:+.1%}) | "
@@ -97,12 +118,18 @@ def main() -> int:
     p.add_argument("--float64", action="store_true", help="also check exactness with the model in float64")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="benchmarks/zoo.json")
+    p.add_argument("--max-latency", type=float, help="plan the smallest peak within this predicted latency ratio and "
+                   "measure the plan's latency (compile='program') against the unsplit model")
+    p.add_argument("--repeats", type=int, default=5, help="--max-latency: timed runs each, interleaved, best kept")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="--max-latency: the wall clock, or the process's CPU time (one thread, a loaded machine)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for name in tqdm(args.models, desc="zoo", file=sys.stderr):
-        rows.append(survey(name, args.size, args.float64))
+        rows.append(survey(name, args.size, args.float64, args.max_latency, args.repeats,
+                           time.process_time if args.clock == "cpu" else time.perf_counter))
         tqdm.write(json.dumps(rows[-1]), file=sys.stderr)
         # after every model: a long survey stopped early still leaves the rows it measured
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))

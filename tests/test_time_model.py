@@ -20,7 +20,7 @@ import splitpack
 from splitpack.core.capture.graph import trace
 from splitpack.core.cost.exact_peak import allocation_profile
 from splitpack.core.cost.time_model import (FORMAT, INTERPRETED, PROGRAM, LinearFit, TimeModel, TimingStore, _signatures,
-                                            calibrate, device_key, fit_linear, time_model_for)
+                                            calibrate, device_key, fit_linear, fit_piecewise, time_model_for)
 from splitpack.core.plan.schedule import build_program, stage_graphs
 from splitpack.core.plan.spec import parse_plan
 from splitpack.core.search.planner import LatencyTooLow, Planner, check_max_latency
@@ -76,6 +76,28 @@ def test_fit_weighs_relative_error_and_stays_non_negative():
     assert fit_linear([(1e3, 5e-6), (1e3, 6e-6)]) == LinearFit(5e-6, 0.0)  # one size: its best time
     with pytest.raises(ValueError, match="no timing points"):
         fit_linear([])
+
+
+def test_the_piecewise_fit_is_the_line_on_linear_timings():
+    truth = LinearFit(7e-6, 3e-9)
+    fit = fit_piecewise([(w, truth(w)) for w in (1e3, 1e4, 1e5, 1e6) for _ in range(3)])
+    assert fit.fixed == pytest.approx(truth.fixed, rel=1e-9)
+    for segment in fit.segments:
+        assert segment.fixed == pytest.approx(truth.fixed, rel=1e-6) and segment.slope == pytest.approx(truth.slope)
+    for w in (10, 5e3, 3e5, 4e6):  # below, between and beyond the knots
+        assert fit(w) == pytest.approx(truth(w), rel=1e-6) or (w > 1e6 and fit(w) == pytest.approx(truth(1e6) * w / 1e6))
+
+
+def test_the_piecewise_fit_follows_a_cache_step():
+    """Small tensors at 1 ns per element, large ones at 2 ns (out of cache), medians of noisy repeats."""
+    points = [(1e4, 2e-5), (1e4, 1.2e-5), (1e4, 1.1e-5), (1e5, 1e-4), (1e6, 2e-3), (1e6, 2.1e-3), (1e6, 1.9e-3)]
+    fit = fit_piecewise(points)
+    assert fit.knots == ((1e4, 1.2e-5), (1e5, 1e-4), (1e6, 2e-3))
+    assert fit(1e5) / 1e5 < fit(1e6) / 1e6  # a pack that fits in cache costs less per element
+    assert fit(5.5e5) == pytest.approx((1e-4 + 2e-3) / 2)
+    assert fit(4e6) == pytest.approx(8e-3)  # beyond the largest size: its cost per element
+    assert fit_piecewise([(1e3, 5e-6), (1e4, 4e-6)]).knots[1][1] == 5e-6  # more work never takes less time
+    assert fit_piecewise([(64, 3e-6), (64, 5e-6)])(64) == pytest.approx(4e-6)  # a global op: one work, its median
 
 
 # --------------------------------------------------------------------------- the cache

@@ -42,10 +42,12 @@ MAX_TILES = 8  # grids 1x1 .. 8x8, every rows x cols combination
 @dataclass
 class OpTimes:
     """What the search needs of a time model (splitpack.core.cost.time_model.Predictor.op_times): per op its
-    seconds at full size and its fixed part, per step and per pack the overheads, and seconds per copied byte."""
+    seconds at full size, its fixed part and its full-size work at a pack's cost per element, per step and
+    per pack the overheads, and seconds per copied byte."""
 
     full: dict[fx.Node, float]
     fixed: dict[fx.Node, float]
+    split: dict[fx.Node, float]
     per_step: float
     per_pack: float
     copy_slope: float
@@ -346,7 +348,7 @@ class Estimator:
             return np.zeros(0, np.int64), np.zeros((0, MAX_TILES, MAX_TILES))
         def stacked(table):
             return np.stack([table[n][col] for n in nodes]).astype(float)
-        per_pixel = np.array([(times.full[n] - times.fixed[n]) / (self.hw[n][0] * self.hw[n][1]) for n in nodes])
+        per_pixel = np.array([(times.split[n] - times.fixed[n]) / (self.hw[n][0] * self.hw[n][1]) for n in nodes])
         fixed = np.array([times.fixed[n] + times.per_step for n in nodes])
         seconds = np.einsum("m,mi,mj->mij", per_pixel, stacked(s.computed_row_sum), stacked(s.col_sum)) \
             + np.einsum("m,mi,mj->mij", fixed, stacked(s.row_count), stacked(s.col_count))

@@ -8,7 +8,9 @@ which on a CPU made a whole MobileNetV2 look twice as fast as it runs) -- and th
 runs kept. Ops with the same *signature* (the op and its channel counts: the
 16 identical 3x3 convolutions of a ResNet stage are one signature) pool their timings, and each
 signature gets ``seconds = fixed + slope * work`` (work: elements of the op's largest tensor, which
-for a given signature is proportional to the area it computes). Copies (the pads, band writes and
+for a given signature is proportional to the area it computes) piecewise between the calibrated
+sizes: on a CPU an op whose tensors fit in cache costs less per element than the same op at full
+size (measured here up to 2x), which is how a split plan can run faster than the unsplit model. Copies (the pads, band writes and
 band gathers a plan adds) get the same fit over bytes, and a view (a ``narrow``) one constant.
 
 The timings are cached per device in ``<cache>/timing/<device key>.json`` (``<cache>`` is
@@ -44,11 +46,12 @@ from splitpack.core.capture.rules import spatial_dims
 from splitpack.core.plan.schedule import Program, StageProgram, Step
 
 CACHE_ENV = "SPLITPACK_CACHE_DIR"
-FORMAT = 2  # version of the cache file's layout (2: ops timed in sequence, medians)
+FORMAT = 3  # version of the cache file's layout (2: ops timed in sequence, medians; 3: one thread by CPU time)
 INTERPRETED, PROGRAM = "interpreter", "program"
 MODES = (INTERPRETED, PROGRAM)
 INTERPRETER_STEP_S = 25e-6  # Python overhead of one interpreted step, until calibrated on the device
 MIN_CALIBRATION_SIZE = 32
+TYPICAL_PACKS = 16  # the search prices a pack's work at the per-element cost of a 4x4 grid's tile
 OP_BUDGET_S = 0.02  # repeat a copy's timing until this much time was spent on it (at least MIN_REPEATS)
 MIN_REPEATS, MAX_REPEATS = 2, 8
 RUNS, LONG_RUNS, LONG_RUN_S = 5, 3, 1.0  # timed runs of the model per size (fewer where one takes > 1 s)
@@ -90,6 +93,53 @@ def fit_linear(points: Iterable[tuple[float, float]]) -> LinearFit:
     if fixed < 0:  # through the origin
         return LinearFit(0.0, b2 / a22)
     return LinearFit(fixed, slope)
+
+
+@dataclass(frozen=True)
+class PiecewiseFit:
+    """``seconds = fixed + slope * work`` piecewise: through the median time at each calibrated work
+    (``knots``, times made non-decreasing), from ``fixed`` at no work (the line through the two smallest
+    knots, kept within [0, their time]), and beyond the largest knot at its time per element."""
+
+    fixed: float
+    knots: tuple[tuple[float, float], ...]  # (work, seconds), increasing work
+
+    def __call__(self, work: float) -> float:
+        (w0, s0), (wn, sn) = self.knots[0], self.knots[-1]
+        if work <= w0:
+            return self.fixed + (s0 - self.fixed) * work / w0
+        if work >= wn:
+            return sn * work / wn
+        for (wa, sa), (wb, sb) in zip(self.knots, self.knots[1:]):
+            if work <= wb:
+                return sa + (sb - sa) * (work - wa) / (wb - wa)
+        raise AssertionError("unreachable")
+
+    @property
+    def segments(self) -> list[LinearFit]:
+        """The line of each piece, from no work to the largest knot."""
+        points = [(0.0, self.fixed), *self.knots]
+        return [LinearFit(sa - (sb - sa) / (wb - wa) * wa, (sb - sa) / (wb - wa))
+                for (wa, sa), (wb, sb) in zip(points, points[1:])]
+
+
+def fit_piecewise(points: Iterable[tuple[float, float]]) -> PiecewiseFit:
+    """The :class:`PiecewiseFit` of (work, seconds) points (several per work: their median)."""
+    by_work: dict[float, list[float]] = {}
+    for w, s in points:
+        if s > 0 and w > 0:
+            by_work.setdefault(float(w), []).append(float(s))
+    if not by_work:
+        raise ValueError("fit_piecewise: no timing points")
+    knots, slowest = [], 0.0
+    for w in sorted(by_work):
+        slowest = max(slowest, statistics.median(by_work[w]))  # more work never takes less time
+        knots.append((w, slowest))
+    if len(knots) == 1:
+        return PiecewiseFit(knots[0][1], tuple(knots))
+    (w0, s0), (w1, s1) = knots[:2]
+    fixed = min(max(s0 - (s1 - s0) / (w1 - w0) * w0, 0.0), s0)
+    return PiecewiseFit(fixed, tuple(knots))
 
 
 # --------------------------------------------------------------------------- signatures
@@ -201,6 +251,13 @@ def _best_of(call: Callable[[], Any], sync: Callable[[], None]) -> float:
     return best
 
 
+def op_clock(device: torch.device) -> Callable[[], float]:
+    """What calibration times ops with: the wall clock, or on a CPU with one torch thread the process's CPU
+    time -- the same on an idle machine, but on a busy one the wall clock of a long op includes the time
+    the process waited for a core, which would price large ops higher than small ones."""
+    return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
 def _sync_for(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
@@ -208,9 +265,9 @@ def _sync_for(device: torch.device) -> Callable[[], None]:
 class _TimingInterpreter(fx.Interpreter):
     """Runs the graph, timing every input-dependent call as the run reaches it."""
 
-    def __init__(self, traced: TracedModel, sync):
+    def __init__(self, traced: TracedModel, sync, clock=time.perf_counter):
         super().__init__(traced.gm, garbage_collect_values=True)
-        self.traced, self.sync = traced, sync
+        self.traced, self.sync, self.clock = traced, sync, clock
         self.seconds: dict[fx.Node, float] = {}
         self.shapes: dict[fx.Node, Shape] = {}
 
@@ -219,10 +276,10 @@ class _TimingInterpreter(fx.Interpreter):
             with self._set_current_node(n):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 self.sync()
-                start = time.perf_counter()
+                start = self.clock()
                 out = getattr(self, n.op)(n.target, args, kwargs)
                 self.sync()
-                self.seconds[n] = time.perf_counter() - start
+                self.seconds[n] = self.clock() - start
         else:
             out = super().run_node(n)
         if isinstance(out, torch.Tensor):
@@ -293,9 +350,9 @@ def _median_times(traced: TracedModel, x: torch.Tensor, sync) -> dict[fx.Node, t
     start = time.perf_counter()
     _TimingInterpreter(traced, sync).run(x)  # warm-up: allocator, kernels
     runs = RUNS if time.perf_counter() - start < LONG_RUN_S else LONG_RUNS
-    timers = []
+    timers, clock = [], op_clock(x.device)
     for _ in range(runs):
-        timers.append(_TimingInterpreter(traced, sync))
+        timers.append(_TimingInterpreter(traced, sync, clock))
         timers[-1].run(x)
     shapes = timers[0].shapes
     return {n: (node_work(n, shapes), statistics.median(t.seconds[n] for t in timers)) for n in timers[0].seconds}
@@ -331,7 +388,7 @@ class TimeModel:
     """Per-signature fits and copy costs of one device key (see the module docstring)."""
 
     key: str
-    ops: dict[str, LinearFit]
+    ops: dict[str, PiecewiseFit | LinearFit]
     copy: LinearFit
     view_s: float
     interpreter_step_s: float = INTERPRETER_STEP_S
@@ -339,7 +396,7 @@ class TimeModel:
     @classmethod
     def from_store(cls, store: TimingStore) -> "TimeModel":
         data = store.data
-        return cls(store.key, {sig: fit_linear(map(tuple, pts)) for sig, pts in data["ops"].items()},
+        return cls(store.key, {sig: fit_piecewise(map(tuple, pts)) for sig, pts in data["ops"].items()},
                    fit_linear(map(tuple, data["copy"])), float(data["view_s"]),
                    float(data["interpreter_step_s"] or INTERPRETER_STEP_S))
 
@@ -384,9 +441,15 @@ class Predictor:
 
         model = self.model
         fixed = {n: model.ops[sig].fixed for n, sig in self.signatures.items() if sig in model.ops}
-        full = {n: self._op(n, node_work(n, shapes) * batch) for n in self.signatures}
+        full, split = {}, {}
+        for n in self.signatures:
+            work = node_work(n, shapes) * batch
+            full[n] = self._op(n, work)
+            # the variable cost of all the work at the rate of a 4x4 grid's tile (smaller tiles cost less per
+            # element on a CPU: the search prices packs at that rate)
+            split[n] = fixed[n] + (self._op(n, work / TYPICAL_PACKS) - fixed[n]) * TYPICAL_PACKS
         per_step = model.view_s + (model.interpreter_step_s if mode == INTERPRETED else 0.0)
-        return OpTimes(full, fixed, per_step, model.view_s + model.copy.fixed, model.copy.slope)
+        return OpTimes(full, fixed, split, per_step, model.view_s + model.copy.fixed, model.copy.slope)
 
     def unsplit_seconds(self, shapes: dict[fx.Node, Shape], batch: int = 1) -> float:
         """The unsplit model's ops at full size (``shapes``: batch-1 shapes of the input size)."""
