@@ -101,18 +101,38 @@ def assert_plan_arithmetic(plan: dict, p: ShapeInputs, activations: ActivationMo
     rec = plan["recommended"]
     assert plan["memory_limit_bytes"] == p.limit_bytes
     assert plan["batch_size"] == rec["batch_size"]
-    assert plan["predicted_usage_bytes"] == rec["predicted_usage_bytes"] <= p.limit_bytes
+    assert plan["headroom_bytes"] == p.headroom_bytes and plan["planned_within_bytes"] == p.limit_bytes - p.headroom_bytes
+    limit = p.limit_bytes - p.headroom_bytes  # what the shapes must fit
+    assert plan["predicted_usage_bytes"] == rec["predicted_usage_bytes"] <= limit
     for split, row in ((True, plan["split"]), (False, plan["unsplit"])):
         fn = batch_bytes_fn(lambda b: activations.peak(split, b), p.size, p.allocator_slack)
         r, b = row["replicas"], row["batch_size"]
         assert row["predicted_usage_bytes"] == usage_bytes(p.terms, fn, r, b)
         assert row["inflight_images"] == r * b
         # the next batch size does not fit, nor does any shape with more images in flight
-        assert b == p.max_batch or usage_bytes(p.terms, fn, r, b + 1) > p.limit_bytes
+        assert b == p.max_batch or usage_bytes(p.terms, fn, r, b + 1) > limit
         more = [(r2, b2) for r2 in range(1, r + 3) for b2 in range(1, p.max_batch + 1) if r2 * b2 > r * b]
-        assert all(usage_bytes(p.terms, fn, r2, b2) > p.limit_bytes for r2, b2 in more if b2 <= b + 2 or r2 == 1)
+        assert all(usage_bytes(p.terms, fn, r2, b2) > limit for r2, b2 in more if b2 <= b + 2 or r2 == 1)
     inflight = {True: plan["inflight_images_split"], False: plan["inflight_images_unsplit"]}
     assert inflight[rec["merge_layer"] is not None] == rec["inflight_images"] == max(inflight.values())
+
+
+def test_the_headroom_is_kept_free(resnet18_224):
+    terms = Terms(server_bytes=786 * MiB, process_bytes=430 * MiB, weights_bytes=resnet18_224.weights_bytes)
+    whole = ShapeInputs("resnet18", 224, "torchserve", 1400 * MiB, "test", terms, "test", max_batch=256)
+    kept = ShapeInputs("resnet18", 224, "torchserve", 1400 * MiB, "test", terms, "test", max_batch=256,
+                       headroom_bytes=100 * MiB)
+    plan, with_headroom = plan_shape(whole, resnet18_224, quiet=True), plan_shape(kept, resnet18_224, quiet=True)
+    assert_plan_arithmetic(with_headroom, kept, resnet18_224)
+    assert with_headroom["predicted_usage_bytes"] <= 1300 * MiB
+    assert with_headroom["inflight_images_split"] <= plan["inflight_images_split"]
+
+
+def test_clients_wait_as_long_as_the_deployment_lets_two_batches_take():
+    from splitpack.capacity.validate import MIN_REQUEST_TIMEOUT_S, request_timeout
+
+    assert request_timeout({"response_timeout_s": 1800}) == 2 * 1800 + 10  # the batch ahead, then its own
+    assert request_timeout({"response_timeout_s": 120}) == request_timeout(None) == MIN_REQUEST_TIMEOUT_S
 
 
 def test_a_limit_nothing_fits_is_a_clear_error(resnet18_224):

@@ -67,7 +67,7 @@ def parse_headroom(text: str, gpu_bytes: int) -> int:
         return int(gpu_bytes * pct / 100)
     value = parse_bytes(text)
     if value >= gpu_bytes:
-        raise ValueError(f"headroom {text} leaves nothing of the GPU's {gpu_bytes / GiB:.1f} GiB")
+        raise ValueError(f"headroom {text} leaves nothing of the {gpu_bytes / GiB:.1f} GiB planned for")
     return value
 
 

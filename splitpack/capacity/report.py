@@ -71,7 +71,8 @@ def format_shape(plan: dict) -> str:
     rec, t = plan["recommended"], plan["terms"]
     what = "unsplit" if rec["merge_layer"] is None else f"split-pack {plan['split']['plan']}"
     lines = [f"{plan['model']} @{plan['size']} on {plan['server']} ({plan['device']}) under "
-             f"{format_bytes(plan['memory_limit_bytes'])} ({plan['memory_limit_source']})",
+             f"{format_bytes(plan['memory_limit_bytes'])} ({plan['memory_limit_source']}), planned within "
+             f"{format_bytes(plan['planned_within_bytes'])} (headroom {format_bytes(plan['headroom_bytes'])})",
              f"fixed costs: server {format_bytes(t['server_bytes'])}, per process {format_bytes(t['process_bytes'])}, "
              f"weights {format_bytes(t['weights_bytes'])} per copy ({t['source']})",
              f"activations per image: split {format_bytes(plan['split']['activation_bytes_per_image'])}, unsplit "

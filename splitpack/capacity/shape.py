@@ -142,6 +142,11 @@ class ShapeInputs:
     allocator_slack: float = DEFAULT_ALLOCATOR_SLACK
     max_batch: int = DEFAULT_MAX_BATCH
     max_overhead: float | None = None
+    headroom_bytes: int = 0  # of the limit, kept free for what the formula does not count
+
+    @property
+    def planned_within_bytes(self) -> int:
+        return self.limit_bytes - self.headroom_bytes
 
 
 def plan_shape(p: ShapeInputs, activations: ActivationModel | None = None, quiet: bool = False) -> dict:
@@ -155,7 +160,7 @@ def plan_shape(p: ShapeInputs, activations: ActivationModel | None = None, quiet
     shapes = {}
     for split in (True, False):
         fn = batch_bytes_fn(lambda b, s=split: activations.peak(s, b), p.size, p.allocator_slack)
-        shapes[split] = best_shape(p.limit_bytes, p.terms, fn, p.max_batch, concurrent)
+        shapes[split] = best_shape(p.planned_within_bytes, p.terms, fn, p.max_batch, concurrent)
     split, unsplit = shapes[True], shapes[False]
     use_split = split is not None and (unsplit is None or split.inflight_images > unsplit.inflight_images)
     chosen = split if use_split else unsplit
@@ -163,11 +168,13 @@ def plan_shape(p: ShapeInputs, activations: ActivationModel | None = None, quiet
     recommended = {"merge_layer": plan.merge_layer_text if use_split else None,
                    "grid": plan.grid_text if use_split else None, "mode": "exact" if use_split else None}
     if chosen is None:
-        raise ValueError(f"nothing fits {p.limit_bytes / 2**20:.0f} MiB: one replica of batch 1 needs "
+        raise ValueError(f"nothing fits {p.planned_within_bytes / 2**20:.0f} MiB ({p.limit_bytes / 2**20:.0f} MiB "
+                         f"less {p.headroom_bytes / 2**20:.0f} MiB headroom): one replica of batch 1 needs "
                          f"{_one(p, activations) / 2**20:.0f} MiB even split ({p.terms_source})")
     return {
         "model": p.model, "size": p.size, "device": p.device, "server": p.server,
         "memory_limit_bytes": p.limit_bytes, "memory_limit_source": p.limit_source,
+        "headroom_bytes": p.headroom_bytes, "planned_within_bytes": p.planned_within_bytes,
         "batch_size": chosen.batch_size,
         "predicted_usage_bytes": chosen.predicted_usage_bytes,
         "inflight_images_split": split.inflight_images if split else 0,

@@ -20,6 +20,12 @@ from splitpack.serving.deploy import PLANNED
 from splitpack.capacity.fixed_costs import DEFAULT_CACHE, SERVERS
 from splitpack.capacity.shape import DEFAULT_MAX_BATCH
 
+GPU_HEADROOM = "10%"
+# Under a real memory limit a worker uses more per image than the formula counts (the heap keeps freed
+# blocks, the decoded and padded copies of the batch): ResNet-50 @1024 split-pack, batch 29, peaked
+# above the prediction by about 10% of a 3 GiB limit in a cgroup (BENCHMARKS.md), and a plan at the
+# limit itself was OOM-killed. Kept free until the formula counts it.
+MEMORY_LIMIT_HEADROOM = "15%"
 WRITTEN_DEFAULTS = {"instance_kind": "gpu"}  # a --gpu-memory plan is for a GPU; a --memory-limit plan for the CPU
 
 
@@ -60,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(exit 2 where no memory cgroup can be made)")
     limit.add_argument("--duration", type=arg_type(seconds, "seconds"), default=60.0,
                        help="--validate: seconds to drive each deployment (default 60)")
-    parser.add_argument("--headroom", default="10%", help="kept free: a percentage of the GPU or a size (default 10%%)")
+    parser.add_argument("--headroom", help=f"kept free: a percentage of the GPU or memory limit, or a size (default "
+                                           f"{GPU_HEADROOM} of a GPU, {MEMORY_LIMIT_HEADROOM} of a --memory-limit)")
     parser.add_argument("--merge-layers", nargs="*", metavar="LAYER",
                         help="merge layers to measure, one-stage plans at each of --grids (default: the planner's "
                              "staged plans)")
@@ -141,7 +148,7 @@ def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     return PlanInputs(
         model=spec.title, model_spec=spec, model_flags=tuple(_probe_model_flags(args)), size=args.size,
         batch_size=args.batch_size, gpu_memory_bytes=gpu_bytes,
-        gpu_memory_source=source, headroom_bytes=parse_headroom(args.headroom, gpu_bytes),
+        gpu_memory_source=source, headroom_bytes=parse_headroom(args.headroom or GPU_HEADROOM, gpu_bytes),
         merge_layers=args.merge_layers or None, grids=list(dict.fromkeys(args.grids)),
         modes=list(dict.fromkeys(args.modes)), max_candidates=args.max_candidates, context_overhead_bytes=context,
         context_overhead_source=context_source, allocator_slack=args.allocator_slack, repeats=args.repeats,
@@ -236,9 +243,10 @@ def _shape_inputs(args: argparse.Namespace):
     costs = fixed_costs(args.server, model, activations.weights_bytes, Deployment.write, args.fixed_costs,
                         args.remeasure, quiet=args.quiet)
     terms = Terms(costs.server_bytes, costs.process_bytes, costs.weights_bytes)
-    inputs = ShapeInputs(model, args.size, args.server, parse_bytes(args.memory_limit),
-                         f"--memory-limit {args.memory_limit}", terms, costs.measured,
-                         allocator_slack=args.allocator_slack, max_batch=args.largest_batch)
+    limit = parse_bytes(args.memory_limit)
+    inputs = ShapeInputs(model, args.size, args.server, limit, f"--memory-limit {args.memory_limit}", terms,
+                         costs.measured, allocator_slack=args.allocator_slack, max_batch=args.largest_batch,
+                         headroom_bytes=parse_headroom(args.headroom or MEMORY_LIMIT_HEADROOM, limit))
     return inputs, activations
 
 
