@@ -130,9 +130,11 @@ def test_the_headroom_is_kept_free(resnet18_224):
 
 def test_clients_wait_as_long_as_the_deployment_lets_two_batches_take():
     from splitpack.capacity.validate import MIN_REQUEST_TIMEOUT_S, request_timeout
+    from splitpack.serving.plan_deployment import START_TIMEOUT_S
 
-    assert request_timeout({"response_timeout_s": 1800}) == 2 * 1800 + 10  # the batch ahead, then its own
-    assert request_timeout({"response_timeout_s": 120}) == request_timeout(None) == MIN_REQUEST_TIMEOUT_S
+    assert request_timeout("torchserve", {"response_timeout_s": 1800}) == 2 * 1800 + 10  # the batch ahead, its own
+    assert request_timeout("torchserve", {}) == MIN_REQUEST_TIMEOUT_S  # TorchServe's default 120 s
+    assert request_timeout("triton", {}) == START_TIMEOUT_S  # no response timeout: what its start may take
 
 
 def test_a_limit_nothing_fits_is_a_clear_error(resnet18_224):

@@ -17,6 +17,11 @@ from typing import Callable
 from splitpack.serving.net import free_ports
 
 
+# How long `serve ... start` may take: load, warm-up and the first answer of a big model at a big size
+# on a loaded CPU take minutes.
+START_TIMEOUT_S = 1800
+
+
 class DeploymentError(RuntimeError):
     pass
 
@@ -70,7 +75,7 @@ class Deployment:
         self.stop()
 
     # -- lifecycle through the CLI, as an operator runs it ----------------------------------------
-    def start_command(self, timeout_s: float = 1800) -> list[str]:
+    def start_command(self, timeout_s: float = START_TIMEOUT_S) -> list[str]:
         cmd = [sys.executable, "-m", "splitpack.cli", "serve", self.server, "start", "--run-dir", str(self.run_dir),
                "--timeout", str(timeout_s)]
         if self.server == "torchserve":
@@ -80,7 +85,8 @@ class Deployment:
                           "--grpc-port", str(grpc)]
         return cmd + ["--repo", str(self.directory), "--grpc-port", str(self.ports[0])]
 
-    def start(self, preexec_fn: Callable[[], None] | None = None, timeout_s: float = 1800) -> subprocess.CompletedProcess:
+    def start(self, preexec_fn: Callable[[], None] | None = None,
+              timeout_s: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
         """``splitpack serve SERVER start``; ``preexec_fn`` runs in the child first (joining a cgroup:
         the servers it starts inherit it). Raises DeploymentError with its output when it fails."""
         done = subprocess.run(self.start_command(timeout_s), capture_output=True, text=True, preexec_fn=preexec_fn,
