@@ -4,13 +4,14 @@ Calibration times the model's own ops where they run: the traced graph is run no
 few image sizes (batch 1, the caller's torch thread count and dtype), each op timed on its real
 inputs as the run reaches it -- in sequence, as a real run meets it (its input just written, the
 weights not yet in cache; calling one op again and again on the same tensors times it hot in cache,
-which on a CPU made a whole MobileNetV2 look twice as fast as it runs) -- and the median over a few
+which on this CPU made MobileNetV2 @224 look 1.7x faster than it runs) -- and the median over a few
 runs kept. Ops with the same *signature* (the op and its channel counts: the
 16 identical 3x3 convolutions of a ResNet stage are one signature) pool their timings, and each
 signature gets ``seconds = fixed + slope * work`` (work: elements of the op's largest tensor, which
 for a given signature is proportional to the area it computes) piecewise between the calibrated
 sizes: on a CPU an op whose tensors fit in cache costs less per element than the same op at full
-size (measured here up to 2x), which is how a split plan can run faster than the unsplit model. Copies (the pads, band writes and
+size (ResNet-50's layer-1 1x1 convolution: 1.3x less on this project's machine), which is how a split
+plan with more MACs can run about as fast as the unsplit model. Copies (the pads, band writes and
 band gathers a plan adds) get the same fit over bytes, and a view (a ``narrow``) one constant.
 
 The timings are cached per device in ``<cache>/timing/<device key>.json`` (``<cache>`` is
