@@ -258,3 +258,24 @@ def test_serving_schema_reads_max_latency():
     for bad in ("0", "-1", "fast", "nan"):
         with pytest.raises(ValueError, match="max_latency"):
             ServingConfig(model_name="resnet18", merge_layer="auto", max_latency=bad)
+
+
+class NeedsLargeImages(nn.Module):
+    """A pooling window of 24: images under 48x48 (24x24 after the stem) cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.pool = nn.AvgPool2d(24)
+
+    def forward(self, x):
+        return self.pool(self.stem(x)).mean((2, 3))
+
+
+def test_calibration_skips_sizes_the_model_cannot_run(tmp_path):
+    traced = trace(NeedsLargeImages().eval())
+    store = TimingStore("k", tmp_path)
+    calibrate(traced, 128, store=store)  # 32x32 cannot run, 64 and 128 can
+    assert sorted(next(iter(store.data["models"].values()))) == [64, 128]
+    with pytest.raises(RuntimeError):  # the planned size itself cannot run: an error
+        calibrate(traced, 32, store=TimingStore("j", tmp_path))

@@ -336,8 +336,15 @@ def calibrate(traced: TracedModel, size: int, dtype: torch.dtype | None = None, 
             store.data["copy"], store.data["view_s"] = [list(p) for p in copies], view
         bar.update(1)
         for s in todo:
-            for node, (work, seconds) in _median_times(traced, torch.randn(1, channels, s, s, device=device).to(dtype),
-                                                       sync).items():
+            x = torch.randn(1, channels, s, s, device=device).to(dtype)
+            try:
+                timings = _median_times(traced, x, sync)
+            except RuntimeError:  # too small for the model (a fixed pooling window, ...): the other sizes do
+                if s == max(todo):
+                    raise
+                bar.update(1)
+                continue
+            for node, (work, seconds) in timings.items():
                 store.add_points(signatures[node], [(work, seconds)])
             store.data["models"].setdefault(fingerprint, []).append(s)
             bar.update(1)
