@@ -50,7 +50,7 @@ CACHE_ENV = "SPLITPACK_CACHE_DIR"
 FORMAT = 3  # version of the cache file's layout (2: ops timed in sequence, medians; 3: one thread by CPU time)
 INTERPRETED, PROGRAM = "interpreter", "program"
 MODES = (INTERPRETED, PROGRAM)
-INTERPRETER_STEP_S = 25e-6  # Python overhead of one interpreted step, until calibrated on the device
+INTERPRETER_STEP_S = 25e-6  # Python overhead of one interpreted step, where the cache has no measurement
 MIN_CALIBRATION_SIZE = 32
 TYPICAL_PACKS = 16  # the search prices a pack's work at the per-element cost of a 4x4 grid's tile
 OP_BUDGET_S = 0.02  # repeat a copy's timing until this much time was spent on it (at least MIN_REPEATS)
@@ -314,6 +314,23 @@ def _time_copies(device: torch.device, dtype: torch.dtype, sync) -> tuple[list[t
     return points, view
 
 
+def _interpreter_step_s(device: torch.device, dtype: torch.dtype) -> float:
+    """The interpreter's Python overhead per step: a plan of tiny ops (8 ReLUs, 4x4 packs of a 16x16 image)
+    interpreted and run as a recorded program, the difference per step (best of a few interleaved runs)."""
+    from torch import nn
+
+    from splitpack.core.execute.module import SplitPack
+    from splitpack.experiments.bench import latencies_ms
+
+    model = nn.Sequential(*[nn.ReLU() for _ in range(8)]).eval().to(device=device, dtype=dtype)
+    interpreted, program = (SplitPack(model, "7", (4, 4), compile=mode) for mode in (False, "program"))
+    x = torch.randn(1, 4, 16, 16, device=device).to(dtype)
+    interpreted_ms, program_ms = latencies_ms([interpreted, program], x, 20)
+    steps = sum(len(pack.steps) for stage in interpreted.program(x.shape, x.dtype, x.device).stages
+                for pass_ in stage.passes for pack in pass_.packs)
+    return max(interpreted_ms - program_ms, 0.0) / 1e3 / steps
+
+
 def calibrate(traced: TracedModel, size: int, dtype: torch.dtype | None = None, device: Any = None,
               store: TimingStore | None = None, progress: bool = False) -> "TimeModel":
     """Time ``traced``'s ops for plans at image size ``size`` on ``device`` (this process's torch threads),
@@ -334,6 +351,8 @@ def calibrate(traced: TracedModel, size: int, dtype: torch.dtype | None = None, 
         if store.data["view_s"] is None:
             copies, view = _time_copies(device, dtype, sync)
             store.data["copy"], store.data["view_s"] = [list(p) for p in copies], view
+        if store.data["interpreter_step_s"] is None:
+            store.data["interpreter_step_s"] = _interpreter_step_s(device, dtype)
         bar.update(1)
         for s in todo:
             x = torch.randn(1, channels, s, s, device=device).to(dtype)
@@ -384,7 +403,8 @@ def time_model_for(traced: TracedModel, size: int, dtype: torch.dtype | None = N
     device = torch.device(device or model_device(traced.gm))
     store = TimingStore(device_key(device, dtype))
     fingerprint = model_fingerprint(_signatures(traced).values())
-    if store.calibrated_size(fingerprint) >= size and store.data["view_s"] is not None:
+    measured = None not in (store.data["view_s"], store.data["interpreter_step_s"])
+    if store.calibrated_size(fingerprint) >= size and measured:
         return TimeModel.from_store(store)
     return calibrate(traced, size, dtype, device, store, progress)
 
@@ -406,7 +426,7 @@ class TimeModel:
         data = store.data
         return cls(store.key, {sig: fit_piecewise(map(tuple, pts)) for sig, pts in data["ops"].items()},
                    fit_linear(map(tuple, data["copy"])), float(data["view_s"]),
-                   float(data["interpreter_step_s"] or INTERPRETER_STEP_S))
+                   INTERPRETER_STEP_S if data["interpreter_step_s"] is None else float(data["interpreter_step_s"]))
 
     def op_seconds(self, signature: str, work: float) -> float:
         fit = self.ops.get(signature)
