@@ -61,6 +61,7 @@ MAX_SPAN = 40  # a stage spans at most this many checkpoints
 MACS_BUCKETS = 160  # resolution of the MACs overhead in the dynamic programme
 LADDER_STEP = 1.2  # ratio between consecutive working-set caps
 FINALISTS = 6  # plans predicted exactly per objective
+CONSERVATIVE_FINALISTS = 3  # ... and from the upper-bound search's front (smallest peak)
 PEAK_TIE = 0.02  # smallest peak: plans within 2% of it are a tie, broken by fewer MACs
 TIMED_CANDIDATES = 12  # plans of the search's front whose programs the time model predicts, per objective
 LATENCY_SLACK = 1.05  # the search's seconds are estimates: it looks this far past max_latency
@@ -329,7 +330,7 @@ class _SizeContext:
             raise ValueError(f"max_overhead {cap:g}: no plan needs so few MACs; the cheapest plan found needs "
                              f"{min(p.macs_ratio for p in front):.3f}x")
         # the chained estimate can be low where the upper bound is not: the best of each go to the replay
-        other = [sorted((p for p in pool if p.macs_ratio <= cap), key=lambda p: p.peak_bytes)[:finalists]
+        other = [sorted((p for p in pool if p.macs_ratio <= cap), key=lambda p: p.peak_bytes)[:CONSERVATIVE_FINALISTS]
                  for pool in self.pools[1:] if front is self.pools[0]]
         within = list({p.plan: p for p in within[:finalists] + sum(other, [])}.values())
         checked = [self.exact(p.plan) for p in within]
@@ -557,6 +558,21 @@ class _Search:
             cand = stacked[0][:, None, :] + o._bands[rows - 1][:, usable][:, :, None]
             which = cand.argmin(axis=0)
             best = [cand.min(axis=0)] + [np.zeros_like(cand[0])] * 3
+        elif not (reads := o._reads_whole[rows - 1][:, usable]).any():  # it only adds bands to every chain
+            value, whole, tail, held = stacked
+            cand = value[:, None, :] + o._bands[rows - 1][:, usable][:, :, None]
+            which = chain_peak(cand, whole[:, None, :], tail[:, None, :], held[:, None, :], 0.0).argmin(axis=0)
+            pick = (which, np.arange(value.shape[1]))
+            best = [np.take_along_axis(cand, which[None], 0)[0], whole[pick], tail[pick], held[pick]]
+        elif reads.all():  # it starts a new chain from every state (an SE stage): chain_bands, fewer arrays
+            value, whole, tail, held = (v[:, None, :] for v in stacked)
+            band = o._bands[rows - 1][:, usable][:, :, None]
+            grown = np.maximum(held, value + np.maximum(whole, tail + band))  # the new held
+            which = np.maximum(grown, band).argmin(axis=0)[None]  # chain_peak of (0, band, tail, grown)
+            new_whole = np.broadcast_to(band, grown.shape)
+            new_tail = np.broadcast_to(o._tail[rows - 1][:, usable][:, :, None], grown.shape)
+            best = [np.zeros(which.shape[1:])] + [np.take_along_axis(v, which, 0)[0] for v in (new_whole, new_tail, grown)]
+            which = which[0]
         else:
             cand = chain_bands(*(v[:, None, :] for v in stacked),
                                *(a[rows - 1][:, usable][:, :, None] for a in (o._bands, o._tail, o._reads_whole)))
