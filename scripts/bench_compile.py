@@ -55,6 +55,23 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
 
 
+def machine() -> dict:
+    """The run's torch, CPU, threads and load (printed to stderr as it starts)."""
+    env = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_before": load()}
+    print(f"# {env}", file=sys.stderr, flush=True)
+    return env
+
+
+def finish(out: str, env: dict, rows: list[dict], text: str) -> None:
+    """Writes the rows and the machine (with the load after) to ``out`` as JSON and prints the table."""
+    env["load_after"] = load()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"env": env, "results": rows}, indent=1))
+    print(f"machine: {env}\n")
+    print(text)
+
+
 def first_call_s(fn, x) -> float:
     """Seconds of the first call (recording, compilation)."""
     start = time.perf_counter()
@@ -147,18 +164,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     inductor = {c[0] for c in CASES} if args.inductor == "all" else set(args.inductor.split(","))
-    env = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_before": load()}
-    print(f"# {env}", file=sys.stderr, flush=True)
+    env = machine()
     rows = []
     for name, size, merge, grid, target in [c for c in CASES if not args.only or args.only in c[0]]:
         rows.append(bench_case(name, size, merge, grid, target, args.repeats, name in inductor))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    env["load_after"] = load()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=1))
-    print(f"machine: {env}\n")
-    print(table(rows))
+    finish(args.out, env, rows, table(rows))
     return 0
 
 

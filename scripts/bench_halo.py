@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_compile import first_call_s, load, plan_text, rel_error  # noqa: E402
+from bench_compile import finish, first_call_s, load, machine, plan_text, rel_error  # noqa: E402
 
 import splitpack  # noqa: E402
 from splitpack.core.cost.plan_cost import plan_cost  # noqa: E402
@@ -94,18 +92,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     cases = [(m, int(s), ml, g, (None, None, None)) for m, s, ml, g in (c.split(":") for c in args.case)] or \
         [c for c in CASES if not args.only or args.only in c[0]]
-    env = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_before": load()}
-    print(f"# {env}", file=sys.stderr, flush=True)
+    env = machine()
     rows = []
     for name, size, merge, grid, targets in cases:
         rows.append(bench_case(name, size, merge, grid, targets, args.repeats))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    env["load_after"] = load()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=1))
-    print(f"machine: {env}\n")
-    print(table(rows))
+    finish(args.out, env, rows, table(rows))
     return 0
 
 
