@@ -78,3 +78,20 @@ def test_program_gives_the_interpreters_outputs_bit_for_bit(models):
 def test_halo_mode_is_checked(models):
     with pytest.raises(ValueError, match="halo must be one of"):
         splitpack.wrap(models("resnet18"), "layer2", "2x1", halo="share")
+
+
+def test_rows_of_pure_border_padding_are_computed_with_the_rest():
+    """A strip whose new rows of an F.pad output are all padding reads no input pixel there: those rows are
+    computed with the rows above (found by the property test: 'SAME' padding before a CBAM gate)."""
+    from test_engine_property import Cbam, RandomCNN, SamePad
+    from torch import nn
+
+    torch.manual_seed(0)
+    blocks = [SamePad(3, 4, 2, 1), nn.MaxPool2d(2, 1), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()),
+              SamePad(4, 4, 2, 1), Cbam(4)]
+    model = RandomCNN(blocks, 4, "avg").eval().double()
+    x = torch.randn(2, 3, 17, 17, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        for merge in (["blocks.2", "blocks"], ["blocks.0", "blocks"]):
+            assert rel_error(splitpack.wrap(model, merge, [(1, 1), (4, 1)])(x), ref) <= F64_TOL, merge

@@ -360,11 +360,13 @@ class _StageBuilder:
         for node in reversed(stage.nodes):
             if node not in need or node not in stage.spatial or node is stage.source:
                 continue
+            rule = rules[node]
             reusable = above is not None and node not in self.whole and node not in carried
             new[node] = _new_rows(need[node], above.get(node) if reusable else None)
             if new[node][0][0] == new[node][0][1]:
                 continue  # every row comes from the pack above: no input read
-            rule = rules[node]
+            if new[node] != need[node] and not self._reads_pixels(rule, new[node]):
+                new[node] = need[node]  # new rows that are all border padding (F.pad): computed with the rest
             for k, x in enumerate(rule.spatial_inputs):
                 window = _clamp(rule.input_window(new[node], k), self.hw(x))
                 need[x] = _union(need.get(x), window)
@@ -380,6 +382,14 @@ class _StageBuilder:
         tile = seeds[0][1][i]
         copy_read = any(mutates_input(step.node, self.gm) is stage.source for step in steps)
         return PackProgram(tile, need.get(stage.source), steps, tile if write else None, copy_read=copy_read), need
+
+    def _reads_pixels(self, rule: Rule, region: Region) -> bool:
+        """Whether computing ``region`` reads at least one real pixel of every spatial input."""
+        for k, x in enumerate(rule.spatial_inputs):
+            (r0, r1), (c0, c1) = _clamp(rule.input_window(region, k), self.hw(x))
+            if r0 >= r1 or c0 >= c1:
+                return False
+        return True
 
     def _step(self, node: fx.Node, need, region: Region) -> Step:
         """The step computing ``region`` of ``node``, whose value holds ``need[node]`` (the rows above
