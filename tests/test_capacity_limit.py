@@ -129,8 +129,7 @@ def test_the_headroom_is_kept_free(resnet18_224):
 
 
 def test_clients_wait_as_long_as_the_deployment_lets_two_batches_take():
-    from splitpack.capacity.validate import MIN_REQUEST_TIMEOUT_S, request_timeout
-    from splitpack.serving.plan_deployment import START_TIMEOUT_S
+    from splitpack.serving.plan_deployment import MIN_REQUEST_TIMEOUT_S, START_TIMEOUT_S, request_timeout
 
     assert request_timeout("torchserve", {"response_timeout_s": 1800}) == 2 * 1800 + 10  # the batch ahead, its own
     assert request_timeout("torchserve", {}) == MIN_REQUEST_TIMEOUT_S  # TorchServe's default 120 s

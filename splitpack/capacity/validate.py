@@ -20,7 +20,6 @@ from pathlib import Path
 from splitpack.capacity.cgroup import MemoryCgroup
 
 DEFAULT_DURATION_S = 60.0
-MIN_REQUEST_TIMEOUT_S = 600.0
 
 
 def drive(send, image: bytes, clients: int, duration_s: float) -> dict:
@@ -60,34 +59,21 @@ def drive(send, image: bytes, clients: int, duration_s: float) -> dict:
             "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5])}
 
 
-def request_timeout(server: str, settings: dict | None) -> float:
-    """How long a client waits for an answer: the batch ahead of its request and its own, each allowed the
-    deployment's response timeout (a big batch at a big size on a loaded CPU takes many minutes), at least
-    :data:`MIN_REQUEST_TIMEOUT_S`. A server with no response timeout (Triton) gets what its start may take."""
-    from splitpack.serving.config import deploy_settings
-    from splitpack.serving.plan_deployment import START_TIMEOUT_S
-
-    response_s = deploy_settings(server, {k: v for k, v in (settings or {}).items()
-                                          if k == "response_timeout_s"}).get("response_timeout_s")
-    if response_s is None:
-        return float(START_TIMEOUT_S)
-    return max(MIN_REQUEST_TIMEOUT_S, 2 * float(response_s) + 10)
-
-
 def run_under_limit(deploy, server: str, plan: dict, limit_bytes: int, clients: int, duration_s: float,
                     settings: dict | None = None, request_timeout_s: float | None = None, quiet: bool = False,
                     **weights) -> dict:
     """Write ``plan`` for ``server``, start it inside a fresh cgroup of ``limit_bytes``, drive it, stop it.
     ``deploy``: :meth:`splitpack.serving.plan_deployment.Deployment.write` (what writes and runs a plan);
-    ``request_timeout_s``: default :func:`request_timeout` of ``settings``."""
-    request_timeout_s = request_timeout_s or request_timeout(server, settings)
+    ``request_timeout_s``: default: what the written deployment lets two batches take
+    (:func:`splitpack.serving.plan_deployment.request_timeout`)."""
     what = (f"{plan['recommended']['merge_layer'] or 'unsplit'}: {plan['recommended']['replicas']} replica(s) x "
             f"batch {plan['recommended']['batch_size']}")
     _log(f"validating {what} under {limit_bytes / 2**30:.2f} GiB with {clients} clients for {duration_s:.0f} s", quiet)
     result: dict = {"shape": what, "merge_layer": plan["recommended"]["merge_layer"],
-                    "grid": plan["recommended"]["grid"], "request_timeout_s": request_timeout_s}
+                    "grid": plan["recommended"]["grid"]}
     with tempfile.TemporaryDirectory(prefix="splitpack-validate-") as tmp, MemoryCgroup(limit_bytes) as cgroup:
         deployment = deploy(server, plan, Path(tmp), settings, **weights)
+        request_timeout_s = result["request_timeout_s"] = request_timeout_s or deployment.request_timeout(settings)
         try:
             t0 = time.monotonic()
             try:

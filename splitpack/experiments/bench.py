@@ -1,36 +1,12 @@
 """Measure split-pack against the unsplit model: peak activation memory, error and latency."""
 from __future__ import annotations
 
-import time
-
 import torch
 
+from splitpack.core.cost.time_model import latencies_ms
 from splitpack.core.engine import wrap
 from splitpack.measure.meter import peak_activation_bytes
 from splitpack.models import create_model
-
-
-def _sync(x: torch.Tensor) -> None:
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-
-
-def latencies_ms(fns, x, repeats: int, clock=time.perf_counter) -> list[float]:
-    """Best-of-``repeats`` latency of each fn, runs interleaved so load changes hit all alike. ``clock``:
-    the wall clock, or ``time.process_time`` (with one torch thread: the run's CPU time, without the time
-    a loaded machine kept the process waiting for a core)."""
-    best = [float("inf")] * len(fns)
-    with torch.inference_mode():
-        for fn in fns:
-            fn(x)  # warm-up: plans, allocator, oneDNN kernels
-        for _ in range(repeats):
-            for i, fn in enumerate(fns):
-                _sync(x)
-                start = clock()
-                fn(x)
-                _sync(x)
-                best[i] = min(best[i], (clock() - start) * 1e3)
-    return best
 
 
 def peak_meter_for(compile_mode: str, device: str):

@@ -14,12 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from splitpack.serving.config import deploy_settings
 from splitpack.serving.net import free_ports
 
 
 # How long `serve ... start` may take: load, warm-up and the first answer of a big model at a big size
 # on a loaded CPU take minutes.
 START_TIMEOUT_S = 1800
+MIN_REQUEST_TIMEOUT_S = 600.0
+
+
+def request_timeout(server: str, settings: dict | None) -> float:
+    """How long a client waits for an answer: the batch ahead of its request and its own, each allowed the
+    deployment's response timeout (a big batch at a big size on a loaded CPU takes many minutes), at least
+    :data:`MIN_REQUEST_TIMEOUT_S`. A server with no response timeout (Triton) gets what its start may take."""
+    response_s = deploy_settings(server, {k: v for k, v in (settings or {}).items()
+                                          if k == "response_timeout_s"}).get("response_timeout_s")
+    if response_s is None:
+        return float(START_TIMEOUT_S)
+    return max(MIN_REQUEST_TIMEOUT_S, 2 * float(response_s) + 10)
 
 
 class DeploymentError(RuntimeError):
@@ -116,6 +129,10 @@ class Deployment:
         return TritonDeployment(self.directory, grpc_port=self.ports[0], run_dir=self.run_dir)
 
     # -- requests ---------------------------------------------------------------------------------
+    def request_timeout(self, settings: dict | None) -> float:
+        """How long a client of this deployment waits for an answer (:func:`request_timeout`)."""
+        return request_timeout(self.server, settings)
+
     def client(self, timeout_s: float) -> Callable[[bytes], None]:
         """A function that sends one image and returns when it is answered; raises on any failure."""
         if self.server == "torchserve":

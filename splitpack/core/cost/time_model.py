@@ -314,13 +314,35 @@ def _time_copies(device: torch.device, dtype: torch.dtype, sync) -> tuple[list[t
     return points, view
 
 
+def _sync_tensor(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def latencies_ms(fns, x, repeats: int, clock=time.perf_counter) -> list[float]:
+    """Best-of-``repeats`` latency of each fn, runs interleaved so load changes hit all alike. ``clock``:
+    the wall clock, or ``time.process_time`` (with one torch thread: the run's CPU time, without the time
+    a loaded machine kept the process waiting for a core)."""
+    best = [float("inf")] * len(fns)
+    with torch.inference_mode():
+        for fn in fns:
+            fn(x)  # warm-up: plans, allocator, oneDNN kernels
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
+                _sync_tensor(x)
+                start = clock()
+                fn(x)
+                _sync_tensor(x)
+                best[i] = min(best[i], (clock() - start) * 1e3)
+    return best
+
+
 def _interpreter_step_s(device: torch.device, dtype: torch.dtype) -> float:
     """The interpreter's Python overhead per step: a plan of tiny ops (8 ReLUs, 4x4 packs of a 16x16 image)
     interpreted and run as a recorded program, the difference per step (best of a few interleaved runs)."""
     from torch import nn
 
     from splitpack.core.execute.module import SplitPack
-    from splitpack.experiments.bench import latencies_ms
 
     model = nn.Sequential(*[nn.ReLU() for _ in range(8)]).eval().to(device=device, dtype=dtype)
     interpreted, program = (SplitPack(model, "7", (4, 4), compile=mode) for mode in (False, "program"))

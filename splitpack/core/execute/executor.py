@@ -66,11 +66,24 @@ def copy_rows(value: Any, narrows: tuple[Narrow, ...]) -> Any:
     return cut(value, narrows).clone()
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-d tensor (or a view of one: a band, a pack) keeps its channels innermost (NHWC).
+
+    Read from the channel and spatial strides only: ``is_contiguous(memory_format=...)`` also checks the
+    batch stride, which a view of a band has at batch 2 but ignores at batch 1, so the same program
+    would allocate in different formats at different batch sizes (and could not be recorded batch-free).
+    """
+    if t.dim() != 4:
+        return False
+    channels, height, width = t.shape[1:]
+    if channels == 1 or height * width == 1:  # both formats are the same memory order
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return t.stride(1) < (t.stride(3) if width > 1 else t.stride(2))
+
+
 def empty_like_layout(sample: torch.Tensor, shape) -> torch.Tensor:
     """An empty tensor of ``shape`` with ``sample``'s dtype, device and memory format."""
-    channels_last = sample.dim() == 4 and sample.is_contiguous(memory_format=torch.channels_last) \
-        and not sample.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(sample) else torch.contiguous_format
     return torch.empty(tuple(shape), dtype=sample.dtype, device=sample.device, memory_format=fmt)
 
 
