@@ -109,6 +109,14 @@ def test_every_sub_command_is_covered():
     assert set(cli.COMMANDS) <= covered, f"add bad-argument cases for {set(cli.COMMANDS) - covered}"
 
 
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_sub_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: splitpack" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_user_error_exits_2_with_the_prefix_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
     argv, message = BAD[case]

@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limit.add_argument("--duration", type=arg_type(seconds, "seconds"), default=60.0,
                        help="--validate: seconds to drive each deployment (default 60)")
     parser.add_argument("--headroom", help=f"kept free: a percentage of the GPU or memory limit, or a size (default "
-                                           f"{GPU_HEADROOM} of a GPU, {MEMORY_LIMIT_HEADROOM} of a --memory-limit)")
+                                           f"{GPU_HEADROOM} of a GPU, {MEMORY_LIMIT_HEADROOM} of a --memory-limit)"
+                        .replace("%", "%%"))  # argparse formats help strings with %
     parser.add_argument("--merge-layers", nargs="*", metavar="LAYER",
                         help="merge layers to measure, one-stage plans at each of --grids (default: the planner's "
                              "staged plans)")
