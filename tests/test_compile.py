@@ -12,6 +12,7 @@ from torch import nn
 
 import splitpack
 from conftest import exactness_bound, randomize_norms, rel_error
+from test_engine_property import ChannelsLastNorm  # LayerNorm over channels through a permute: NHWC output
 from splitpack.core.compile.recording import MODES, compile_mode, record
 from splitpack.core.compile.cudagraphs import GraphedPlans, batch_buckets, bucket_for, pad_batch, unpad
 from splitpack.core.compile.tape import NotRecordable, record_batch_free
@@ -120,23 +121,12 @@ def test_sizes_not_proportional_to_the_batch_are_refused():
     assert doubled(torch.ones(5, 3)).shape == (15, 2)
 
 
-class _ChannelsLastNorm(nn.Module):
-    """LayerNorm over channels through a permute (ConvNeXt): its output is NHWC-strided."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.norm = nn.LayerNorm(c)
-
-    def forward(self, x):
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 def test_a_channels_last_checkpoint_in_row_bands_records_at_any_batch():
     # A band of an NHWC checkpoint is channels-last-contiguous at batch 1 (the batch stride does not
     # count) but not at batch 2; the band storage must pick the same memory format at both, or the
     # batch-1 and batch-2 recordings differ and the program cannot be made batch-free.
     torch.manual_seed(0)
-    blocks = nn.Sequential(nn.Conv2d(3, 4, 1), _ChannelsLastNorm(4))
+    blocks = nn.Sequential(nn.Conv2d(3, 4, 1), ChannelsLastNorm(4))
     model = nn.Sequential(OrderedDict(blocks=blocks, pool=nn.AdaptiveAvgPool2d(1))).double().eval()
     # "blocks" and "blocks.1" are the same value: the last stage writes views of the previous band
     split = splitpack.wrap(model, ["blocks.0", "blocks", "blocks.1"], [(1, 1), (1, 1), (2, 1)],
