@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from splitpack.core.execute.executor import is_channels_last
 from splitpack.errors import SplitError
 
 # ops whose result is a Python value read off tensor data: a recording would freeze it
@@ -118,8 +119,7 @@ def record_batch_free(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> fx.
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
     """channels_last for an NHWC-strided 4-d tensor, else contiguous."""
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 def free_batch(one: fx.GraphModule, two: fx.GraphModule) -> fx.GraphModule:

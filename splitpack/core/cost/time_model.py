@@ -314,25 +314,20 @@ def _time_copies(device: torch.device, dtype: torch.dtype, sync) -> tuple[list[t
     return points, view
 
 
-def _sync_tensor(x: torch.Tensor) -> None:
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-
-
 def latencies_ms(fns, x, repeats: int, clock=time.perf_counter) -> list[float]:
     """Best-of-``repeats`` latency of each fn, runs interleaved so load changes hit all alike. ``clock``:
     the wall clock, or ``time.process_time`` (with one torch thread: the run's CPU time, without the time
     a loaded machine kept the process waiting for a core)."""
-    best = [float("inf")] * len(fns)
+    best, sync = [float("inf")] * len(fns), _sync_for(x.device)
     with torch.inference_mode():
         for fn in fns:
             fn(x)  # warm-up: plans, allocator, oneDNN kernels
         for _ in range(repeats):
             for i, fn in enumerate(fns):
-                _sync_tensor(x)
+                sync()
                 start = clock()
                 fn(x)
-                _sync_tensor(x)
+                sync()
                 best[i] = min(best[i], (clock() - start) * 1e3)
     return best
 
