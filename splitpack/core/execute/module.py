@@ -14,7 +14,8 @@ from splitpack.core.cost.plan_cost import PlanCost
 from splitpack.core.execute.executor import Executor, empty_like_layout, run_consts
 from splitpack.core.capture.graph import TracedModel, head_graph, node_shapes, tail_graph, trace
 from splitpack.core.plan.spec import AutoPlan, Plan, grid_text, parse_plan
-from splitpack.core.plan.schedule import HALO_MODES, Program, Unsplittable, bounds, build_program, stage_graphs, unsplittable_nodes
+from splitpack.core.plan.schedule import Program, Unsplittable, bounds, build_program, check_halo, stage_graphs, \
+    unsplittable_nodes
 from splitpack.errors import SplitError
 
 MODES = ("exact", "seed")
@@ -77,10 +78,8 @@ class SplitPack(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if halo not in HALO_MODES:
-            raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
+        self.halo = check_halo(halo)
         self.compile_mode = compile_mode(compile)
-        self.halo = halo
         plan = parse_plan(merge_layer, grid)
         if plan is None:
             raise ValueError("merge_layer is required: a checkpoint name, a list of them, or 'auto'")

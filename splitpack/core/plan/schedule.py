@@ -298,10 +298,16 @@ def _rewritten_after_read(stage: StageGraph, gm: fx.GraphModule) -> set[fx.Node]
     return blocked
 
 
+def check_halo(halo: str) -> str:
+    """``halo`` if it is one of :data:`HALO_MODES`; ValueError naming them otherwise."""
+    if halo not in HALO_MODES:
+        raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
+    return halo
+
+
 class _StageBuilder:
     def __init__(self, gm: fx.GraphModule, stage: StageGraph, rules, shapes, layouts, halo: str = "reuse"):
-        if halo not in HALO_MODES:
-            raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
+        check_halo(halo)
         self.gm, self.stage, self.rules, self.shapes, self.layouts = gm, stage, rules, shapes, layouts
         self.reuse = halo == "reuse"
         self.whole = _rewritten_after_read(stage, gm) if self.reuse else set()
