@@ -268,3 +268,23 @@ def test_in_place_ops_on_a_stage_source_apply_once():
     image = x.clone()
     assert rel_error(split(image), ref) <= 1e-5
     assert torch.equal(image, x)  # packs read a copy: never applied once per pack to shared pixels
+
+
+def test_a_model_is_traced_once_per_structure():
+    """Wrapping or planning the same model again reuses its trace; a change a trace depends on retraces."""
+    from splitpack.core.capture.graph import trace
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(0.5), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    first = trace(model)
+    assert trace(model) is first
+    assert splitpack.wrap(model, "0", grid=2)._traced is first
+    model.train()  # forwards may branch on training
+    assert trace(model) is not first
+    model.eval()
+    model[2] = nn.Conv2d(4, 4, 5, padding=2)  # a replaced module: another halo
+    replaced = trace(model)
+    assert replaced is not first and trace(model) is replaced
+    x = torch.randn(1, 3, 20, 20)
+    assert torch.allclose(splitpack.wrap(model, "1", grid=2)(x), model(x), atol=1e-6)
+    model.double()
+    assert trace(model).dtype == torch.float64

@@ -17,6 +17,7 @@ pooling (a stage reduces into it pack by pack).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -135,7 +136,31 @@ class TracedModel:
         return next(name for name, n in self.checkpoints.items() if n is node)
 
 
+# one trace per model: wrapping, listing merge layers and planning the same model again (the capacity planner
+# measures several plans; a deep network takes seconds to trace) reuse it while the model's structure is unchanged
+_TRACES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, TracedModel]]" = weakref.WeakKeyDictionary()
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What a trace depends on: the modules (identity, type, train/eval: forwards branch on it), the parameters'
+    dtype and device, the reference input size. Weights do not matter; replacing a module or ``.to(dtype)`` does."""
+    modules = tuple((name, id(m), type(m), m.training) for name, m in model.named_modules())
+    return modules, model_dtype(model), model_device(model), reference_input_size(model)
+
+
 def trace(model: nn.Module) -> TracedModel:
+    """The model's :class:`TracedModel`, traced once per structure (see :func:`_structure`) and shared: callers
+    read it and never change it."""
+    structure = _structure(model)
+    cached = _TRACES.get(model)
+    if cached is not None and cached[0] == structure:
+        return cached[1]
+    traced = _trace(model)
+    _TRACES[model] = (structure, traced)
+    return traced
+
+
+def _trace(model: nn.Module) -> TracedModel:
     tracer = _ScopeTracer()
     try:
         graph = tracer.trace(model)
