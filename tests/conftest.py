@@ -108,3 +108,22 @@ def under_load(client_loop: Callable[[threading.Event], None], action: Callable[
         stop.set()
         for thread in threads:
             thread.join(timeout=150)
+
+
+def classify_on_triton(repo, name: str, image: bytes, run_dir):
+    """Start the real Triton server on ``repo`` with model ``name`` only, classify ``image`` over gRPC with
+    probabilities, stop the server; returns the answer (a ``splitpack.serving.triton.client`` Prediction)."""
+    import tritonclient.grpc as grpcclient
+
+    from splitpack.serving.net import free_port
+    from splitpack.serving.triton.client import classify
+    from splitpack.serving.triton.server import TritonServer
+
+    triton = TritonServer(repo, grpc_port=free_port(), metrics_port=free_port(), run_dir=run_dir, models=[name])
+    triton.start(timeout=240)
+    try:
+        with grpcclient.InferenceServerClient(triton.url) as client:
+            [prediction] = classify(client, name, [image], probabilities=True, timeout=120)
+        return prediction
+    finally:
+        triton.stop()

@@ -7,6 +7,7 @@ from torch import nn
 
 import splitpack
 from conftest import F64_TOL, exactness_bound, rel_error
+from splitpack.core.plan.schedule import bounds
 from splitpack.measure.meter import peak_activation_bytes
 
 CASES = [
@@ -60,6 +61,19 @@ def test_seed_differs_for_interior_merge_and_equals_for_grid_1(models, name, mer
     assert rel_error(seed, ref) > 1e-3  # the missing halo shows
     assert rel_error(splitpack.wrap(model, merge, 1, mode="seed")(x), ref) <= 1e-5
     assert rel_error(splitpack.wrap(model, merge, 1, mode="exact")(x), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("grid,hw", [((3, 2), (227, 234)), ((1, 5), (201, 199))])
+def test_seed_merges_uneven_packs_where_they_belong(models, grid, hw):
+    """Packs that differ by a pixel: each pack's output lands at its own offset of the merged activation."""
+    model = models("resnet18")
+    wrapped = splitpack.wrap(model, "layer2", grid, mode="seed")
+    x = torch.randn(1, 3, *hw)
+    hb, wb = (bounds(n, parts) for n, parts in zip(hw, grid))
+    with torch.no_grad():
+        rows = [torch.cat([wrapped._head(x[..., hb[r]:hb[r + 1], wb[c]:wb[c + 1]]) for c in range(grid[1])], -1)
+                for r in range(grid[0])]
+        assert torch.equal(wrapped(x), wrapped._tail(torch.cat(rows, -2)))
 
 
 def test_seed_runs_global_ops_per_pack(models):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import splitpack
-from conftest import REL_TOL, rel_error
+from conftest import REL_TOL, classify_on_triton, rel_error
 from splitpack import cli
 from splitpack.models import ModelError, ModelSpec, build_model, model_labels, read_labels
 from splitpack.models.spec import load_weights, read_weights
@@ -394,22 +394,9 @@ def test_torchserve_serves_your_own_models(files, tmp_path):
 
 @pytest.mark.slow
 def test_triton_serves_your_own_models(files, tmp_path):
-    import tritonclient.grpc as grpcclient
-
-    from splitpack.serving.net import free_port
-    from splitpack.serving.triton.client import classify
-    from splitpack.serving.triton.server import TritonServer
-
     repo, name = tmp_path / "repo", "own_se"  # the timm model's packaging is the same: TorchServe serves it
     assert cli.main(["triton-repo", *SERVED[name][0](files), "--name", name, "--out", str(repo)]) == 0
     assert {"user_model.py", "labels.txt", "model.pt"} <= {f.name for f in (repo / name / "1").iterdir()}
-    triton = TritonServer(repo, grpc_port=free_port(), metrics_port=free_port(), run_dir=tmp_path / "run",
-                          models=[name])
-    triton.start(timeout=240)
-    try:
-        with grpcclient.InferenceServerClient(triton.url) as client:
-            [prediction] = classify(client, name, [SAMPLE_IMAGE.read_bytes()], probabilities=True, timeout=120)
-        assert prediction.error is None, prediction.error
-        _check_answer(name, files, prediction.top_k, prediction.probabilities)
-    finally:
-        triton.stop()
+    prediction = classify_on_triton(repo, name, SAMPLE_IMAGE.read_bytes(), tmp_path / "run")
+    assert prediction.error is None, prediction.error
+    _check_answer(name, files, prediction.top_k, prediction.probabilities)

@@ -14,9 +14,10 @@ import requests
 import torch
 
 import splitpack
+from conftest import classify_on_triton
 from splitpack import cli
 from splitpack.serving.config import ServingConfig
-from splitpack.serving.net import free_port, free_ports
+from splitpack.serving.net import free_ports
 from splitpack.serving.predictor import SAMPLE_IMAGE, Predictor
 
 pytestmark = pytest.mark.slow
@@ -73,12 +74,8 @@ def test_torchserve_serves_the_staged_plan(weights, expected, tmp_path):
 
 
 def test_triton_serves_the_staged_plan(weights, expected, tmp_path):
-    import tritonclient.grpc as grpcclient
-
-    from splitpack.serving.triton.client import classify
     from splitpack.serving.triton.repo import TritonModelSpec, config_parameters, generate_model_dir, \
         read_model_config
-    from splitpack.serving.triton.server import TritonServer
 
     repo = tmp_path / "repo"
     config = ServingConfig(MODEL, merge_layer=PLAN, grid=GRIDS)
@@ -87,13 +84,6 @@ def test_triton_serves_the_staged_plan(weights, expected, tmp_path):
         generate_model_dir(TritonModelSpec(config, name=NAME, weights=weights), repo)
     params = config_parameters(read_model_config(repo / NAME / "config.pbtxt"))
     assert params["merge_layer"] == PLAN and params["grid"] == GRIDS
-    triton = TritonServer(repo, grpc_port=free_port(), metrics_port=free_port(), run_dir=tmp_path / "run",
-                          models=[NAME])
-    triton.start(timeout=240)
-    try:
-        with grpcclient.InferenceServerClient(triton.url) as client:
-            [prediction] = classify(client, NAME, [SAMPLE_IMAGE.read_bytes()], probabilities=True, timeout=120)
-        assert prediction.error is None
-        assert _close(prediction.probabilities, expected)
-    finally:
-        triton.stop()
+    prediction = classify_on_triton(repo, NAME, SAMPLE_IMAGE.read_bytes(), tmp_path / "run")
+    assert prediction.error is None
+    assert _close(prediction.probabilities, expected)

@@ -233,12 +233,15 @@ class SplitPack(nn.Module):
             hb, wb = bounds(x.shape[-2], rows), bounds(x.shape[-1], cols)
             out_node = next(n for n in self._head.graph.nodes if n.op == "output").args[0]
 
-            def out_hw(h, w):
-                shape = node_shapes(self._head, (1, x.shape[1], h, w), x.dtype, x.device)[out_node]
-                return shape[-2], shape[-1]
-
-            heights = [out_hw(hb[r + 1] - hb[r], wb[1] - wb[0])[0] for r in range(rows)]
-            widths = [out_hw(hb[1] - hb[0], wb[c + 1] - wb[c])[1] for c in range(cols)]
+            in_h = [hb[r + 1] - hb[r] for r in range(rows)]
+            in_w = [wb[c + 1] - wb[c] for c in range(cols)]
+            # an output's height follows its input's height and its width the width: one shape propagation
+            # per distinct (height, width) pair, pairing row i with column i (packs differ by a pixel at most)
+            pairs = {(in_h[min(i, rows - 1)], in_w[min(i, cols - 1)]) for i in range(max(rows, cols))}
+            out = {hw: node_shapes(self._head, (1, x.shape[1], *hw), x.dtype, x.device)[out_node][-2:]
+                   for hw in pairs}
+            heights = [next(o[0] for (h, _), o in out.items() if h == ih) for ih in in_h]
+            widths = [next(o[1] for (_, w), o in out.items() if w == iw) for iw in in_w]
             if len(self._seed_layouts) >= PLAN_CACHE_SIZE:
                 self._seed_layouts.clear()
             self._seed_layouts[key] = ([sum(heights[:r]) for r in range(rows + 1)],
