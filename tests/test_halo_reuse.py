@@ -95,3 +95,58 @@ def test_rows_of_pure_border_padding_are_computed_with_the_rest():
         ref = model(x)
         for merge in (["blocks.2", "blocks"], ["blocks.0", "blocks"]):
             assert rel_error(splitpack.wrap(model, merge, [(1, 1), (4, 1)])(x), ref) <= F64_TOL, merge
+
+
+# --------------------------------------------------------------------------- batched packs
+
+def _largest_batch(program) -> int:
+    return max(len(group) for stage in program.stages for pass_ in stage.passes for group in pass_.groups)
+
+
+@pytest.mark.parametrize("halo", ["reuse", "recompute"])
+def test_batched_packs_stay_exact_and_run_as_one_call(models, halo):
+    """Inner columns of a grid with the same shape run as one batched call; outputs equal the unsplit
+    model's in float64 (squeeze-excitation gates and reductions over a batch of packs included)."""
+    model = copy.deepcopy(models("efficientnet_b0")).double()
+    x = torch.randn(2, 3, 120, 150, dtype=torch.float64)
+    merge, grid = "blocks.2,blocks.4", "4x5,3x4"
+    with torch.no_grad():
+        ref = model(x)
+        batched = splitpack.wrap(model, merge, grid, halo=halo, batch_packs=True)
+        assert rel_error(batched(x), ref) <= F64_TOL
+    assert _largest_batch(batched.program(x.shape, x.dtype)) == 3
+    assert _largest_batch(splitpack.wrap(model, merge, grid, halo=halo, batch_packs=2).program(x.shape, x.dtype)) == 2
+    assert _largest_batch(splitpack.wrap(model, merge, grid, halo=halo).program(x.shape, x.dtype)) == 1
+
+
+@pytest.mark.parametrize("halo", ["reuse", "recompute"])
+def test_predicted_peak_counts_the_batched_packs(models, halo):
+    """The packs of a batch are alive together: the replay predicts the tracker's peak byte for byte,
+    and it is above the one-by-one plan's."""
+    model = models("efficientnet_b0")
+    x = torch.randn(1, 3, 120, 150)
+    plan = parse_plan("blocks.2,blocks.4", "4x5,3x4")
+    peaks = {}
+    for batch_packs in (False, True):
+        split = splitpack.SplitPack(model, plan, halo=halo, batch_packs=batch_packs)
+        split.program(x.shape)
+        peaks[batch_packs] = peak_activation_bytes(split, x)
+        assert plan_cost(split._traced, plan, x.shape, halo=halo, batch_packs=batch_packs).peak_bytes == peaks[batch_packs]
+    assert peaks[True] > peaks[False]
+
+
+def test_batched_program_gives_the_interpreters_outputs_bit_for_bit(models):
+    model = models("efficientnet_b0")
+    x = torch.randn(2, 3, 120, 150)
+    kwargs = dict(merge_layer="blocks.2,blocks.4", grid="4x5,3x4", batch_packs=True)
+    interpreted, compiled = splitpack.wrap(model, **kwargs), splitpack.wrap(model, **kwargs, compile="program")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), interpreted(x))
+        assert torch.equal(compiled(x[:1]), interpreted(x[:1]))
+
+
+def test_batch_packs_is_checked(models):
+    with pytest.raises(ValueError, match="batch_packs must be"):
+        splitpack.wrap(models("resnet18"), "layer2", "2x3", batch_packs=-1)
+    with pytest.raises(ValueError, match="batch_packs is for a given plan"):
+        splitpack.wrap(models("resnet18"), "auto", batch_packs=True)

@@ -165,6 +165,24 @@ def test_prediction_reads_the_program(tiny):
     assert seconds("block1", "2x2") - one > seconds("stem", "2x2") - seconds("stem", "1x1") > 0
 
 
+def test_batched_packs_are_predicted_as_one_op_per_step(tiny):
+    """A batch of packs pays each op's fixed time once, for the summed work, plus the copy of the reads."""
+    model, traced = tiny
+    timed = synthetic_time_model(traced, fixed=1e-3)
+    predictor = timed.predictor(traced)
+    _, shapes = allocation_profile(traced, (1, 3, 64, 64))
+    plan = parse_plan("block1", "1x6")
+    last = traced.checkpoints["block1"]
+    programs = [build_program(traced, stage_graphs(traced, plan), shapes, torch.float32, batch_packs=b)
+                for b in (False, True)]
+    groups = [len(g) for g in programs[1].stages[0].passes[0].groups]
+    assert max(groups) > 1
+    one_by_one, batched = (predictor.program_seconds(p, shapes, last) for p in programs)
+    ops = len(programs[0].stages[0].passes[0].packs[1].steps)
+    saved = (len(programs[0].stages[0].passes[0].packs) - len(groups)) * ops * 1e-3
+    assert batched == pytest.approx(one_by_one - saved, rel=0.02)
+
+
 # --------------------------------------------------------------------------- the planner
 
 @pytest.mark.parametrize("max_latency", [1.1, 1.3, 2.0])

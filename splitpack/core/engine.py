@@ -6,7 +6,7 @@ from torch import nn
 from splitpack.core.capture.graph import trace
 from splitpack.core.compile.recording import DEFAULT_MAX_BATCH
 from splitpack.core.execute.module import MODES, PLAN_CACHE_SIZE, SplitPack
-from splitpack.core.plan.schedule import unsplittable_nodes
+from splitpack.core.plan.schedule import batch_limit, unsplittable_nodes
 from splitpack.core.plan.spec import AutoPlan, parse_plan
 from splitpack.core.search.auto import AutoSplitPack
 
@@ -17,7 +17,8 @@ __all__ = ["MODES", "PLAN_CACHE_SIZE", "SplitPack", "merge_layers", "wrap"]
 
 def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
          cuda_graphs: bool = False, max_batch: int = DEFAULT_MAX_BATCH, memory_budget: int | None = None,
-         max_overhead: float | None = None, max_latency: float | None = None, halo: str = "reuse") -> nn.Module:
+         max_overhead: float | None = None, max_latency: float | None = None, halo: str = "reuse",
+         batch_packs: bool | int = False) -> nn.Module:
     """Run ``model`` with split-pack inference.
 
     ``merge_layer`` is a checkpoint (module name), a staged plan (a list or comma string of
@@ -40,6 +41,11 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     (grid Rx1) recompute nothing; "recompute" -- every pack computes its whole halo (to compare, or
     to bisect). Outputs are the same either way.
 
+    ``batch_packs`` (exact mode, a given plan): packs of one grid row with the same shape (the inner
+    columns of a grid) run as one call, concatenated on the batch dimension: fewer, larger kernels
+    for more memory (the packs of a call are alive together; the predicted peak counts them). True
+    batches a whole row, a number k at most k packs, False (default) runs packs one by one.
+
     ``merge_layer="auto"``: the planner (:mod:`splitpack.core.search.planner`) picks the staged plan for
     each input size on its first call -- the smallest predicted peak within ``max_overhead`` x the
     unsplit MACs (default 1.25), or with ``memory_budget`` (peak activation bytes per image) the
@@ -53,12 +59,14 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     if isinstance(plan, AutoPlan):
         if halo != "reuse":
             raise ValueError("halo='recompute' is for a given plan: the planner's plans reuse the halo")
+        if batch_limit(batch_packs) > 1:
+            raise ValueError("batch_packs is for a given plan: the planner's plans run packs one by one")
         return AutoSplitPack(model, plan, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch)
     if memory_budget is not None or max_overhead is not None or max_latency is not None:
         raise ValueError("memory_budget and max_overhead are for merge_layer='auto' (the planner's objective), "
                          "and so is max_latency")
     return SplitPack(model, plan, grid, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch,
-                     halo=halo)
+                     halo=halo, batch_packs=batch_packs)
 
 
 def merge_layers(model: nn.Module, mode: str | None = None) -> list[str]:

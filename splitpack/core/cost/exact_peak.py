@@ -228,10 +228,12 @@ class _Replay(Executor):
         self.profile, self.batch, self.meter = profile, batch, meter
         self.consts = {}  # the constants' storages are counted in :meth:`run`, never aliased
 
-    def _pixel_numel(self, stage: StageProgram, node: fx.Node) -> float:
+    def _pixel_numel(self, stage: StageProgram, node: fx.Node, packs: int | None = None) -> float:
+        """Elements per pixel of ``node``'s value for the batch of images times ``packs`` (default: the
+        packs of the call being run)."""
         shape = stage.shapes[node]
         h, w = spatial_dims(shape, stage.layouts[node])
-        return shape_numel(shape) / (h * w) * self.batch
+        return shape_numel(shape) / (h * w) * self.batch * (self.group if packs is None else packs)
 
     def _itemsize(self, node: fx.Node) -> int:
         op = self.profile.ops.get(node)
@@ -247,11 +249,25 @@ class _Replay(Executor):
         graph = stage.graph
         if not graph.spatial_target:
             return _ReplayWhole()
-        pixel_bytes = self._pixel_numel(stage, graph.target) * self._itemsize(graph.target)
+        pixel_bytes = self._pixel_numel(stage, graph.target, 1) * self._itemsize(graph.target)
         h, w = spatial_dims(stage.shapes[graph.target], stage.layouts[graph.target])
         if last:
             return _ReplayWhole(pixel_bytes * h * w, self.meter)
         return _ReplayBands(stage.bands, pixel_bytes, w, self.meter)
+
+    def _read_packs(self, stage: StageProgram, source, regions: list[Region]):
+        parts = [source.read(region) for region in regions]
+        node = stage.graph.source
+        return self.meter.alloc(self._pixel_numel(stage, node, len(regions)) * _area(regions[0]) * self._itemsize(node))
+
+    def _repeat_global(self, stage: StageProgram, node: fx.Node, value):
+        return self.meter.alloc(shape_numel(stage.shapes[node]) * self.batch * self.group * self._itemsize(node))
+
+    def _pack_part(self, value, index: int):
+        return value  # a view: the batch's storage
+
+    def _cat_packs(self, stage: StageProgram, step, parts: list):
+        return self.meter.alloc(self._value_bytes(stage, step.node, step.carry))
 
     def _clone_read(self, stage: StageProgram, region: Region, read) -> "_Storage | None":
         source = stage.graph.source
@@ -266,7 +282,7 @@ class _Replay(Executor):
 
     def _accumulate(self, stage: StageProgram, step, t, total: list | None):
         itemsize = self._partial_itemsize(step.rule, step.inputs[0][0])
-        part = self.meter.alloc(shape_numel(stage.shapes[step.node]) * self.batch * itemsize)
+        part = self.meter.alloc(shape_numel(stage.shapes[step.node]) * self.batch * self.group * itemsize)
         return [total[0] if total else part, itemsize], part
 
     def _partial_itemsize(self, rule: Reduce, x: fx.Node) -> int:

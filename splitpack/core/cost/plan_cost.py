@@ -43,14 +43,14 @@ class PlanCost:
 
 def plan_cost(traced: TracedModel, plan, shape, dtype: torch.dtype | None = None,
               profile: tuple[AllocationProfile, dict] | None = None, program: Program | None = None,
-              halo: str = "reuse") -> PlanCost:
+              halo: str = "reuse", batch_packs: bool | int = False) -> PlanCost:
     """The cost of ``plan`` (a splitpack.core.plan.spec.Plan) for inputs of ``shape`` (N, C, H, W).
     ``profile``: :func:`allocation_profile`'s result for this size, ``program``: the plan's program at
-    this size and dtype, when the caller has them; ``halo``: as
-    :func:`splitpack.core.plan.schedule.build_program` takes it (for the program built here)."""
+    this size and dtype, when the caller has them; ``halo``, ``batch_packs``: as
+    :func:`splitpack.core.plan.schedule.build_program` takes them (for the program built here)."""
     dtype = dtype or traced.dtype
     allocations, shapes = profile or allocation_profile(traced, shape, dtype)
-    program = program or build_program(traced, stage_graphs(traced, plan), shapes, dtype, halo)
+    program = program or build_program(traced, stage_graphs(traced, plan), shapes, dtype, halo, batch_packs)
     last = traced.checkpoints[plan.stages[-1].checkpoint]
     return PlanCost.of_program(traced, program, shapes, last, shape[0],
                                replay_peak(traced, program, allocations, shape[0], shapes, last))

@@ -20,7 +20,8 @@ count and dtype), so a model is calibrated once per machine (``splitpack calibra
 
 Prediction reads a plan's *program* (splitpack.core.plan.schedule): every step of every pack and pass
 costs its op at the region it computes, plus a view per input cut, a copy per padded input, the
-pack's read (a gather when it spans bands) and its write into the checkpoint, plus per step the
+pack's read (a gather when it spans bands) and its write into the checkpoint -- packs run batched as
+one op per step over their summed work, their reads concatenated (a copy) --, plus per step the
 interpreter's Python overhead when the plan is interpreted (a recorded program, ``compile="program"``,
 keeps one aten call per op but drops the interpreter); then the unsplit rest of the network. The
 unsplit model is the same sum over its ops at full size.
@@ -523,13 +524,15 @@ class Predictor:
         globals_ = list(stage.before) + [n for p in stage.passes for n in p.after + p.reductions]
         total = sum(self._op(n, node_work(n, shapes) * batch) for n in globals_ if n in self.signatures)
         for pass_ in stage.passes:
-            for pack in pass_.packs:
+            for group in pass_.groups:  # batched packs: one op per step over all of them
+                pack, packs = pass_.packs[group[0]], len(group)
                 if pack.read is not None:  # None: the pack above read every row this pack uses
-                    total += self._read_seconds(stage, pack.read, batch, source_bands, pack.copy_read)
+                    total += self._read_seconds(stage, pack.read, batch * packs, source_bands,
+                                                pack.copy_read or packs > 1)
                 for step in pack.steps:
-                    total += self._step_seconds(stage, step, shapes, batch) + step_overhead
+                    total += self._step_seconds(stage, step, shapes, batch * packs) + step_overhead
                 if pack.write is not None:
-                    total += self.model.copy(self._bytes(stage, graph.target, pack.write, batch))
+                    total += packs * self.model.copy(self._bytes(stage, graph.target, pack.write, batch))
         return total
 
     def _bytes(self, stage: StageProgram, node: fx.Node, region, batch: int) -> float:

@@ -25,6 +25,15 @@ from splitpack.core.plan.schedule import Narrow, Program, StageProgram, full_sha
 OnNode = Callable[[fx.Node], None] | None
 
 
+class PackPart:
+    """Pack ``index`` of a value kept for a batch of ``count`` packs (their line buffers share it)."""
+
+    __slots__ = ("value", "index", "count")
+
+    def __init__(self, value: Any, index: int, count: int):
+        self.value, self.index, self.count = value, index, count
+
+
 class Env(dict):
     """Values of one scope, falling back to an outer scope (pack -> stage globals -> constants)."""
 
@@ -193,7 +202,7 @@ def run_consts(gm: fx.GraphModule, nodes: list[fx.Node]) -> dict[fx.Node, Any]:
 class Executor:
     """Interprets a program over a batch; ``on_node`` is told about every op as it runs (profiling).
 
-    The walk (:meth:`_walk`, :meth:`_stage`, :meth:`_run_pack`: stages interleaved band by band,
+    The walk (:meth:`_walk`, :meth:`_stage`, :meth:`_run_packs`: stages interleaved band by band,
     passes, packs, steps, frees) is the one loop over a program. What it does with values is in its
     leaves -- :meth:`_output` (a checkpoint's storage), :meth:`_clone_read`, :meth:`_cut_input`,
     :meth:`_accumulate`, :meth:`_compute`, :meth:`_join`, :meth:`_keep`, :meth:`_finalize`,
@@ -205,6 +214,7 @@ class Executor:
     def __init__(self, gm: fx.GraphModule | None, program: Program, on_node: OnNode = None):
         self.gm, self.program, self.on_node = gm, program, on_node
         self._interpreter: fx.Interpreter | None = None
+        self.group = 1  # packs in the call being run (batched packs)
 
     def run(self, x: torch.Tensor, consts: dict[fx.Node, Any]) -> Any:
         """The last checkpoint's value (full size, or the global pooling's result)."""
@@ -235,10 +245,11 @@ class Executor:
         for pass_ in stage.passes:
             sums: dict[fx.Node, list] = {}
             lines: list[dict] = [{} for _ in range(columns)]  # per grid column: rows kept for the pack below
-            for i, pack in enumerate(pass_.packs):
-                self._run_pack(stage, pack, source, globals_, sums, out, kept, lines[pack.column])
-                if pack.write is not None and (i + 1) % columns == 0:
-                    yield pack.write[0][1]
+            for group in pass_.groups:
+                packs = [pass_.packs[i] for i in group]
+                self._run_packs(stage, packs, source, globals_, sums, out, kept, lines)
+                if packs[-1].write is not None and (group[-1] + 1) % columns == 0:
+                    yield packs[-1].write[0][1]
             for r in pass_.reductions:
                 total, kind = sums.pop(r)
                 globals_[r] = self._finalize(stage, r, total, kind)
@@ -248,22 +259,32 @@ class Executor:
         if not graph.spatial_target:
             out.value = globals_[graph.target]
 
-    def _run_pack(self, stage: StageProgram, pack, source, globals_: Env, sums: dict, out, kept: Env | None,
-                  line: dict) -> None:
-        """``line``: the rows the pack above in this column kept (taken here), and those kept here."""
+    def _run_packs(self, stage: StageProgram, packs: list, source, globals_: Env, sums: dict, out,
+                   kept: Env | None, lines: list[dict]) -> None:
+        """One pack, or packs of one grid row with the same shape run as one batched call (their values
+        concatenated on the batch dimension, pack after pack). ``lines``: per grid column, the rows the
+        pack above kept (taken here) and those kept here for the pack below."""
+        pack, count = packs[0], len(packs)
         env = kept if kept is not None else Env(globals_)
         if pack.read is not None and not dict.__contains__(env, stage.graph.source):
-            read = source.read(pack.read)
-            env[stage.graph.source] = self._clone_read(stage, pack.read, read) if pack.copy_read else read
-            del read
-        if pack.release_below is not None:  # once read: a read across bands is a copy, the bands can go
-            source.release_below(pack.release_below)
+            if count > 1:  # a copy already: an in-place op may write to it
+                env[stage.graph.source] = self._read_packs(stage, source, [p.read for p in packs])
+            else:
+                read = source.read(pack.read)
+                env[stage.graph.source] = self._clone_read(stage, pack.read, read) if pack.copy_read else read
+                del read
+        for p in packs:  # once read: a read across bands is a copy, the bands can go
+            if p.release_below is not None:
+                source.release_below(p.release_below)
+        self.group = count  # set after the read: a read can run the writing stage's packs first
         # ``held`` and ``part`` are the references a step keeps until the next step replaces them (the
         # input it read last, a reduction's partial sum): they decide when storages are freed, so
         # the walk keeps them here, for the executor and the replay alike.
         held = part = None
         for step in pack.steps:
             values = Env(env)
+            if count > 1:
+                self._batch_globals(stage, step, values, globals_)
             for src, narrows, pads in step.inputs:
                 held = env[src]
                 values[src] = self._cut_input(stage, step, src, held, narrows, pads)
@@ -279,14 +300,48 @@ class Executor:
             if not step.reduce:
                 if step.carry is not None:  # joined once the inputs are gone: the copy does not meet them
                     held = None
-                    value = self._join(stage, step, line.pop(step.node), value)
+                    value = self._join(stage, step, self._take_rows(stage, step, packs, lines), value)
                 env[step.node] = value
                 if step.keep is not None:
-                    line[step.node] = self._keep(stage, step, value)
+                    self._hand_down(packs, lines, step.node, self._keep(stage, step, value))
                 del value
                 self._notify(step.node)
         if pack.write is not None:
-            out.write(pack.write, env[stage.graph.target])
+            if count == 1:
+                out.write(pack.write, env[stage.graph.target])
+            else:
+                for i, p in enumerate(packs):
+                    out.write(p.write, self._pack_part(env[stage.graph.target], i))
+        self.group = 1
+
+    def _batch_globals(self, stage: StageProgram, step, values: Env, globals_: Env) -> None:
+        """The image-sized globals a batched step reads (a squeeze-excitation gate), repeated per pack."""
+        for p in step.node.all_input_nodes:
+            if dict.__contains__(globals_, p) and isinstance(stage.shapes.get(p), torch.Size):
+                values[p] = self._repeat_global(stage, p, globals_[p])
+
+    def _take_rows(self, stage: StageProgram, step, packs: list, lines: list[dict]) -> Any:
+        """The rows the packs above kept for ``step``: as kept when they were kept as this batch
+        (or one pack), else their parts concatenated."""
+        slots = [lines[p.column].pop(step.node) for p in packs]
+        first = slots[0]
+        if len(slots) == 1 and not isinstance(first, PackPart):
+            return first
+        if isinstance(first, PackPart) and first.count == len(slots) and all(
+                isinstance(s, PackPart) and s.value is first.value and s.index == i for i, s in enumerate(slots)):
+            return first.value
+        parts = [self._pack_part(s.value, s.index) if isinstance(s, PackPart) else s for s in slots]
+        del slots, first
+        return parts[0] if len(parts) == 1 else self._cat_packs(stage, step, parts)
+
+    @staticmethod
+    def _hand_down(packs: list, lines: list[dict], node: fx.Node, rows: Any) -> None:
+        """Keep ``rows`` (of one pack, or of a batch of packs) in the line buffers of the packs' columns."""
+        if len(packs) == 1:
+            lines[packs[0].column][node] = rows
+            return
+        for i, p in enumerate(packs):
+            lines[p.column][node] = PackPart(rows, i, len(packs))
 
     def _run_globals(self, stage: StageProgram, nodes: list[fx.Node], globals_: Env) -> None:
         """Global values (SE gates, pooled features, sizes), computed once from finished reductions."""
@@ -309,6 +364,25 @@ class Executor:
         shape = full_shape(stage.shapes[graph.target], self.batch)
         return Whole(None, stage.target_layout, shape) if last else Bands(stage.bands, stage.target_layout, shape)
 
+    def _read_packs(self, stage: StageProgram, source, regions: list[Region]) -> torch.Tensor:
+        """The reads of a batch of packs, concatenated on the batch dimension (a copy)."""
+        parts = [source.read(region) for region in regions]
+        return torch.cat(parts)
+
+    def _repeat_global(self, stage: StageProgram, node: fx.Node, value: Any) -> Any:
+        """A global value of the image, once per pack of the batch (as the batched values are ordered)."""
+        return value.repeat(self.group, *[1] * (value.dim() - 1))
+
+    def _pack_part(self, value: Any, index: int) -> Any:
+        """Pack ``index``'s part of a batched value (a view)."""
+        return cut(value, ((0, index * self.batch, self.batch),))
+
+    def _cat_packs(self, stage: StageProgram, step, parts: list) -> Any:
+        """Parts of packs made into one batched value (a copy)."""
+        if isinstance(parts[0], (tuple, list)):
+            return type(parts[0])(torch.cat(p) for p in zip(*parts))
+        return torch.cat(parts)
+
     def _clone_read(self, stage: StageProgram, region: Region, read: torch.Tensor) -> torch.Tensor:
         """A copy of the pack's read (an in-place op writes to the stage source)."""
         return read.clone()
@@ -319,9 +393,13 @@ class Executor:
         return t if pads is None else F.pad(t, pads, value=step.rule.pad_value)
 
     def _accumulate(self, stage: StageProgram, step, t: torch.Tensor, total: list | None) -> tuple[list, Any]:
-        """A reduction's running total with this pack's part added ([total, input dtype]), and the part."""
+        """A reduction's running total with this pack's part added ([total, input dtype]), and the part
+        (of a batch of packs: each pack's part added in turn, as when they run one by one)."""
         part = step.rule.partial(t)
-        return [step.rule.combine(total[0] if total else None, part), t.dtype], part
+        acc = total[0] if total else None
+        for i in range(self.group):
+            acc = step.rule.combine(acc, part if self.group == 1 else self._pack_part(part, i))
+        return [acc, t.dtype], part
 
     def _compute(self, stage: StageProgram, step, values: Env) -> Any:
         return step.rule.compute(values, step.region) if step.padding is None \

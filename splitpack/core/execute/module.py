@@ -14,8 +14,8 @@ from splitpack.core.cost.plan_cost import PlanCost
 from splitpack.core.execute.executor import Executor, empty_like_layout, run_consts
 from splitpack.core.capture.graph import TracedModel, head_graph, node_shapes, tail_graph, trace
 from splitpack.core.plan.spec import AutoPlan, Plan, grid_text, parse_plan
-from splitpack.core.plan.schedule import Program, Unsplittable, bounds, build_program, check_halo, stage_graphs, \
-    unsplittable_nodes
+from splitpack.core.plan.schedule import Program, Unsplittable, batch_limit, bounds, build_program, check_halo, \
+    stage_graphs, unsplittable_nodes
 from splitpack.errors import SplitError
 
 MODES = ("exact", "seed")
@@ -73,12 +73,14 @@ class SplitPack(nn.Module):
 
     def __init__(self, model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
                  cuda_graphs: bool = False, max_batch: int = DEFAULT_MAX_BATCH, traced: TracedModel | None = None,
-                 halo: str = "reuse"):
+                 halo: str = "reuse", batch_packs: bool | int = False):
         """``traced``: the model's trace, when the caller has it already (the planner does)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.halo = check_halo(halo)
+        self.batch_packs = batch_packs
+        batch_limit(batch_packs)  # checked here, not at the first call
         self.compile_mode = compile_mode(compile)
         plan = parse_plan(merge_layer, grid)
         if plan is None:
@@ -164,7 +166,7 @@ class SplitPack(nn.Module):
         if program is None:
             shapes = node_shapes(self._traced.gm, (1, *shape[1:]), dtype, device)
             try:
-                program = build_program(self._traced, self._stages, shapes, dtype, self.halo)
+                program = build_program(self._traced, self._stages, shapes, dtype, self.halo, self.batch_packs)
             except Unsplittable as err:
                 raise _unsplittable(self._traced, err, self.merge_layer) from None
             except ValueError as err:  # a grid finer than a feature map at this size

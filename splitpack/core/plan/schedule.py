@@ -20,6 +20,12 @@ held, so a kept row is never computed twice: full-width strips (grids Rx1) recom
 grids with several columns recompute only the horizontal halo. ``halo="recompute"`` computes every
 pack's whole region (the reference the tests compare with, and a way to bisect).
 
+*Batched packs* (``batch_packs``): packs of one grid row that do the same work on regions of the same
+shape (the inner columns of a grid; the border columns differ by their padding) run as one call, their
+values concatenated on the batch dimension, so a row of k packs is one kernel per op instead of k.
+Packs of one row do not depend on each other (a pack takes rows only from the pack above it), and the
+packs of a batch are alive together: the exact peak replay counts them as one batch k times larger.
+
 The program is plain data: the executor runs it, the cost model sums it, and a
 compiler can turn it into straight-line code.
 """
@@ -162,6 +168,11 @@ class PassProgram:
     packs: list[PackProgram]
     reductions: list[fx.Node]  # finalised after the pass
     after: list[fx.Node]  # global values computed once the pass is done
+    groups: list[tuple[int, ...]] = field(default_factory=list)  # packs run as one batched call, in order
+
+    def __post_init__(self):
+        if not self.groups:
+            self.groups = [(i,) for i in range(len(self.packs))]
 
 
 @dataclass
@@ -442,10 +453,57 @@ class _StageBuilder:
                 lowest = start if lowest is None else min(lowest, start)
 
 
+def _extent(region: Region | None):
+    return None if region is None else tuple(hi - lo for lo, hi in region)
+
+
+def _step_shape(step: Step) -> tuple:
+    """Everything a step does but where: two packs whose steps all match run as one batched call."""
+    where = step.region if step.rule.positional else _extent(step.region)
+    return (step.node, where, tuple(step.inputs), step.frees, step.reduce, step.padding, _extent(step.held),
+            _extent(step.carry), _extent(step.keep), step.keep_cut, step.computes)
+
+
+def pack_shape(pack: PackProgram) -> tuple:
+    """What must match for packs to be batched: the read, the write and every step, up to position."""
+    return (_extent(pack.read), _extent(pack.write), pack.copy_read, tuple(_step_shape(s) for s in pack.steps))
+
+
+def batch_groups(packs: list[PackProgram], columns: int, limit: int) -> list[tuple[int, ...]]:
+    """Runs of at most ``limit`` neighbouring packs of one grid row with the same :func:`pack_shape`."""
+    groups: list[tuple[int, ...]] = []
+    for row in range(0, len(packs), columns):
+        run: list[int] = []
+        for i in range(row, row + columns):
+            if run and (len(run) == limit or pack_shape(packs[i]) != pack_shape(packs[run[0]])):
+                groups.append(tuple(run))
+                run = []
+            run.append(i)
+        groups.append(tuple(run))
+    return groups
+
+
+def batch_limit(batch_packs: bool | int) -> int:
+    """``batch_packs`` -> the most packs one call runs: False (or 0, 1) one, True a whole grid row, k at most k."""
+    if isinstance(batch_packs, bool):
+        return 1 << 30 if batch_packs else 1
+    if not isinstance(batch_packs, int) or batch_packs < 0:
+        raise ValueError(f"batch_packs must be True, False or a number of packs, got {batch_packs!r}")
+    return max(1, batch_packs)
+
+
+def _batchable(stage: StageGraph, keep: bool) -> bool:
+    """A stage whose packs can run batched: several packs, and no size query (a size read off a value
+    is the image's batch size, not the batched call's)."""
+    return not keep and stage.grid[1] > 1 and not stage.metas
+
+
 def build_program(traced: TracedModel, stages: list[StageGraph], shapes, dtype: torch.dtype,
-                  halo: str = "reuse") -> Program:
+                  halo: str = "reuse", batch_packs: bool | int = False) -> Program:
     """The program of ``stages`` for one input size and dtype (``shapes``: full-size shapes at batch 1);
-    ``halo``: "reuse" (packs take the rows their upper neighbour computed) or "recompute"."""
+    ``halo``: "reuse" (packs take the rows their upper neighbour computed) or "recompute";
+    ``batch_packs``: run same-shaped packs of a grid row as one call (True: a whole row; k: at most k)."""
+    limit = batch_limit(batch_packs)
     programs, source_layout = [], NCHW
     for stage in stages:
         rules, layouts = stage_rules(traced, stage, shapes, source_layout, dtype)
@@ -457,6 +515,9 @@ def build_program(traced: TracedModel, stages: list[StageGraph], shapes, dtype: 
             carried |= {step.node for step in passes[-1].packs[0].steps if not step.reduce} | {stage.source}
         if keep:  # free each value after its last use in any pass
             builder.set_frees([step for pass_ in passes for step in pass_.packs[0].steps])
+        if limit > 1 and _batchable(stage, keep):
+            for pass_ in passes:
+                pass_.groups = batch_groups(pass_.packs, stage.grid[1], limit)
         before = [n for n in stage.nodes if n not in stage.spatial and n not in stage.reductions
                   and stage.level[n] == 0]
         counts = {r: _pixels(shapes, layouts, rules[r]) for r in stage.reductions}

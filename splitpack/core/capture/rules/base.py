@@ -67,6 +67,9 @@ class Rule:
     spatial_inputs: list[fx.Node]
     layout: Layout = NCHW
     pad_value: float = 0.0
+    # whether compute reads the output region's position (not only its size): packs at different
+    # places then compute differently and cannot run as one batched call
+    positional = True
 
     def input_window(self, out: Region, i: int) -> Region:
         return out
@@ -81,6 +84,8 @@ class Rule:
 
 class Pointwise(Rule):
     """Output pixel (h, w) depends only on input pixel (h, w): run the op as it is."""
+
+    positional = False
 
     def __init__(self, node, spatial_inputs, layout, call: Callable):
         super().__init__(node, spatial_inputs, layout)
@@ -109,10 +114,11 @@ class Window(Rule):
     """Sliding-window op (convolution, pooling, padding): its halo is (kernel - 1) * dilation."""
 
     def __init__(self, node, spatial_input, dims: tuple[Window1d, Window1d], pad_value: float, op: Callable,
-                 pad_limit: tuple[int, int] | None = None):
+                 pad_limit: tuple[int, int] | None = None, positional: bool = False):
         super().__init__(node, [spatial_input], NCHW, pad_value)
         self.dims = dims
         self.op = op
+        self.positional = positional  # ``op`` reads the output region's position (a divisor map)
         self.pad_limit = pad_limit  # None: any symmetric padding is applied by the op itself
 
     def input_window(self, out, i):
@@ -146,6 +152,8 @@ class Reduce(Rule):
     Partial results are kept in float32 (float64 for float64 inputs), as ATen accumulates
     a half-precision mean, and cast to the op's dtype when finalised.
     """
+
+    positional = False
 
     def __init__(self, node, x, layout, kind: str, keepdim: bool, out_dtype: torch.dtype | None = None):
         if kind not in REDUCTIONS:

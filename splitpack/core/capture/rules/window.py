@@ -187,7 +187,7 @@ def avg_pool_rule(node, x, kernel, stride, padding, count_include_pad, divisor_o
         (r0, r1), (c0, c1) = out
         return total / divisor[r0:r1, c0:c1].to(device=total.device, dtype=total.dtype)
 
-    return Window(node, x, window_dims(k, s, 1, before), 0.0, op, pad_limit=_half(k))
+    return Window(node, x, window_dims(k, s, 1, before), 0.0, op, pad_limit=_half(k), positional=True)
 
 
 @register_module(nn.AvgPool2d, "AvgPool2dSame")
