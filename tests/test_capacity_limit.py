@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import re
 
 import pytest
@@ -104,17 +105,124 @@ def assert_plan_arithmetic(plan: dict, p: ShapeInputs, activations: ActivationMo
     assert plan["headroom_bytes"] == p.headroom_bytes and plan["planned_within_bytes"] == p.limit_bytes - p.headroom_bytes
     limit = p.limit_bytes - p.headroom_bytes  # what the shapes must fit
     assert plan["predicted_usage_bytes"] == rec["predicted_usage_bytes"] <= limit
+    most = p.pod.max_workers if p.pod else None  # a GPU pod's bound on its workers
     for split, row in ((True, plan["split"]), (False, plan["unsplit"])):
-        fn = batch_bytes_fn(lambda b: activations.peak(split, b), p.size, p.allocator_slack)
+        fn = p.batch_bytes(activations, split)
         r, b = row["replicas"], row["batch_size"]
         assert row["predicted_usage_bytes"] == usage_bytes(p.terms, fn, r, b)
-        assert row["inflight_images"] == r * b
-        # the next batch size does not fit, nor does any shape with more images in flight
+        assert row["inflight_images"] == r * b and (most is None or r <= most)
+        # the next batch size does not fit, nor does any shape with more images in flight (within the pod)
         assert b == p.max_batch or usage_bytes(p.terms, fn, r, b + 1) > limit
-        more = [(r2, b2) for r2 in range(1, r + 3) for b2 in range(1, p.max_batch + 1) if r2 * b2 > r * b]
+        more = [(r2, b2) for r2 in range(1, min(r + 3, most or r + 3) + 1) for b2 in range(1, p.max_batch + 1)
+                if r2 * b2 > r * b]
         assert all(usage_bytes(p.terms, fn, r2, b2) > limit for r2, b2 in more if b2 <= b + 2 or r2 == 1)
     inflight = {True: plan["inflight_images_split"], False: plan["inflight_images_unsplit"]}
     assert inflight[rec["merge_layer"] is not None] == rec["inflight_images"] == max(inflight.values())
+
+
+def test_the_pod_bounds_the_replicas_and_the_batch_takes_the_rest():
+    terms = Terms(server_bytes=0, process_bytes=100, weights_bytes=0)
+    per_batch = lambda b: 10 * b  # noqa: E731
+    # r (100 + 10 b) <= 1000: 1 x 64 (the batch cap), 2 x 40, 3 x 23, 4 x 15
+    assert best_shape(1000, terms, per_batch).to_dict() == {"replicas": 2, "batch_size": 40, "concurrent_batches": 1,
+                                                            "predicted_usage_bytes": 1000, "inflight_images": 80}
+    assert best_shape(1000, terms, per_batch, max_replicas=1).inflight_images == 64
+    # batches of at most 30: 3 x 23 = 69 beats 2 x 30 = 60, unless the pod allows only 2 workers
+    free = best_shape(1000, terms, per_batch, max_batch=30)
+    assert (free.replicas, free.batch_size, free.predicted_usage_bytes) == (3, 23, 990)
+    bounded = best_shape(1000, terms, per_batch, max_batch=30, max_replicas=2)
+    assert (bounded.replicas, bounded.batch_size, bounded.predicted_usage_bytes) == (2, 30, 800)
+
+
+def test_a_gpu_pod_bounds_its_workers_by_cores_and_host_memory():
+    from splitpack.capacity.pod import HOST_BYTES_PER_WORKER, HOST_BYTES_SERVER, GpuPod
+
+    assert GpuPod(cpus=8, cpus_per_worker=2, host_memory_bytes=64 << 30).max_workers == 4  # the cores
+    memory_bound = GpuPod(cpus=64, cpus_per_worker=1, host_memory_bytes=HOST_BYTES_SERVER + 3 * HOST_BYTES_PER_WORKER)
+    assert memory_bound.max_workers == 3
+    assert memory_bound.resources(2) == {"workers": 2, "cpus": 2,
+                                         "host_memory_bytes": HOST_BYTES_SERVER + 2 * HOST_BYTES_PER_WORKER}
+    with pytest.raises(ValueError, match="92 workers do not fit one GPU pod"):
+        GpuPod().resources(92)
+    with pytest.raises(ValueError, match="cannot run one worker"):
+        GpuPod(cpus=1, cpus_per_worker=2)
+
+
+def gpu_inputs(activations: ActivationModel, gpu_bytes: int, **changes) -> ShapeInputs:
+    from splitpack.capacity.pod import GpuPod
+
+    fields = dict(model="resnet18", size=224, server="torchserve", limit_bytes=gpu_bytes, limit_source="test",
+                  terms=Terms(server_bytes=0, process_bytes=512 * MiB, weights_bytes=activations.weights_bytes),
+                  terms_source="test", device="gpu", max_batch=32, headroom_bytes=gpu_bytes // 10, pod=GpuPod(),
+                  threads_per_worker=2)
+    return ShapeInputs(**(fields | changes))
+
+
+def test_a_gpu_plan_is_the_formula_with_gpu_terms_within_the_pod(resnet18_224):
+    """An 80 GiB GPU holds far more than the pod's 4 workers: the images in flight come from the batch."""
+    p = gpu_inputs(resnet18_224, 80 << 30)
+    plan = plan_shape(p, resnet18_224, quiet=True)
+    assert_plan_arithmetic(plan, p, resnet18_224)
+    rec = plan["recommended"]
+    assert (rec["replicas"], rec["batch_size"]) == (4, 32)  # the pod's bound, the largest batch
+    assert plan["memory"] == "gpu" and plan["gpu_memory_bytes"] == 80 << 30
+    assert plan["pod"]["workers"] == 4 and plan["pod"]["cpus"] == 8 and plan["pod"]["host_memory_bytes"] == 9 << 30
+    assert "planned, not measured" in plan["notes"][0]
+    # no GPU time model here: the batch's MACs at the assumed GPU rate, planned
+    from splitpack.capacity.timeout import ASSUMED_GPU_MACS_PER_S, GPU_SOURCE
+
+    choice = resnet18_224.choice
+    macs = choice.macs if rec["merge_layer"] else choice.unsplit_macs
+    assert plan["predicted_batch_seconds"] == round(32 * macs / ASSUMED_GPU_MACS_PER_S, 3)
+    assert plan["batch_seconds_source"] == GPU_SOURCE and "planned, not measured" in GPU_SOURCE
+    # on the device the batch tensor is the only input copy: b images, not 2 b + 1 as on the host
+    image = 3 * 224 * 224 * 4
+    assert p.batch_bytes(resnet18_224, True)(8) == int(resnet18_224.peak(True, 8) * 1.1) + 8 * image
+    # a small GPU: memory, not the pod, bounds the shape
+    small = gpu_inputs(resnet18_224, 2 << 30)
+    tight = plan_shape(small, resnet18_224, quiet=True)
+    assert_plan_arithmetic(tight, small, resnet18_224)
+    assert tight["predicted_usage_bytes"] <= (2 << 30) - small.headroom_bytes
+    assert tight["recommended"]["inflight_images"] < rec["inflight_images"]
+
+
+def test_the_response_timeout_covers_the_predicted_and_a_measured_batch(resnet18_224):
+    import time
+
+    import torch
+
+    import splitpack
+    from splitpack.capacity.timeout import MIN_RESPONSE_TIMEOUT_S, RESPONSE_SAFETY, response_timeout_s
+
+    assert response_timeout_s(1.0) == MIN_RESPONSE_TIMEOUT_S and response_timeout_s(100.2) == 802
+    # a big batch: its predicted time, times the safety factor
+    terms = Terms(server_bytes=0, process_bytes=100 * MiB, weights_bytes=resnet18_224.weights_bytes)
+    big = ShapeInputs("resnet18", 224, "torchserve", 64 << 30, "test", terms, "test", max_batch=1024)
+    plan = plan_shape(big, resnet18_224, quiet=True)
+    batch = plan["recommended"]["batch_size"]
+    predicted = resnet18_224.batch_seconds(plan["recommended"]["merge_layer"] is not None, batch, 1)
+    assert plan["predicted_batch_seconds"] == round(predicted, 3) and batch > 500
+    assert plan["response_timeout_s"] == max(MIN_RESPONSE_TIMEOUT_S, math.ceil(RESPONSE_SAFETY * predicted))
+    assert plan["response_timeout_s"] > predicted
+    # the prediction is not far below a real batch of the plan on this machine (one thread, as a worker runs)
+    small = plan_shape(ShapeInputs("resnet18", 224, "torchserve", 1400 * MiB, "test", terms, "test", max_batch=8),
+                       resnet18_224, quiet=True)
+    rec = small["recommended"]
+    model = splitpack.create_model("resnet18").eval()
+    if rec["merge_layer"]:
+        model = splitpack.wrap(model, rec["merge_layer"], rec["grid"])
+    x = torch.randn(rec["batch_size"], 3, 224, 224)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            model(x)
+            start = time.perf_counter()
+            model(x)
+            measured = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(before)
+    assert measured <= RESPONSE_SAFETY * small["predicted_batch_seconds"], (measured, small["predicted_batch_seconds"])
 
 
 def test_the_headroom_is_kept_free(resnet18_224):

@@ -186,6 +186,43 @@ def test_plan_reads_the_memory_cgroup_fields_of_a_capacity_report(capacity_repor
     assert predictor["model"]["resources"]["requests"]["memory"] == "2049Mi"
 
 
+def test_the_response_timeout_is_the_plans_unless_given(capacity_report):
+    """A plan whose batch takes minutes: TorchServe's responseTimeout and Knative's request timeout cover it."""
+    from splitpack.serving.config import deploy_settings
+    from splitpack.serving.deploy import planned_settings
+
+    report = capacity_report | {"response_timeout_s": 900, "predicted_batch_seconds": 112.4}
+    for given, expected in (({}, 900), ({"response_timeout_s": 300}, 300)):
+        _, deploy = planned_settings(report, given, "torchserve")
+        plan = from_capacity(report, deploy_settings("torchserve", deploy))
+        assert plan.response_timeout_s == expected
+        assert manifests.inference_service(plan, "torchserve", "pvc://m/r18")["spec"]["predictor"]["timeout"] == expected
+        settings = dict(line.split("=", 1) for line in manifests.config_properties(plan).splitlines() if "=" in line)
+        assert json.loads(settings["model_snapshot"])["models"]["resnet18"]["1.0"]["responseTimeout"] == expected
+    assert "response_timeout_s" not in planned_settings(report, {}, "triton")[1]  # TorchServe's setting only
+    # Knative refuses a request timeout over its max-revision-timeout-seconds (600 s by default): the writer says so
+    assert manifests.timeout_warning(cpu_plan(response_timeout_s=600)) is None
+    assert "max-revision-timeout-seconds" in manifests.timeout_warning(cpu_plan(response_timeout_s=900))
+
+
+def test_gpu_pods_run_the_workers_one_pod_can_hold(capacity_report):
+    """The replica planner's count is not a pod: 92 workers on one GPU is refused, a few are given their cores."""
+    from splitpack.capacity.pod import HOST_BYTES_PER_WORKER, HOST_BYTES_SERVER, GpuPod
+
+    workers = capacity_report["recommended"]["replicas"]
+    assert capacity_report["pod"] == GpuPod().to_dict() | GpuPod().resources(workers)  # what the plan's workers need
+    plan = from_capacity(capacity_report, {"instance_kind": "gpu"})
+    assert plan.cpus == 2 * workers and plan.memory_limit_bytes == HOST_BYTES_SERVER + workers * HOST_BYTES_PER_WORKER
+    crowded = copy.deepcopy(capacity_report)
+    del crowded["pod"]
+    crowded |= GpuPod().plan_keys(92)
+    with pytest.raises(ValueError, match="92 workers do not fit one GPU pod.*--search-batch"):
+        from_capacity(crowded, {"instance_kind": "gpu"})
+    few = copy.deepcopy(capacity_report)
+    with pytest.raises(ValueError, match="--instance-kind gpu"):  # a GPU plan's memory is not a CPU pod's
+        from_capacity(few | {"memory": "gpu", "memory_limit_bytes": 80 * GiB}, {"instance_kind": "cpu"})
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"memory_request_bytes": 9 * GiB}, "over its limit"),
     ({"min_pods": 4, "max_pods": 3}, "pods"),
@@ -284,6 +321,38 @@ def test_capacity_writes_kserve_from_its_plan(tmp_path, capacity_report):
                          "--merge-layers", "layer1", "--quiet", "--native-resolution",
                          "--write-kserve", str(tmp_path / "bad")])
     assert code == 2 and "--native-resolution" in err and not (tmp_path / "bad").exists()
+
+
+def test_capacity_writes_a_gpu_pod_from_its_shape_search(tmp_path):
+    """--search-batch: workers x batch within the pod's cores and host memory, the response timeout from the
+    predicted batch; the manifest asks for what those workers need."""
+    out = tmp_path / "kserve"
+    code, text = run_cli(["capacity", "--model", "resnet18", "--size", "64", "--gpu-memory", "4GiB", "--search-batch",
+                          "--largest-batch", "8", "--pod-cpus", "6", "--quiet", "--json", "--max-pods", "2",
+                          "--write-kserve", str(out)])
+    assert code == 0, text
+    plan = json.loads(text)
+    rec, pod = plan["recommended"], plan["pod"]
+    assert (rec["replicas"], rec["batch_size"]) == (3, 8)  # 6 cores / 2 per worker; the largest batch
+    assert pod["cpus"] == 6 and plan["response_timeout_s"] >= plan["predicted_batch_seconds"]
+    manifest = yaml.safe_load((out / "torchserve" / "inferenceservice.yaml").read_text())
+    validate.check_manifest(manifest)
+    predictor = manifest["spec"]["predictor"]
+    resources = predictor["model"]["resources"]
+    assert resources["limits"] == {"cpu": "6", "memory": quantity(pod["host_memory_bytes"]), "nvidia.com/gpu": "1"}
+    assert predictor["containerConcurrency"] == rec["inflight_images"] == 24
+    assert predictor["timeout"] == plan["response_timeout_s"]
+    written = (out / "torchserve" / "storage" / "config" / "config.properties").read_text()
+    snapshot = json.loads(re.search(r"^model_snapshot=(.*)$", written, re.M).group(1))["models"]["resnet18"]["1.0"]
+    assert (snapshot["minWorkers"], snapshot["batchSize"], snapshot["responseTimeout"]) == (
+        3, 8, plan["response_timeout_s"])
+    code, text = run_cli(["capacity", "--model", "resnet18", "--size", "64", "--gpu-memory", "4GiB", "--search-batch",
+                          "--memory-limit", "3GiB", "--quiet"])
+    assert code == 2 and "give one" in text
+    # the replica planner's count on a big GPU is no pod: refused, nothing written
+    code, text = run_cli(["capacity", "--model", "resnet18", "--size", "64", "--gpu-memory", "80GiB", "--repeats", "0",
+                          "--merge-layers", "layer1", "--quiet", "--write-kserve", str(tmp_path / "crowded")])
+    assert code == 2 and "do not fit one GPU pod" in text and not (tmp_path / "crowded").exists()
 
 
 # --- the TorchServe storage on the stock runtime's packages only ------------------------------------------

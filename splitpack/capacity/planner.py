@@ -26,6 +26,8 @@ from splitpack.models import ModelSpec, build_model
 from splitpack.capacity.footprint import (ALLOCATOR_SLACK_SOURCE, CONTEXT_OVERHEAD_SOURCE, DEFAULT_ALLOCATOR_SLACK,
                                           DEFAULT_CONTEXT_OVERHEAD, LIBTORCH, PYTHON, Footprint, Measurement,
                                           footprint, measure, replicas_that_fit, shared_bytes)
+from splitpack.capacity.pod import GpuPod
+from splitpack.capacity.timeout import response_timeout
 from splitpack.core.plan.spec import grid_text
 
 FORMULAS = {
@@ -59,6 +61,7 @@ class PlanInputs:
     weight_sharing: bool = False  # libtorch: the instances share one copy of the weights
     model_spec: ModelSpec | None = None  # how to build the model (default: the timm/torchvision name ``model``)
     model_flags: tuple[str, ...] = ()  # the model as `splitpack replica-probe` flags (default: --model NAME)
+    pod: GpuPod = field(default_factory=GpuPod)  # what one GPU pod gives its workers: cores and host memory
 
     def replicas(self, replica_bytes: int, shared: int = 0) -> int:
         return replicas_that_fit(self.gpu_memory_bytes, self.headroom_bytes, replica_bytes, shared)
@@ -241,4 +244,5 @@ def plan_capacity(p: PlanInputs, quiet: bool = False) -> dict[str, Any]:
             "formula": FORMULAS[p.backend],
         },
         "notes": notes,
-    }
+    } | p.pod.plan_keys(recommended.replicas) | response_timeout(recommended.latency_s, f"measured: median of {p.repeats} call(s) of batch {p.batch_size} on "
+                                                f"{device} (an upper bound for a GPU when measured on the CPU)")

@@ -67,23 +67,36 @@ def plot_plan(plan: dict, path: str) -> None:
 
 
 def format_shape(plan: dict) -> str:
-    """A --memory-limit plan (and its validation) for people."""
+    """A --memory-limit or --search-batch plan (and its validation) for people."""
     rec, t = plan["recommended"], plan["terms"]
     what = "unsplit" if rec["merge_layer"] is None else f"split-pack {plan['split']['plan']}"
-    lines = [f"{plan['model']} @{plan['size']} on {plan['server']} ({plan['device']}) under "
-             f"{format_bytes(plan['memory_limit_bytes'])} ({plan['memory_limit_source']}), planned within "
-             f"{format_bytes(plan['planned_within_bytes'])} (headroom {format_bytes(plan['headroom_bytes'])})",
-             f"fixed costs: server {format_bytes(t['server_bytes'])}, per process {format_bytes(t['process_bytes'])}, "
-             f"weights {format_bytes(t['weights_bytes'])} per copy ({t['source']})",
+    gpu = plan.get("memory") == "gpu"
+    where = "one GPU pod, GPU memory" if gpu else f"{plan['device']}) under"
+    lines = [f"{plan['model']} @{plan['size']} on {plan['server']} ({where} {format_bytes(plan['memory_limit_bytes'])} "
+             f"({plan['memory_limit_source']}), planned within {format_bytes(plan['planned_within_bytes'])} "
+             f"(headroom {format_bytes(plan['headroom_bytes'])})" + (")" if gpu else ""),
+             (f"per worker on the GPU: CUDA context {format_bytes(t['process_bytes'])}, weights "
+              f"{format_bytes(t['weights_bytes'])} ({t['source']})") if gpu else
+             (f"fixed costs: server {format_bytes(t['server_bytes'])}, per process {format_bytes(t['process_bytes'])}, "
+              f"weights {format_bytes(t['weights_bytes'])} per copy ({t['source']})"),
              f"activations per image: split {format_bytes(plan['split']['activation_bytes_per_image'])}, unsplit "
              f"{format_bytes(plan['unsplit']['activation_bytes_per_image'])} (cost model replay)",
              f"images in flight: split {plan['inflight_images_split']}, unsplit {plan['inflight_images_unsplit']}",
-             f"recommended: {what}: {rec['replicas']} replica(s) x batch {rec['batch_size']}, predicted usage "
-             f"{format_bytes(plan['predicted_usage_bytes'])} ({rec['reason']})"]
+             f"recommended: {what}: {rec['replicas']} {'worker' if gpu else 'replica'}(s) x batch "
+             f"{rec['batch_size']}, predicted usage {format_bytes(plan['predicted_usage_bytes'])} ({rec['reason']})"]
+    if gpu:
+        pod = plan["pod"]
+        lines.append(f"pod: {pod['workers']} worker(s) x {pod['cpus_per_worker']} CPU(s) = {pod['cpus']} CPU(s), host "
+                     f"memory {format_bytes(pod['host_memory_bytes'])} (at most {pod['max_workers']} workers in "
+                     f"{pod['pod_cpus']} CPUs and {format_bytes(pod['pod_host_memory_bytes'])})")
+    if "response_timeout_s" in plan:
+        lines.append(f"one batch of {rec['batch_size']}: {plan['predicted_batch_seconds']:.1f} s predicted "
+                     f"({plan['batch_seconds_source']}) -> response timeout {plan['response_timeout_s']} s")
     for key, label in (("planned", "validated"), ("unsplit_same_shape", "unsplit, same shape")):
         run = plan.get("validation", {}).get(key)
         if run:
             lines.append(f"{label}: served {run.get('served', 0)}, failed {run.get('failed', 0)}, OOM kills "
                          f"{run['oom_kills']}, peak {format_bytes(run['peak_usage_bytes'])}"
                          + ("" if run.get("started", True) else f"; did not start: {run.get('start_error')}"))
+    lines += [f"note: {n}" for n in plan.get("notes", [])]
     return "\n".join(lines)

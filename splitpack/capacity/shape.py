@@ -15,7 +15,12 @@ Three terms, paid at three rates::
 
 On the CPU the fixed terms are measured from real servers (:mod:`splitpack.capacity.fixed_costs`);
 on a GPU ``process`` is the CUDA context (:data:`~splitpack.capacity.footprint.DEFAULT_CONTEXT_OVERHEAD`,
-assumed until measured on the GPU) and ``server`` is host memory, not counted against the GPU.
+assumed until measured on the GPU) and ``server`` is host memory, not counted against the GPU; the workers
+of one GPU pod are bounded by its cores and host memory (:class:`~splitpack.capacity.pod.GpuPod`), so more
+images in flight come from a larger batch, not from more processes.
+
+Every plan carries the predicted seconds of one batch of its shape and the response timeout derived from
+it (:mod:`splitpack.capacity.timeout`).
 
 A server that runs one batch at a time per process (a TorchServe worker, a Triton python-backend
 instance) has ``concurrent = 1``; several batches sharing one process and one copy of the weights
@@ -28,9 +33,17 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from splitpack.capacity.footprint import DEFAULT_ALLOCATOR_SLACK
+from splitpack.capacity.pod import GpuPod
+from splitpack.capacity.timeout import GPU_SOURCE, response_timeout
 
 FORMULA = ("usage = server + replicas * (process + weights + concurrent * batch_bytes(batch)); "
            "batch_bytes(b) = activations(b) * (1 + allocator_slack) + (2 b + 1) * input_image_bytes")
+FORMULA_GPU = ("gpu usage = workers * (cuda_context + weights + batch_bytes(batch)); batch_bytes(b) = activations(b) "
+               "* (1 + allocator_slack) + b * input_image_bytes; workers <= pod max_workers")
+GPU_NOTE = ("planned, not measured: no GPU was available. The CUDA context per worker is assumed (or "
+            "--context-overhead), the activations are the cost model's replay (bytes the GPU allocates alike) "
+            "with an assumed allocator slack, the pod's host memory per worker is assumed; measure the context "
+            "and the slack on the GPU with scripts/validate_capacity_gpu.py")
 # concurrent batches one replica process runs: one batch at a time for a TorchServe worker and
 # a Triton python-backend instance
 CONCURRENT_BATCHES = {"torchserve": (1,), "triton": (1,)}
@@ -68,13 +81,15 @@ def usage_bytes(terms: Terms, batch_bytes: Callable[[int], int], replicas: int, 
 
 
 def best_shape(limit_bytes: int, terms: Terms, batch_bytes: Callable[[int], int], max_batch: int = DEFAULT_MAX_BATCH,
-               concurrent: tuple[int, ...] = (1,)) -> Shape | None:
-    """The shape with the most images in flight whose usage fits ``limit_bytes`` (then the least usage);
-    None when not even one replica of batch 1 fits. ``batch_bytes`` must grow with the batch."""
+               concurrent: tuple[int, ...] = (1,), max_replicas: int | None = None) -> Shape | None:
+    """The shape with the most images in flight whose usage fits ``limit_bytes`` (then the least usage), with
+    at most ``max_replicas`` replicas (a pod's bound); None when not even one replica of batch 1 fits.
+    ``batch_bytes`` must grow with the batch."""
     best: Shape | None = None
     for c in concurrent:
         replicas = 1
-        while usage_bytes(terms, batch_bytes, replicas, 1, c) <= limit_bytes:
+        while (max_replicas is None or replicas <= max_replicas) and usage_bytes(terms, batch_bytes, replicas, 1,
+                                                                                 c) <= limit_bytes:
             batch = _largest_batch(limit_bytes, terms, batch_bytes, replicas, c, max_batch)
             shape = Shape(replicas, batch, c, usage_bytes(terms, batch_bytes, replicas, batch, c))
             if best is None or (shape.inflight_images, -shape.predicted_usage_bytes) > (
@@ -116,6 +131,23 @@ class ActivationModel:
         self._split = lambda b: plan_cost(planner.traced, self.choice.plan, (b, 3, size, size), profile=profile).peak_bytes
         self._unsplit = lambda b: unsplit_peak(planner.traced, profile[0], b, profile[1])
         self._cache: dict[tuple[bool, int], int] = {}
+        self.planner, self.size = planner, size
+
+    def batch_seconds(self, split: bool, batch: int, threads: int) -> float:
+        """Predicted seconds of one batch (the plan's program, or the unsplit model) on this machine's CPU
+        at ``threads`` torch threads: the device's calibrated time model (calibrated on first use)."""
+        from splitpack.capacity.timeout import torch_threads
+
+        with torch_threads(threads):
+            predicted = self.planner.plan_time(self.choice.plan, (batch, 3, self.size, self.size))
+        return predicted.seconds if split else predicted.unsplit_seconds
+
+    def gpu_batch_seconds(self, split: bool, batch: int) -> float:
+        """Seconds of one batch on a GPU: the plan's MACs at the assumed rate
+        (:data:`~splitpack.capacity.timeout.ASSUMED_GPU_MACS_PER_S`); no GPU time model is calibrated without one."""
+        from splitpack.capacity.timeout import ASSUMED_GPU_MACS_PER_S
+
+        return batch * (self.choice.macs if split else self.choice.unsplit_macs) / ASSUMED_GPU_MACS_PER_S
 
     def peak(self, split: bool, batch: int) -> int:
         key = (split, batch)
@@ -124,8 +156,13 @@ class ActivationModel:
         return self._cache[key]
 
 
-def batch_bytes_fn(activations: Callable[[int], int], size: int, allocator_slack: float) -> Callable[[int], int]:
+def batch_bytes_fn(activations: Callable[[int], int], size: int, allocator_slack: float,
+                   gpu: bool = False) -> Callable[[int], int]:
+    """Bytes of one batch in flight. On the host the inputs are each image's tensor, the stacked batch and one
+    image being decoded (2 b + 1); on a GPU only the stacked batch is on the device (b)."""
     image = 3 * size * size * 4  # one float32 image tensor
+    if gpu:
+        return lambda b: int(activations(b) * (1 + allocator_slack)) + b * image
     return lambda b: int(activations(b) * (1 + allocator_slack)) + (2 * b + 1) * image
 
 
@@ -143,10 +180,20 @@ class ShapeInputs:
     max_batch: int = DEFAULT_MAX_BATCH
     max_overhead: float | None = None
     headroom_bytes: int = 0  # of the limit, kept free for what the formula does not count
+    # a GPU plan: the limit is the GPU's memory, workers are bounded by the pod's cores and host memory
+    pod: GpuPod | None = None
+    threads_per_worker: int = 1  # torch threads one worker runs with (the batch latency is predicted at it)
 
     @property
     def planned_within_bytes(self) -> int:
         return self.limit_bytes - self.headroom_bytes
+
+    @property
+    def gpu(self) -> bool:
+        return self.pod is not None
+
+    def batch_bytes(self, activations: "ActivationModel", split: bool) -> Callable[[int], int]:
+        return batch_bytes_fn(lambda b: activations.peak(split, b), self.size, self.allocator_slack, self.gpu)
 
 
 def plan_shape(p: ShapeInputs, activations: ActivationModel | None = None, quiet: bool = False) -> dict:
@@ -157,10 +204,9 @@ def plan_shape(p: ShapeInputs, activations: ActivationModel | None = None, quiet
               flush=True)
     activations = activations or ActivationModel(p.model, p.size, p.max_overhead)
     concurrent = CONCURRENT_BATCHES[p.server]
-    shapes = {}
-    for split in (True, False):
-        fn = batch_bytes_fn(lambda b, s=split: activations.peak(s, b), p.size, p.allocator_slack)
-        shapes[split] = best_shape(p.planned_within_bytes, p.terms, fn, p.max_batch, concurrent)
+    max_replicas = p.pod.max_workers if p.pod else None
+    shapes = {split: best_shape(p.planned_within_bytes, p.terms, p.batch_bytes(activations, split), p.max_batch,
+                                concurrent, max_replicas) for split in (True, False)}
     split, unsplit = shapes[True], shapes[False]
     use_split = split is not None and (unsplit is None or split.inflight_images > unsplit.inflight_images)
     chosen = split if use_split else unsplit
@@ -171,8 +217,14 @@ def plan_shape(p: ShapeInputs, activations: ActivationModel | None = None, quiet
         raise ValueError(f"nothing fits {p.planned_within_bytes / 2**20:.0f} MiB ({p.limit_bytes / 2**20:.0f} MiB "
                          f"less {p.headroom_bytes / 2**20:.0f} MiB headroom): one replica of batch 1 needs "
                          f"{_one(p, activations) / 2**20:.0f} MiB even split ({p.terms_source})")
+    if p.gpu:
+        seconds, source = activations.gpu_batch_seconds(use_split, chosen.batch_size), GPU_SOURCE
+    else:
+        seconds = activations.batch_seconds(use_split, chosen.batch_size, p.threads_per_worker)
+        source = f"time model: this machine's CPU at {p.threads_per_worker} thread(s) per worker"
     return {
         "model": p.model, "size": p.size, "device": p.device, "server": p.server,
+        "memory": "gpu" if p.gpu else "host",
         "memory_limit_bytes": p.limit_bytes, "memory_limit_source": p.limit_source,
         "headroom_bytes": p.headroom_bytes, "planned_within_bytes": p.planned_within_bytes,
         "batch_size": chosen.batch_size,
@@ -189,11 +241,18 @@ def plan_shape(p: ShapeInputs, activations: ActivationModel | None = None, quiet
         "unsplit": (unsplit.to_dict() if unsplit else {}) | {"activation_bytes_per_image": activations.peak(False, 1)},
         "terms": asdict(p.terms) | {"source": p.terms_source, "allocator_slack": p.allocator_slack,
                                     "input_image_bytes": 3 * p.size * p.size * 4},
-        "formula": FORMULA,
+        "formula": FORMULA_GPU if p.gpu else FORMULA,
         "concurrent_batches_searched": list(concurrent),
         "max_batch_size": p.max_batch,
-    }
+    } | response_timeout(seconds, source) | _gpu_keys(p, chosen)
+
+
+def _gpu_keys(p: ShapeInputs, chosen: Shape) -> dict:
+    """A GPU plan's pod (its bounds, and the CPU and host memory of the workers it runs) and what is planned."""
+    if not p.gpu:
+        return {}
+    return {"gpu_memory_bytes": p.limit_bytes, "notes": [GPU_NOTE]} | p.pod.plan_keys(chosen.replicas)
 
 
 def _one(p: ShapeInputs, activations: ActivationModel) -> int:
-    return usage_bytes(p.terms, batch_bytes_fn(lambda b: activations.peak(True, b), p.size, p.allocator_slack), 1, 1)
+    return usage_bytes(p.terms, p.batch_bytes(activations, True), 1, 1)

@@ -19,6 +19,8 @@ from splitpack.serving.backend import CapacityWriter, backends
 from splitpack.serving.deploy import PLANNED
 from splitpack.capacity.fixed_costs import DEFAULT_CACHE, SERVERS
 from splitpack.capacity.shape import DEFAULT_MAX_BATCH
+from splitpack.capacity.pod import (DEFAULT_CPUS_PER_WORKER, DEFAULT_POD_CPUS, DEFAULT_POD_HOST_MEMORY,
+                                    HOST_BYTES_PER_WORKER, HOST_BYTES_SERVER, GpuPod)
 
 GPU_HEADROOM = "10%"
 # Under a real memory limit a worker uses more per image than the formula counts (the heap keeps freed
@@ -66,6 +68,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(exit 2 where no memory cgroup can be made)")
     limit.add_argument("--duration", type=arg_type(seconds, "seconds"), default=60.0,
                        help="--validate: seconds to drive each deployment (default 60)")
+    gpu_pod = parser.add_argument_group("deployment shape on a GPU", "with --gpu-memory: --search-batch plans one GPU "
+                                        "pod, workers x batch size for the most images in flight on its GPU, the "
+                                        "workers bounded by the pod's cores and host memory (planned, not measured: "
+                                        "the CUDA context and the host memory per worker are assumed); a GPU plan's "
+                                        "pod asks for the CPUs and host memory of its workers")
+    gpu_pod.add_argument("--search-batch", action="store_true",
+                         help="search workers x batch size (up to --largest-batch) instead of replicas at one "
+                              "--batch-size")
+    gpu_pod.add_argument("--pod-cpus", type=arg_type(common.positive_int, "count"), default=DEFAULT_POD_CPUS,
+                         help=f"CPU cores one GPU pod may have (default {DEFAULT_POD_CPUS})")
+    gpu_pod.add_argument("--cpus-per-worker", type=arg_type(common.positive_int, "count"),
+                         default=DEFAULT_CPUS_PER_WORKER,
+                         help=f"cores each worker gets: decoding, batching, kernel launches (default "
+                              f"{DEFAULT_CPUS_PER_WORKER})")
+    gpu_pod.add_argument("--pod-host-memory", type=arg_type(memory_size),
+                         default=f"{DEFAULT_POD_HOST_MEMORY // GiB}GiB",
+                         help=f"host memory one GPU pod may have (default {DEFAULT_POD_HOST_MEMORY // GiB}GiB; "
+                              f"{HOST_BYTES_SERVER // GiB} GiB for the server + {HOST_BYTES_PER_WORKER // GiB} GiB per "
+                              "worker, assumed)")
     parser.add_argument("--headroom", help=f"kept free: a percentage of the GPU or memory limit, or a size (default "
                                            f"{GPU_HEADROOM} of a GPU, {MEMORY_LIMIT_HEADROOM} of a --memory-limit)"
                         .replace("%", "%%"))  # argparse formats help strings with %
@@ -133,15 +154,23 @@ def detect_gpu_memory(index: int = 0) -> tuple[int, str]:
     return gpu.total_bytes, f"nvml: GPU {index} {gpu.name} ({gpu.total_bytes / GiB:.1f} GiB total)"
 
 
-def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
+def _gpu_memory(args: argparse.Namespace) -> tuple[int, str]:
+    """(bytes, source) of the GPU memory planned for: --gpu-memory, else NVML's total."""
     if args.gpu_memory:
-        gpu_bytes, source = parse_bytes(args.gpu_memory), f"--gpu-memory {args.gpu_memory}"
-    else:
-        gpu_bytes, source = detect_gpu_memory(args.gpu_index)
-    context, context_source = DEFAULT_CONTEXT_OVERHEAD, CONTEXT_OVERHEAD_SOURCE
+        return parse_bytes(args.gpu_memory), f"--gpu-memory {args.gpu_memory}"
+    return detect_gpu_memory(args.gpu_index)
+
+
+def _context_overhead(args: argparse.Namespace) -> tuple[int, str]:
+    """(bytes, source) of one process's CUDA context: --context-overhead, else the assumed default."""
     if args.context_overhead is not None:
-        context = parse_bytes(args.context_overhead)
-        context_source = f"--context-overhead {args.context_overhead}"
+        return parse_bytes(args.context_overhead), f"--context-overhead {args.context_overhead}"
+    return DEFAULT_CONTEXT_OVERHEAD, CONTEXT_OVERHEAD_SOURCE
+
+
+def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
+    gpu_bytes, source = _gpu_memory(args)
+    context, context_source = _context_overhead(args)
     if args.measure_replicas and not str(args.device).startswith("cuda"):
         raise ValueError("--measure-replicas needs --device cuda (it measures replica processes with NVML)")
     _check_backend(args)
@@ -154,8 +183,13 @@ def _inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         modes=list(dict.fromkeys(args.modes)), max_candidates=args.max_candidates, context_overhead_bytes=context,
         context_overhead_source=context_source, allocator_slack=args.allocator_slack, repeats=args.repeats,
         max_latency_ratio=args.max_latency_ratio, device=args.device, measure_replicas=args.measure_replicas,
-        backend=args.backend, weight_sharing=args.weight_sharing,
+        backend=args.backend, weight_sharing=args.weight_sharing, pod=_gpu_pod(args),
     )
+
+
+def _gpu_pod(args: argparse.Namespace) -> GpuPod:
+    """What one GPU pod gives its workers: the bound of --search-batch, the pod of both GPU plans."""
+    return GpuPod(args.pod_cpus, args.cpus_per_worker, parse_bytes(args.pod_host_memory))
 
 
 def _probe_model_flags(args: argparse.Namespace) -> list[str]:
@@ -182,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     from splitpack.capacity.report import format_plan
 
     common.build_model(args)  # a model, weights or labels that do not fit: found out before minutes of measuring
-    if args.memory_limit:
+    if args.memory_limit or args.search_batch:
         return run_memory_limit(args)
     if args.validate:
         raise ValueError("--validate proves a plan under a memory limit: give --memory-limit")
@@ -193,11 +227,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_memory_limit(args: argparse.Namespace) -> int:
-    """--memory-limit: the deployment shape with the most images in flight; --validate proves it."""
+    """--memory-limit (a host/pod limit) or --search-batch (a GPU pod): the deployment shape with the most
+    images in flight; --validate proves a --memory-limit plan."""
     from splitpack.capacity.report import format_shape
     from splitpack.capacity.shape import plan_shape
 
-    if args.device != "cpu":
+    if args.search_batch:
+        _check_gpu_shape(args)
+    elif args.device != "cpu":
         raise ValueError("--memory-limit plans a host/pod limit with fixed costs measured from CPU servers: "
                          "--device cpu (for a GPU use --gpu-memory)")
     cgroup = _cgroup_check() if args.validate else None
@@ -232,6 +269,30 @@ def _cgroup_check() -> str | None:
     return None
 
 
+def _check_gpu_shape(args: argparse.Namespace) -> None:
+    if args.memory_limit:
+        raise ValueError("--search-batch plans a GPU (--gpu-memory), --memory-limit a host/pod limit: give one")
+    if args.validate:
+        raise ValueError("--validate proves a plan under a memory limit: give --memory-limit")
+    if args.device != "cpu" or args.measure_replicas or args.backend != PYTHON:
+        raise ValueError("--search-batch plans TorchServe workers / Triton python-backend instances from the cost "
+                         "model's activations and assumed GPU terms: --device cpu, --backend python, no "
+                         "--measure-replicas")
+
+
+def _gpu_shape_inputs(args: argparse.Namespace, activations):
+    """--search-batch: the GPU's memory with the CUDA context and the weights per worker (assumed terms)."""
+    from splitpack.capacity.shape import ShapeInputs, Terms
+
+    gpu_bytes, source = _gpu_memory(args)
+    context, context_source = _context_overhead(args)
+    terms = Terms(server_bytes=0, process_bytes=context, weights_bytes=activations.weights_bytes)
+    return ShapeInputs(args.model_name, args.size, args.server, gpu_bytes, source, terms,
+                       f"CUDA context per worker: {context_source}; the server is host memory, not the GPU's",
+                       device="gpu", allocator_slack=args.allocator_slack, max_batch=args.largest_batch,
+                       headroom_bytes=parse_headroom(args.headroom or GPU_HEADROOM, gpu_bytes), pod=_gpu_pod(args))
+
+
 def _shape_inputs(args: argparse.Namespace):
     from splitpack.capacity.fixed_costs import fixed_costs
     from splitpack.capacity.shape import ActivationModel, ShapeInputs, Terms
@@ -239,8 +300,10 @@ def _shape_inputs(args: argparse.Namespace):
 
     model = args.model_name
     if not model or getattr(args, "model_class", None):
-        raise ValueError("--memory-limit plans a timm/torchvision model named with --model")
+        raise ValueError("--memory-limit and --search-batch plan a timm/torchvision model named with --model")
     activations = ActivationModel(model, args.size)
+    if args.search_batch:
+        return _gpu_shape_inputs(args, activations), activations
     costs = fixed_costs(args.server, model, activations.weights_bytes, Deployment.write, args.fixed_costs,
                         args.remeasure, quiet=args.quiet)
     terms = Terms(costs.server_bytes, costs.process_bytes, costs.weights_bytes)
@@ -252,7 +315,7 @@ def _shape_inputs(args: argparse.Namespace):
 
 
 def _written_settings(args: argparse.Namespace) -> dict:
-    defaults = WRITTEN_DEFAULTS | ({"instance_kind": "cpu"} if args.memory_limit else {})
+    defaults = WRITTEN_DEFAULTS | ({"instance_kind": "cpu"} if args.memory_limit else {})  # --search-batch: gpu
     return defaults | {k: v for k, v in given(args).items() if k not in PLANNED}
 
 

@@ -31,6 +31,9 @@ def planned_settings(plan: dict, settings: Mapping[str, Any] | None, server: str
         "data_config": planned_data_config(plan, model.get("data_config"))})
     deploy = {k: v for k, v in settings.items() if BY_NAME[k].section == DEPLOY and server in BY_NAME[k].servers}
     deploy |= {"replicas": max(1, rec["replicas"]), "batch_size": rec.get("batch_size") or plan["batch_size"]}
+    if "response_timeout_s" in plan and server in BY_NAME["response_timeout_s"].servers:
+        # the plan's: long enough for one batch of its shape (splitpack.capacity.timeout); a given one wins
+        deploy.setdefault("response_timeout_s", plan["response_timeout_s"])
     return config, deploy
 
 

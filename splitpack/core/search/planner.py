@@ -221,6 +221,12 @@ class Planner:
         return PlanChoice(point.plan, cost.peak_bytes, cost.macs_ratio, cost.macs, cost.unsplit_macs, cost.ops,
                           objective, context.final_front(front), time.perf_counter() - start, shape, predicted)
 
+    def plan_time(self, plan: Plan, shape, time_model: TimeModel | None = None,
+                  latency_mode: str = PROGRAM) -> PlanTime:
+        """Predicted seconds of ``plan``'s program and of the unsplit model for inputs of ``shape`` (N, C, H, W)
+        on this device (``time_model``: the device's, from the cache or calibrated on first use)."""
+        return _SizeContext(self, tuple(int(s) for s in shape), self.dtype, time_model, latency_mode).plan_time(plan)
+
     def front(self, shape, max_overhead: float = FRONT_OVERHEAD, dtype: torch.dtype | None = None) -> list[Point]:
         """The estimated Pareto front (peak, MACs ratio) up to ``max_overhead``."""
         context = _SizeContext(self, tuple(shape), dtype or self.dtype)

@@ -33,6 +33,9 @@ METRICS_PORTS = {TORCHSERVE: 8082, TRITON: 8002}
 TS_INFERENCE_PORT, TS_GRPC_PORTS = 8085, (7070, 7071)
 TS_VERSION = "1.0"  # the archive's version, which model_snapshot names
 KNATIVE_PROGRESS_DEADLINE_S = 600  # Knative Serving's default progress-deadline
+# Knative refuses a revision whose timeoutSeconds exceeds config-defaults' max-revision-timeout-seconds (600 s
+# by default): a longer response timeout needs that raised on the cluster
+KNATIVE_MAX_TIMEOUT_S = 600
 POD_START_S = 300  # image pull and storage download before the server starts: an allowance, not measured
 
 
@@ -105,6 +108,15 @@ def _torchserve_live_command() -> list[str]:
               f"sys.exit(0 if json.load(u.urlopen('http://127.0.0.1:{TS_INFERENCE_PORT}/ping',timeout=5))"
               ".get('status')=='Healthy' else 1)")
     return ["python3", "-c", script]
+
+
+def timeout_warning(plan: KServePlan) -> str | None:
+    """What the operator must change on the cluster for the manifest's request timeout, if anything."""
+    if plan.response_timeout_s <= KNATIVE_MAX_TIMEOUT_S:
+        return None
+    return (f"the request timeout {plan.response_timeout_s} s (one batch may take that long) is above Knative's "
+            f"default max-revision-timeout-seconds ({KNATIVE_MAX_TIMEOUT_S} s): raise it in the knative-serving "
+            "config-defaults ConfigMap, or plan a smaller batch (--largest-batch)")
 
 
 def progress_deadline_s(plan: KServePlan) -> int:

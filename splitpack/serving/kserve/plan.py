@@ -15,14 +15,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from splitpack.measure.units import GiB
 from splitpack.serving.config import AUTO, startup_timeout_s
 
 DEVICES = ("cpu", "gpu")
-# GPU pods: host memory per worker process, which the plan (GPU memory) does not measure. A CPU-only
-# TorchServe worker with torch loaded is 0.8-1.0 GB RSS here (docs/torchserve.md); CUDA libraries add more.
-GPU_POD_HOST_BYTES_PER_WORKER = 2 * GiB
-GPU_POD_HOST_BYTES_SERVER = 1 * GiB  # the server process itself (TorchServe's JVM and KServe's wrapper)
 
 
 @dataclass(frozen=True)
@@ -85,16 +80,26 @@ def from_capacity(report: Mapping[str, Any], deploy: Mapping[str, Any], *, min_p
 
     ``deploy``: the schema's deploy settings (instance_kind, max_batch_delay_ms, response_timeout_s,
     startup_timeout_s; ``auto``: TorchServe's default, the stock runtime does not compile).
-    Memory: ``memory_limit_bytes`` / ``predicted_usage_bytes`` when the report has them; otherwise
-    CPU pods get the memory planned for as their limit and the workers' replica bytes as request,
-    GPU pods a host-memory allowance per worker (the plan's bytes are GPU memory there).
+    Memory: CPU pods ``memory_limit_bytes`` / ``predicted_usage_bytes`` when the report has them, otherwise
+    the memory planned for as their limit and the workers' replica bytes as request. GPU pods: the CPUs and
+    host memory of the report's ``pod`` (an error when the plan has none: its workers do not fit one pod).
     ``pod_memory_bytes`` overrides the limit (and caps the request).
     """
     rec = report["recommended"]
     device = "gpu" if deploy.get("instance_kind", "cpu") == "gpu" else "cpu"
     workers = max(1, int(rec.get("replicas") or 1))
     batch = int(rec.get("batch_size") or report["batch_size"])
-    limit, request = _pod_memory(report, device, workers)
+    if device == "gpu":
+        pod = report.get("pod")
+        if not pod:
+            raise ValueError(report.get("pod_note") or "a GPU pod needs the plan's pod (CPUs and host memory of its "
+                             "workers): plan it with --search-batch")
+        limit = request = pod["host_memory_bytes"]
+        cpus = cpus or pod["cpus"]
+    elif report.get("memory") == "gpu":
+        raise ValueError("a GPU plan (--search-batch) sizes GPU pods: write it with --instance-kind gpu")
+    else:
+        limit, request = _pod_memory(report)
     if pod_memory_bytes is not None:
         limit, request = pod_memory_bytes, min(request, pod_memory_bytes)
     return KServePlan(
@@ -108,13 +113,10 @@ def from_capacity(report: Mapping[str, Any], deploy: Mapping[str, Any], *, min_p
         inflight=report.get("inflight_images_split") if rec.get("merge_layer") else None)
 
 
-def _pod_memory(report: Mapping[str, Any], device: str, workers: int) -> tuple[int, int]:
-    """(limit, request) bytes of one pod."""
-    if device == "gpu":
-        host = GPU_POD_HOST_BYTES_SERVER + workers * GPU_POD_HOST_BYTES_PER_WORKER
-        return host, host
+def _pod_memory(report: Mapping[str, Any]) -> tuple[int, int]:
+    """(limit, request) bytes of one CPU pod."""
     limit = report.get("memory_limit_bytes") or report["gpu_memory_bytes"]
-    rec = report["recommended"]
+    rec, workers = report["recommended"], max(1, int(report["recommended"].get("replicas") or 1))
     predicted = report.get("predicted_usage_bytes") or (
         report.get("shared_bytes", 0) + workers * (rec["replica_bytes"] - report.get("shared_bytes", 0)))
     return int(limit), int(min(limit, predicted))

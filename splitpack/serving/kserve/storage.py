@@ -206,6 +206,9 @@ def write_kserve_into(plan: KServePlan, stage: Path, *, config: ServingConfig | 
         plan = exported.plan = with_measured_startup(plan, exported.load_s)
         log(f"load + first call of the program: {exported.load_s:.1f} s here -> startup timeout "
             f"{plan.startup_timeout_s} s")
+        warning = manifests.timeout_warning(plan)
+        if warning:
+            log(f"warning: {warning}")
         for flavour, service in checked_services(plan, uris).items():
             (stage / flavour).mkdir()
             (stage / flavour / MANIFEST).write_text(manifests.manifest_yaml(service, command))
