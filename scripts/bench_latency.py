@@ -66,8 +66,9 @@ def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_m
     row.update(planning_s=time.perf_counter() - start, plan=str(choice.plan), stages=len(choice.plan.stages),
                predicted_peak_bytes=choice.predicted_peak_bytes, macs_ratio=choice.predicted_macs_ratio,
                predicted_s=choice.predicted_time.seconds, predicted_unsplit_s=choice.predicted_time.unsplit_seconds,
-               predicted_ratio=choice.predicted_latency_ratio)
-    split = SplitPack(model, choice.plan, compile=compile_mode, traced=planner.traced)
+               predicted_ratio=choice.predicted_latency_ratio, halo=list(choice.halo), batch_packs=choice.batch_packs)
+    split = SplitPack(model, choice.plan, compile=compile_mode, traced=planner.traced, halo=choice.halo or "reuse",
+                      batch_packs=choice.batch_packs)
     x = torch.randn(1, 3, size, size)
     unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, CLOCKS[clock])
     row.update(measured_s=split_ms / 1e3, measured_unsplit_s=unsplit_ms / 1e3, measured_ratio=split_ms / unsplit_ms)
@@ -92,7 +93,10 @@ def table(rows: list[dict]) -> str:
             continue
         plan = r["plan"] if len(r["plan"]) < 60 else f"{r['plan'][:57]}..."
         meas_peak = r.get("measured_peak_bytes")
-        cells = [f"`{plan}` ({r['stages']})",
+        halo = r.get("halo") or []
+        run = ("recompute " if set(halo) == {"recompute"} else f"{halo.count('recompute')} recompute, "
+               if "recompute" in halo else "") + ("batched" if r.get("batch_packs") else "")
+        cells = [f"`{plan}` ({r['stages']}{'; ' + run.strip(', ') if run else ''})",
                  f"{r['predicted_peak_bytes'] / 2**20:.1f} / {meas_peak / 2**20 if meas_peak else float('nan'):.1f}",
                  f"{r['unsplit_peak_bytes'] / meas_peak:.2f}x" if meas_peak else "-",
                  f"{r['macs_ratio']:.3f}x",

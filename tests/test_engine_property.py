@@ -5,8 +5,8 @@ every padding flavour, pooling, norms, activations, residual adds, channel conca
 split, upsampling, squeeze-excitation, ECA and CBAM gates, a global pooling), an odd
 input size, and a random staged plan: an increasing subset of the exact checkpoints,
 each stage with its own grid (non-square and full-width strips included), packs reusing the rows their
-upper neighbour computed (halo reuse, the default) or recomputing them, one by one or the same-shaped
-packs of a grid row batched into one call.
+upper neighbour computed (halo reuse, the default) or recomputing them (one mode, or one per stage),
+one by one or the same-shaped packs of a grid row batched into one call.
 """
 from __future__ import annotations
 
@@ -240,7 +240,8 @@ def test_exact_split_equals_unsplit(compile_, net, h, w, data, seed):
     assert layers == splitpack.merge_layers(model), "every checkpoint of these networks splits exactly"
     assert layers[-1] == "pool"
     names, grids = data.draw(staged_plans(layers))
-    halo = data.draw(st.sampled_from(["reuse", "reuse", "recompute"]))
+    halo = data.draw(st.sampled_from(["reuse", "reuse", "recompute"]) |
+                     st.lists(st.sampled_from(["reuse", "recompute"]), min_size=len(names), max_size=len(names)))
     batch_packs = data.draw(st.sampled_from([False, True, 2]))
     wrapped = splitpack.wrap(model, names, grids, mode="exact", compile=compile_, halo=halo, batch_packs=batch_packs)
     try:

@@ -148,5 +148,5 @@ def test_batched_program_gives_the_interpreters_outputs_bit_for_bit(models):
 def test_batch_packs_is_checked(models):
     with pytest.raises(ValueError, match="batch_packs must be"):
         splitpack.wrap(models("resnet18"), "layer2", "2x3", batch_packs=-1)
-    with pytest.raises(ValueError, match="batch_packs is for a given plan"):
+    with pytest.raises(ValueError, match="halo and batch_packs are for a given plan"):
         splitpack.wrap(models("resnet18"), "auto", batch_packs=True)

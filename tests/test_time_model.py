@@ -24,7 +24,7 @@ from splitpack.core.cost.time_model import (FORMAT, INTERPRETED, PROGRAM, Linear
                                             time_model_for)
 from splitpack.core.plan.schedule import build_program, stage_graphs
 from splitpack.core.plan.spec import parse_plan
-from splitpack.core.search.planner import LatencyTooLow, Planner, check_max_latency
+from splitpack.core.search.planner import LatencyTooLow, Planner, _SizeContext, check_max_latency
 from splitpack.serving.config import ServingConfig
 
 
@@ -181,6 +181,40 @@ def test_batched_packs_are_predicted_as_one_op_per_step(tiny):
     ops = len(programs[0].stages[0].passes[0].packs[1].steps)
     saved = (len(programs[0].stages[0].passes[0].packs) - len(groups)) * ops * 1e-3
     assert batched == pytest.approx(one_by_one - saved, rel=0.02)
+
+
+@pytest.mark.parametrize("op_per_element, copy, halo", [(1e-7, LinearFit(1e-9, 1e-12), ("reuse", "reuse")),
+                                                         (1e-9, LinearFit(1e-6, 1e-6), ("reuse", "recompute"))])
+def test_each_stages_halo_mode_is_the_faster_one(tiny, op_per_element, copy, halo):
+    """Dear ops, cheap copies: reusing the halo (computing fewer rows) is faster; dear copies: recomputing
+    it is, where there is a halo to recompute (reuse joins and keeps rows by copies; stage 1 reads only
+    the image, both modes are the same there). The tuned way is never predicted slower than reuse, and
+    its exact peak stays within the limit."""
+    model, traced = tiny
+    ops = {sig: LinearFit(1e-6, op_per_element) for sig in _signatures(traced).values()}
+    context = _SizeContext(Planner(traced), (1, 3, 64, 64), torch.float32, TimeModel("synthetic", ops, copy, 1e-7))
+    plan = parse_plan("stem.0,block1", "4x1,3x3")
+    reuse_s, reuse_peak = context.plan_time(plan).seconds, context.cost(plan).peak_bytes
+    execution, predicted, cost = context.tuned(plan, 100 * reuse_peak, None)
+    assert execution.halo == halo and predicted.seconds <= reuse_s and cost.peak_bytes <= 100 * reuse_peak
+    split = splitpack.SplitPack(model, plan, halo=execution.halo, batch_packs=execution.batch_packs)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(split(x), model(x), atol=1e-5)
+
+
+def test_packs_are_batched_only_within_the_peak_limit(tiny):
+    """Ops with a large fixed time: batching the inner packs of a row is faster, and kept where the limit
+    allows the batch's memory, not where it does not."""
+    model, traced = tiny
+    timed = synthetic_time_model(traced, fixed=1e-3)
+    context = _SizeContext(Planner(traced), (1, 3, 128, 128), torch.float32, timed)
+    plan = parse_plan("block1", "1x8")
+    peak = context.cost(plan).peak_bytes
+    generous, batched_s, batched = context.tuned(plan, 100 * peak, None)
+    assert generous.batch_packs and batched_s.seconds < context.plan_time(plan).seconds
+    assert peak < batched.peak_bytes <= 100 * peak
+    assert not context.tuned(plan, peak, None)[0].batch_packs
 
 
 # --------------------------------------------------------------------------- the planner

@@ -17,7 +17,7 @@ __all__ = ["MODES", "PLAN_CACHE_SIZE", "SplitPack", "merge_layers", "wrap"]
 
 def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
          cuda_graphs: bool = False, max_batch: int = DEFAULT_MAX_BATCH, memory_budget: int | None = None,
-         max_overhead: float | None = None, max_latency: float | None = None, halo: str = "reuse",
+         max_overhead: float | None = None, max_latency: float | None = None, halo="reuse",
          batch_packs: bool | int = False) -> nn.Module:
     """Run ``model`` with split-pack inference.
 
@@ -39,7 +39,10 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     ``halo`` (exact mode): "reuse" (default) -- each pack takes the rows its upper neighbour in the
     same grid column computed (line buffers) instead of recomputing them, so full-width strips
     (grid Rx1) recompute nothing; "recompute" -- every pack computes its whole halo (to compare, or
-    to bisect). Outputs are the same either way.
+    to bisect; on grids of several columns it can be the faster mode: reuse's joins copy every value a
+    pack holds). One mode, or one per stage (``["reuse", "recompute"]`` or ``"reuse,recompute"``; the
+    planner picks them per stage, see :class:`splitpack.core.search.planner.PlanChoice`). Outputs are the
+    same either way.
 
     ``batch_packs`` (exact mode, a given plan): packs of one grid row with the same shape (the inner
     columns of a grid) run as one call, concatenated on the batch dimension: fewer, larger kernels
@@ -57,10 +60,9 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     plan = parse_plan(merge_layer, grid, memory_budget=memory_budget, max_overhead=max_overhead,
                       max_latency=max_latency)
     if isinstance(plan, AutoPlan):
-        if halo != "reuse":
-            raise ValueError("halo='recompute' is for a given plan: the planner's plans reuse the halo")
-        if batch_limit(batch_packs) > 1:
-            raise ValueError("batch_packs is for a given plan: the planner's plans run packs one by one")
+        if halo != "reuse" or batch_limit(batch_packs) > 1:
+            raise ValueError("halo and batch_packs are for a given plan: with merge_layer='auto' the planner "
+                             "picks them (by predicted time, with max_latency or a time model)")
         return AutoSplitPack(model, plan, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch)
     if memory_budget is not None or max_overhead is not None or max_latency is not None:
         raise ValueError("memory_budget and max_overhead are for merge_layer='auto' (the planner's objective), "

@@ -504,15 +504,21 @@ class Predictor:
     def program_seconds(self, program: Program, shapes: dict[fx.Node, Shape], last: fx.Node, batch: int = 1,
                         mode: str = PROGRAM) -> float:
         """A plan's program (``last``: its last checkpoint node), then the unsplit rest of the network."""
+        rest = self.traced.nodes[self.traced.index[last] + 1:]
+        return sum(self.stage_seconds(program, shapes, batch, mode)) + \
+            sum(self._op(n, node_work(n, shapes) * batch) for n in rest if n in self.signatures)
+
+    def stage_seconds(self, program: Program, shapes: dict[fx.Node, Shape], batch: int = 1,
+                      mode: str = PROGRAM) -> list[float]:
+        """Each stage's predicted seconds (a stage's time does not depend on how the others run)."""
         if mode not in MODES:
             raise ValueError(f"mode: one of {MODES}, got {mode!r}")
         step_overhead = self.model.interpreter_step_s if mode == INTERPRETED else 0.0
-        total, source_bands = 0.0, None
+        seconds, source_bands = [], None
         for stage in program.stages:
-            total += self._stage_seconds(stage, shapes, batch, step_overhead, source_bands)
+            seconds.append(self._stage_seconds(stage, shapes, batch, step_overhead, source_bands))
             source_bands = stage.bands
-        rest = self.traced.nodes[self.traced.index[last] + 1:]
-        return total + sum(self._op(n, node_work(n, shapes) * batch) for n in rest if n in self.signatures)
+        return seconds
 
     def plan_time(self, program: Program, shapes, last: fx.Node, batch: int = 1, mode: str = PROGRAM) -> PlanTime:
         return PlanTime(self.program_seconds(program, shapes, last, batch, mode), self.unsplit_seconds(shapes, batch),

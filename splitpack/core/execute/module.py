@@ -14,7 +14,7 @@ from splitpack.core.cost.plan_cost import PlanCost
 from splitpack.core.execute.executor import Executor, empty_like_layout, run_consts
 from splitpack.core.capture.graph import TracedModel, head_graph, node_shapes, tail_graph, trace
 from splitpack.core.plan.spec import AutoPlan, Plan, grid_text, parse_plan
-from splitpack.core.plan.schedule import Program, Unsplittable, batch_limit, bounds, build_program, check_halo, \
+from splitpack.core.plan.schedule import Program, Unsplittable, batch_limit, bounds, build_program, stage_halos, \
     stage_graphs, unsplittable_nodes
 from splitpack.errors import SplitError
 
@@ -73,12 +73,11 @@ class SplitPack(nn.Module):
 
     def __init__(self, model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
                  cuda_graphs: bool = False, max_batch: int = DEFAULT_MAX_BATCH, traced: TracedModel | None = None,
-                 halo: str = "reuse", batch_packs: bool | int = False):
+                 halo="reuse", batch_packs: bool | int = False):
         """``traced``: the model's trace, when the caller has it already (the planner does)."""
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.halo = check_halo(halo)
         self.batch_packs = batch_packs
         batch_limit(batch_packs)  # checked here, not at the first call
         self.compile_mode = compile_mode(compile)
@@ -89,6 +88,7 @@ class SplitPack(nn.Module):
             raise ValueError("merge_layer='auto' plans per input size: use splitpack.wrap(model, 'auto')")
         self.model = model
         self.plan: Plan = plan
+        self.halo = stage_halos(halo, len(plan.stages))  # one mode per stage
         self.mode = mode
         self.on_layer: Callable[[str], None] | None = None  # called with a layer name after it runs (profiling)
         traced = self._traced = traced if traced is not None else trace(model)

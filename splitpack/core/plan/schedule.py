@@ -316,6 +316,17 @@ def check_halo(halo: str) -> str:
     return halo
 
 
+def stage_halos(halo, stages: int) -> tuple[str, ...]:
+    """Each stage's halo mode: ``halo`` is one mode for every stage, or one per stage (a sequence, or
+    a comma string such as ``"reuse,recompute"``)."""
+    modes = halo.split(",") if isinstance(halo, str) else list(halo)
+    if len(modes) == 1:
+        modes = modes * stages
+    if len(modes) != stages:
+        raise ValueError(f"halo: one mode for every stage or one per stage ({stages}), got {halo!r}")
+    return tuple(check_halo(m.strip()) for m in modes)
+
+
 class _StageBuilder:
     def __init__(self, gm: fx.GraphModule, stage: StageGraph, rules, shapes, layouts, halo: str = "reuse"):
         check_halo(halo)
@@ -499,15 +510,16 @@ def _batchable(stage: StageGraph, keep: bool) -> bool:
 
 
 def build_program(traced: TracedModel, stages: list[StageGraph], shapes, dtype: torch.dtype,
-                  halo: str = "reuse", batch_packs: bool | int = False) -> Program:
+                  halo="reuse", batch_packs: bool | int = False) -> Program:
     """The program of ``stages`` for one input size and dtype (``shapes``: full-size shapes at batch 1);
-    ``halo``: "reuse" (packs take the rows their upper neighbour computed) or "recompute";
-    ``batch_packs``: run same-shaped packs of a grid row as one call (True: a whole row; k: at most k)."""
+    ``halo``: "reuse" (packs take the rows their upper neighbour computed) or "recompute", for every
+    stage or one per stage (:func:`stage_halos`); ``batch_packs``: run same-shaped packs of a grid row
+    as one call (True: a whole row; k: at most k)."""
     limit = batch_limit(batch_packs)
     programs, source_layout = [], NCHW
-    for stage in stages:
+    for stage, stage_halo in zip(stages, stage_halos(halo, len(stages))):
         rules, layouts = stage_rules(traced, stage, shapes, source_layout, dtype)
-        builder = _StageBuilder(traced.gm, stage, rules, shapes, layouts, halo)
+        builder = _StageBuilder(traced.gm, stage, rules, shapes, layouts, stage_halo)
         keep = stage.grid == (1, 1) and stage.passes > 1
         passes, carried = [], set()
         for level in range(1, stage.passes + 1):

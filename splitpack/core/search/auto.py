@@ -80,8 +80,9 @@ class AutoSplitPack(nn.Module):
                  "planned in %.1f s)", "x".join(map(str, size)), str(dtype).removeprefix("torch."), choice.plan,
                  _mib(choice.predicted_peak_bytes), choice.predicted_macs_ratio, latency, choice.objective,
                  choice.seconds)
-        pack = SplitPack(self.model, choice.plan, mode=self.mode, compile=self.compile, cuda_graphs=self.cuda_graphs, max_batch=self.max_batch,
-                         traced=self._planner.traced)
+        pack = SplitPack(self.model, choice.plan, mode=self.mode, compile=self.compile, cuda_graphs=self.cuda_graphs,
+                         max_batch=self.max_batch, traced=self._planner.traced, halo=choice.halo or "reuse",
+                         batch_packs=choice.batch_packs)
         self.choices[key] = choice
         while len(self.choices) > PLAN_CACHE_SIZE:
             del self.choices[next(iter(self.choices))]

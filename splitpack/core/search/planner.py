@@ -25,6 +25,13 @@ memory budget (bytes for the whole batch); both when both are given. With ``max_
 to the unsplit model's predicted time on this device, splitpack.core.cost.time_model) the plans of
 the front are timed by the device's time model: the smallest peak whose predicted latency ratio is
 within it, or with a memory budget the fewest predicted seconds within the budget (and within it).
+
+Execution. Where a time model is at hand, the chosen plan's way of running is tuned last
+(:meth:`_SizeContext.tuned`): each stage's halo mode (reuse or recompute: on grids of several columns
+reuse's joins copy every value a pack holds, and recomputing can be faster) by its predicted seconds,
+then same-shaped packs batched into one call or not, each change kept only if it is predicted faster
+and its exact peak stays within the objective's (the memory budget, or the chosen plan's peak within
+:data:`PEAK_TIE`) and its MACs within the cap.
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ from splitpack.core.plan.spec import Plan, Stage
 from splitpack.core.cost.exact_peak import allocation_profile
 from splitpack.core.cost.plan_cost import PlanCost, plan_cost
 from splitpack.core.cost.time_model import PROGRAM, PlanTime, Predictor, TimeModel, time_model_for
-from splitpack.core.plan.schedule import Program, build_program, stage_graphs, unsplittable_nodes
+from splitpack.core.plan.schedule import HALO_MODES, Program, build_program, stage_graphs, unsplittable_nodes
 from splitpack.errors import SplitError
 
 log = logging.getLogger("splitpack.planner")
@@ -100,6 +107,15 @@ class Point:
                 "predicted_macs_ratio": round(self.macs_ratio, 6), "exact": self.exact}
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How a plan's packs run: each stage's halo mode, and whether same-shaped packs of a grid row run
+    as one batched call (see :func:`splitpack.wrap`)."""
+
+    halo: tuple[str, ...]
+    batch_packs: bool = False
+
+
 @dataclass
 class PlanChoice:
     """The planner's answer for one input size."""
@@ -115,6 +131,8 @@ class PlanChoice:
     seconds: float
     shape: tuple[int, ...]
     predicted_time: PlanTime | None = None  # when a latency objective (or a time model) was given
+    halo: tuple[str, ...] = ()  # each stage's halo mode (empty: reuse everywhere)
+    batch_packs: bool = False  # same-shaped packs of a grid row run as one call
 
     @property
     def predicted_latency_ratio(self) -> float | None:
@@ -129,6 +147,7 @@ class PlanChoice:
                 "predicted_latency_ratio": round(timed.ratio, 4) if timed else None,
                 "predicted_seconds": timed.seconds if timed else None,
                 "predicted_unsplit_seconds": timed.unsplit_seconds if timed else None,
+                "halo": list(self.halo) or ["reuse"] * len(self.plan.stages), "batch_packs": self.batch_packs,
                 "planning_seconds": round(self.seconds, 3), "input_shape": list(self.shape),
                 "front": [p.to_dict() for p in self.front]}
 
@@ -216,10 +235,13 @@ class Planner:
         else:
             point = context.least_macs(front, memory_budget, cap, finalists)
             objective = f"least MACs within {memory_budget} bytes" + macs_cap
-        cost = context.cost(point.plan)
-        predicted = context.plan_time(point.plan) if timed or time_model is not None else None
+        cost, predicted, execution = context.cost(point.plan), None, Execution(())
+        if timed or time_model is not None:
+            limit = memory_budget if memory_budget is not None else cost.peak_bytes * (1 + PEAK_TIE)
+            execution, predicted, cost = context.tuned(point.plan, limit, cap)
         return PlanChoice(point.plan, cost.peak_bytes, cost.macs_ratio, cost.macs, cost.unsplit_macs, cost.ops,
-                          objective, context.final_front(front), time.perf_counter() - start, shape, predicted)
+                          objective, context.final_front(front), time.perf_counter() - start, shape, predicted,
+                          execution.halo, execution.batch_packs)
 
     def plan_time(self, plan: Plan, shape, time_model: TimeModel | None = None,
                   latency_mode: str = PROGRAM) -> PlanTime:
@@ -252,7 +274,7 @@ class _SizeContext:
         self.planner, self.shape, self.batch, self.dtype = planner, shape, shape[0], dtype
         self.time_model, self.latency_mode = time_model, latency_mode
         self._times: dict[Plan, PlanTime] = {}
-        self._programs: dict[Plan, Program] = {}
+        self._programs: dict[Any, Program] = {}  # by plan (halo reuse, one by one), or (plan, Execution)
         self._estimated_seconds: dict[Plan, float] = {}
         traced = planner.traced
         self.profile, self.shapes = allocation_profile(traced, shape, dtype)
@@ -377,6 +399,41 @@ class _SizeContext:
             seconds = predictor.program_seconds(self.program(plan), self.shapes, last, self.batch, self.latency_mode)
             self._times[plan] = PlanTime(seconds, self._unsplit_s, self.latency_mode)
         return self._times[plan]
+
+    def tuned(self, plan: Plan, peak_limit: float, cap: float | None) -> tuple[Execution, PlanTime, PlanCost]:
+        """The way to run ``plan`` predicted fastest (each stage's halo mode, packs batched or not) whose
+        exact peak is within ``peak_limit`` and MACs within ``cap``; halo reuse one pack at a time (what
+        the search assumed) if nothing else is faster within them. Stages are timed independently: a
+        stage's program does not depend on how the others run."""
+        stages = len(plan.stages)
+        reuse = Execution(("reuse",) * stages)
+        best = (reuse, self.plan_time(plan), self.cost(plan))
+        predictor, last = self.predictor(), self.planner.traced.checkpoints[plan.stages[-1].checkpoint]
+        per_stage = {mode: predictor.stage_seconds(self._program(plan, Execution((mode,) * stages)), self.shapes,
+                                                   self.batch, self.latency_mode) for mode in HALO_MODES}
+        fastest = tuple(min(HALO_MODES, key=lambda m: per_stage[m][i]) for i in range(stages))
+        for execution in dict.fromkeys([Execution(fastest), Execution(fastest, True), Execution(reuse.halo, True)]):
+            if execution == reuse:
+                continue
+            program = self._program(plan, execution)
+            seconds = predictor.program_seconds(program, self.shapes, last, self.batch, self.latency_mode)
+            if seconds >= best[1].seconds:
+                continue
+            cost = plan_cost(self.planner.traced, plan, self.shape, self.dtype, (self.profile, self.shapes), program)
+            if cost.peak_bytes <= peak_limit and (cap is None or cost.macs_ratio <= cap):
+                best = (execution, PlanTime(seconds, self._unsplit_s, self.latency_mode), cost)
+        return best
+
+    def _program(self, plan: Plan, execution: Execution) -> Program:
+        """The program of ``plan`` run as ``execution`` (reuse one by one: :meth:`program`)."""
+        if execution == Execution(("reuse",) * len(plan.stages)):
+            return self.program(plan)
+        key = (plan, execution)
+        if key not in self._programs:
+            traced = self.planner.traced
+            self._programs[key] = build_program(traced, stage_graphs(traced, plan), self.shapes, self.dtype,
+                                                execution.halo, execution.batch_packs)
+        return self._programs[key]
 
     def _timed(self, points: list[Point]) -> list[Point]:
         """``points`` with their programs' predicted times computed (the search's estimate ranks them)."""
