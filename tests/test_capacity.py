@@ -120,6 +120,7 @@ def test_seed_candidates_need_explicit_merge_layers():
     assert plan["candidates"] == [] and plan["recommended"]["merge_layer"] is None
     assert any("--merge-layers" in note and "seed" in note for note in plan["notes"])
     assert plan["unsplit"]["latency_ratio"] is None  # --repeats 0: nothing timed
+    assert "response_timeout_s" not in plan  # nor a response timeout derived (the writers keep theirs)
 
 
 def test_no_gpu_and_no_gpu_memory_is_a_clear_error():
@@ -157,6 +158,16 @@ def test_plan_json_has_the_documented_keys_and_is_self_consistent(small_plan):
     assert small_plan["unsplit"]["latency_ratio"] == 1.0
     assert all(c["latency_ratio"] > 0 for c in small_plan["candidates"])
     assert "pytorch/pytorch#86509" in small_plan["assumptions"]["context_overhead_source"]
+    # the response timeout: the recommendation's measured batch, times the safety factor, at least 120 s
+    from splitpack.capacity.timeout import response_timeout_s
+
+    rec = small_plan["recommended"]
+    row = next(c for c in [small_plan["unsplit"]] + small_plan["candidates"]
+               if (c["merge_layer"], c["grid"], c["mode"]) == (rec["merge_layer"], rec["grid"], rec["mode"]))
+    assert small_plan["predicted_batch_seconds"] == round(row["latency_s"], 3)
+    assert small_plan["response_timeout_s"] == response_timeout_s(row["latency_s"]) >= 120
+    # a 2 GiB GPU's few replicas fit one GPU pod: what it asks for
+    assert small_plan["pod"]["workers"] == rec["replicas"] and small_plan["pod"]["cpus"] == 2 * rec["replicas"]
 
 
 def test_split_packs_more_replicas_at_high_resolution():

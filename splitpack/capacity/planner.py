@@ -244,5 +244,6 @@ def plan_capacity(p: PlanInputs, quiet: bool = False) -> dict[str, Any]:
             "formula": FORMULAS[p.backend],
         },
         "notes": notes,
-    } | p.pod.plan_keys(recommended.replicas) | response_timeout(recommended.latency_s, f"measured: median of {p.repeats} call(s) of batch {p.batch_size} on "
-                                                f"{device} (an upper bound for a GPU when measured on the CPU)")
+    } | p.pod.plan_keys(recommended.replicas) | response_timeout(
+        recommended.latency_s, f"median of {p.repeats} call(s) of batch {p.batch_size} on {device}"
+                               + (" (an upper bound for a GPU)" if device.type == "cpu" else ""))

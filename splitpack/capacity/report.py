@@ -18,8 +18,18 @@ def format_plan(plan: dict) -> str:
     rec = plan["recommended"]
     what = "unsplit" if rec["merge_layer"] is None else f"merge at {rec['merge_layer']}, {rec['grid']}, {rec['mode']}"
     lines.append(f"recommended: {what}: {rec['replicas']} replicas per GPU ({rec['reason']})")
+    lines += _timeout_lines(plan, plan["batch_size"])
     lines += [f"note: {n}" for n in plan["notes"]]
     return "\n".join(lines)
+
+
+def _timeout_lines(plan: dict, batch: int) -> list[str]:
+    """The batch's time and the response timeout derived from it, when the plan has them."""
+    if "response_timeout_s" not in plan:
+        return []
+    how = "measured" if plan["batch_seconds_source"].startswith("median") else "predicted"
+    return [f"one batch of {batch}: {plan['predicted_batch_seconds']:.1f} s {how} ({plan['batch_seconds_source']}) "
+            f"-> response timeout {plan['response_timeout_s']} s"]
 
 
 def _backend_text(plan: dict) -> str:
@@ -89,9 +99,7 @@ def format_shape(plan: dict) -> str:
         lines.append(f"pod: {pod['workers']} worker(s) x {pod['cpus_per_worker']} CPU(s) = {pod['cpus']} CPU(s), host "
                      f"memory {format_bytes(pod['host_memory_bytes'])} (at most {pod['max_workers']} workers in "
                      f"{pod['pod_cpus']} CPUs and {format_bytes(pod['pod_host_memory_bytes'])})")
-    if "response_timeout_s" in plan:
-        lines.append(f"one batch of {rec['batch_size']}: {plan['predicted_batch_seconds']:.1f} s predicted "
-                     f"({plan['batch_seconds_source']}) -> response timeout {plan['response_timeout_s']} s")
+    lines += _timeout_lines(plan, rec["batch_size"])
     for key, label in (("planned", "validated"), ("unsplit_same_shape", "unsplit, same shape")):
         run = plan.get("validation", {}).get(key)
         if run:

@@ -9,9 +9,9 @@ request of that batch; a plan that puts many large images in one batch on one co
 On the CPU the prediction is the device's calibrated time model (:mod:`splitpack.core.cost.time_model`) on
 this machine's CPU at the threads one worker runs with. On a GPU, which cannot be calibrated here, it is the
 plan's MACs at an assumed :data:`ASSUMED_GPU_MACS_PER_S` (planned, not measured). The factor 8 covers the
-model's error (-26% to +14% on quiet runs, BENCHMARKS.md), a slower core and a shared one: a batch of 29 of
-ResNet-50 @1024 split-pack is predicted at 72 s on one core here, and one took 442 s (6.1x) while 8-11 jobs
-shared the 2 cores. An explicit ``--response-timeout-s`` wins.
+model's error (-26% to +14% on quiet runs, BENCHMARKS.md), a slower core and a shared one: ResNet-50 @1024
+split-pack is predicted at 2.5 s per image on one core here (90.7 s for a batch of 36), and a batch of 29 took
+15.2 s per image (6.0x) while 8-11 jobs shared the 2 cores. An explicit ``--response-timeout-s`` wins.
 """
 from __future__ import annotations
 
