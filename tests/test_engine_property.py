@@ -7,6 +7,10 @@ input size, and a random staged plan: an increasing subset of the exact checkpoi
 each stage with its own grid (non-square and full-width strips included), packs reusing the rows their
 upper neighbour computed (halo reuse, the default) or recomputing them (one mode, or one per stage),
 one by one or the same-shaped packs of a grid row batched into one call.
+
+The same for networks whose checkpoints are cuts (several live values): HRNet-like parallel branches at
+two or three resolutions exchanging through up- and down-sampling fuse layers, and long skip connections
+around random blocks; their plans mix single checkpoints and cuts (splitpack.core.capture.graph.find_cuts).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import splitpack
+from splitpack.core.capture.graph import find_cuts, trace
 from conftest import F64_TOL, randomize_norms, rel_error
 
 
@@ -250,3 +255,140 @@ def test_exact_split_equals_unsplit(compile_, net, h, w, data, seed):
         assert "finer than" in str(err) or "smaller than" in str(err)
         assume(False)
     assert rel_error(out, ref) <= F64_TOL, f"plan={wrapped.plan} halo={halo} batch_packs={batch_packs}\n{model}"
+
+
+# --------------------------------------------------------------------------- checkpoints that are cuts
+
+class Fuse(nn.Module):
+    """HRNet's exchange: output branch i sums every branch j resampled to its resolution (1x1 conv and
+    upsampling from a lower resolution, strided 3x3 convs from a higher one)."""
+
+    def __init__(self, channels: list[int], mode: str):
+        super().__init__()
+        self.mode = mode
+        self.paths = nn.ModuleList()
+        for i, c_out in enumerate(channels):
+            row = nn.ModuleList()
+            for j, c_in in enumerate(channels):
+                if j > i:
+                    row.append(nn.Conv2d(c_in, c_out, 1))
+                elif j == i:
+                    row.append(nn.Identity())
+                else:
+                    row.append(nn.Sequential(*[nn.Conv2d(c_in if k == 0 else c_out, c_out, 3, 2, 1)
+                                               for k in range(i - j)]))
+            self.paths.append(row)
+
+    def forward(self, xs):
+        out = []
+        for i, row in enumerate(self.paths):
+            y = None
+            for j, path in enumerate(row):
+                v = path(xs[j])
+                if j > i:
+                    v = F.interpolate(v, size=xs[i].shape[-2:], mode=self.mode)
+                y = v if y is None else y + v
+            out.append(torch.relu(y))
+        return out
+
+
+class MultiResolution(nn.Module):
+    """HRNet-like: a stem, one transition to ``len(channels)`` branches at strides 1, 2, 4, stages of
+    per-branch convolutions and a fuse, then every branch upsampled, concatenated and pooled."""
+
+    def __init__(self, channels: list[int], stages: int, depth: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.stem = nn.Sequential(nn.Conv2d(3, channels[0], 3, 2, 1), nn.BatchNorm2d(channels[0]), nn.ReLU())
+        self.transition = nn.ModuleList([nn.Conv2d(channels[0], c, 3, 2 ** k, 1) for k, c in enumerate(channels)])
+        self.branches = nn.ModuleList([nn.ModuleList([
+            nn.Sequential(*[m for _ in range(depth) for m in (nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c),
+                                                              nn.ReLU())]) for c in channels]) for _ in range(stages)])
+        self.fuses = nn.ModuleList([Fuse(channels, mode) for _ in range(stages)])
+        self.pool = GlobalPool("avg")
+        self.head = nn.Linear(sum(channels), 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        xs = [t(x) for t in self.transition]
+        for branches, fuse in zip(self.branches, self.fuses):
+            xs = fuse([b(v) for b, v in zip(branches, xs)])
+        size = xs[0].shape[-2:]
+        merged = torch.cat([xs[0]] + [F.interpolate(v, size=size, mode=self.mode) for v in xs[1:]], dim=1)
+        return self.head(self.pool(merged))
+
+
+class LongSkip(nn.Module):
+    """Random blocks with a skip around them: the block outputs and the skip's input are alive together."""
+
+    def __init__(self, blocks, c_in, c_out):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c_in, 3, padding=1)
+        self.blocks = nn.Sequential(*blocks)
+        self.skip = nn.Conv2d(c_in, c_out, 1)
+        self.pool = GlobalPool("avg")
+        self.head = nn.Linear(c_out, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.blocks(x)
+        return self.head(self.pool(y + F.interpolate(self.skip(x), size=y.shape[-2:])))
+
+
+SKIPPED_KINDS = ["conv", "same", "maxpool", "bn_act", "residual", "concat", "upsample", "se"]
+
+
+@st.composite
+def cut_networks(draw):
+    if draw(st.booleans()):
+        channels = draw(st.lists(st.sampled_from([2, 3, 4]), min_size=2, max_size=3))
+        return MultiResolution(channels, draw(st.integers(1, 2)), draw(st.integers(1, 2)),
+                               draw(st.sampled_from(["nearest", "bilinear"])))
+    c_in = c = 4
+    blocks = []
+    for kind in draw(st.lists(st.sampled_from(SKIPPED_KINDS), min_size=1, max_size=4)):
+        block, c = _block(kind, c, draw)
+        blocks.append(block)
+    return LongSkip(blocks, c_in, c)
+
+
+def ordered_checkpoints(model: nn.Module) -> list[str]:
+    """Exact checkpoints and cuts of ``model`` in execution order (by the last value of each)."""
+    traced = trace(model)
+    exact = set(splitpack.merge_layers(model, mode="exact"))
+    names = {name: (node,) for name, node in traced.checkpoints.items() if name in exact}
+    names.update(find_cuts(traced))
+    return sorted(names, key=lambda name: max(traced.index[n] for n in names[name]))
+
+
+@pytest.mark.parametrize("compile_", [False, "program"], ids=["interpreter", "program"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(net=cut_networks(), h=st.integers(17, 45).filter(lambda v: v % 2), w=st.integers(17, 45).filter(lambda v: v % 2),
+       data=st.data(), seed=st.integers(0, 2**16))
+def test_exact_split_at_cuts_equals_unsplit(compile_, net, h, w, data, seed):
+    """Plans through cuts (several live values at their own resolutions, each written band by band), in
+    float64, equal the unsplit network."""
+    torch.manual_seed(seed)
+    model = randomize_norms(net, seed).double().eval()
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            ref = model(x)
+    except RuntimeError:
+        assume(False)
+    layers = ordered_checkpoints(model)
+    assert any("+" in name for name in layers), "these networks have cuts"
+    cut = data.draw(st.sampled_from([name for name in layers if "+" in name]))
+    others = data.draw(st.lists(st.sampled_from(layers), max_size=2))
+    names = sorted(set(others) | {cut}, key=layers.index)
+    if "pool" in names:
+        names = names[:names.index("pool") + 1]
+    grids = [(data.draw(st.integers(1, 4)), data.draw(st.sampled_from([1, 1, 2, 3]))) for _ in names]
+    halo = data.draw(st.sampled_from(["reuse", "reuse", "recompute"]))
+    wrapped = splitpack.wrap(model, names, grids, mode="exact", compile=compile_, halo=halo)
+    try:
+        out = wrapped(x)
+    except splitpack.SplitError as err:
+        assert "finer than" in str(err) or "smaller than" in str(err)
+        assume(False)
+    assert rel_error(out, ref) <= F64_TOL, f"plan={wrapped.plan} halo={halo}\n{model}"

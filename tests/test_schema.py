@@ -54,7 +54,8 @@ def test_every_parameter_is_declared_once_with_a_parsing_default_and_help():
 
 @pytest.mark.parametrize("name, bad, message", [
     ("grid", "0x2", "grid: must be at least 1x1"), ("grid", "two", "grid"), ("merge_layer", "a,,b", "merge_layer"),
-    ("merge_layer", "auto,layer1", "auto"), ("mode", "fast", "mode: expected one of exact, seed"),
+    ("merge_layer", "auto,layer1", "auto"), ("merge_layer", "a+,b", "empty module name in the cut 'a\\+'"),
+    ("mode", "fast", "mode: expected one of exact, seed"),
     ("topk", "0", "topk: must be >= 1"), ("native_resolution", "maybe", "native_resolution"),
     ("data_config", '{"mean": [1, 2, 3], "foo": 1}', "data_config: unknown key"),
     ("instance_kind", "tpu", "instance_kind"), ("compile", "fast", "compile: expected one of off, program, inductor"),
@@ -84,6 +85,11 @@ def test_merge_layer_and_grid_are_one_plan_written_as_text():
     assert ServingConfig.from_mapping(auto.to_text()) == auto  # config.pbtxt text reads back
     with pytest.raises(ValueError, match="3 grids given for a plan of 2 stage"):
         ServingConfig("resnet18", merge_layer="layer1,layer2", grid="4x4,2x2,1x1")
+    cut = ServingConfig.from_mapping({"model_name": "hrnet_w18_small", "merge_layer": "stem, b.0 + b.1",
+                                      "grid": "4x4,2x2"})  # a cut: module outputs joined by '+'
+    assert (cut.merge_layer, str(cut.plan)) == ("stem,b.0+b.1", "stem@4x4,b.0+b.1@2x2")
+    assert cut.plan.stages[1].members == ("b.0", "b.1")
+    assert ServingConfig.from_mapping(cut.to_text()) == cut
 
 
 def _flags(command: str) -> set[str]:

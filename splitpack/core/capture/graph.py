@@ -13,12 +13,19 @@ A *checkpoint* (merge layer) is a module (by qualified name) whose output is the
 only value the rest of the network needs from everything executed before it:
 a spatial activation (a stage writes it pack by pack), or the network's global
 pooling (a stage reduces into it pack by pack).
+
+A *cut* is a checkpoint made of several module outputs (``"stage2.0.branches.0+stage2.0.branches.1"``):
+spatial activations, possibly at different resolutions, that together are everything the rest of the
+network needs (parallel branches, a block output and a skip). Where no single value is ever the only
+live one (HRNet's multi-resolution stages) cuts are the only checkpoints; :func:`find_cuts` lists
+the small ones that appear as the set of live values between two ops.
 """
 from __future__ import annotations
 
 import math
 import weakref
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch import fx, nn
@@ -27,6 +34,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from splitpack.core.capture.nodes import Shape, describe_op, module_path  # noqa: F401  (the graph's names)
 from splitpack.errors import SplitError
 
+CUT_JOIN = "+"  # joins the module names of a cut: "stage2.0.branches.0+stage2.0.branches.1"
+MAX_CUT_MEMBERS = 4  # find_cuts lists cuts of at most this many values
 SIZE_PROBE = 64  # the second shape-propagation size is this much larger (a multiple of every usual stride)
 # modules computed as one op by their split rule although fx could trace them: space-to-depth moves
 # pixels into channels with view / permute / view, which read as global ops one by one; traced,
@@ -113,18 +122,22 @@ class TracedModel:
     spatial: set[fx.Node] = field(default_factory=set)
     reference_shapes: dict[fx.Node, Shape] = field(default_factory=dict)  # at the model's default size
     dtype: torch.dtype = torch.float32
+    module_outputs: dict[str, fx.Node] = field(default_factory=dict)  # modules called once -> output node
 
     def is_global(self, node: fx.Node) -> bool:
         """A fixed-size value computed from the image (reductions and everything after them)."""
         return node in self.input_dependent and node not in self.spatial
 
-    def ancestors(self, node: fx.Node, source: fx.Node | None = None) -> list[fx.Node]:
+    def ancestors(self, node: fx.Node | Iterable[fx.Node], source: fx.Node | Iterable[fx.Node] | None = None
+                  ) -> list[fx.Node]:
         """Input-dependent nodes ``node`` needs (itself included), in execution order, not looking
-        past ``source`` (a checkpoint whose value is given)."""
-        seen, stack = {node}, [node]
+        past ``source`` (a checkpoint whose value is given). Either may be a cut (several nodes)."""
+        seen = set(as_cut(node))
+        stop = set(as_cut(source)) if source is not None else set()
+        stack = list(seen)
         while stack:
             current = stack.pop()
-            if current is source:
+            if current in stop:
                 continue
             for parent in current.all_input_nodes:
                 if parent not in seen and parent in self.input_dependent:
@@ -134,6 +147,52 @@ class TracedModel:
 
     def checkpoint_name(self, node: fx.Node) -> str:
         return next(name for name, n in self.checkpoints.items() if n is node)
+
+    def cut(self, name: str) -> tuple[fx.Node, ...]:
+        """The nodes of checkpoint ``name``: one for a checkpoint, several for a cut ``"a+b"``.
+        KeyError for an unknown single name; ValueError for a cut that is not one."""
+        if CUT_JOIN not in name:
+            return (self.checkpoints[name],)
+        members = [m.strip() for m in name.split(CUT_JOIN)]
+        unknown = [m for m in members if m not in self.module_outputs]
+        if unknown:
+            raise ValueError(f"cut {name!r}: {', '.join(map(repr, unknown))} is not the output of a module called "
+                             "once")
+        nodes = tuple(dict.fromkeys(self.module_outputs[m] for m in members))
+        flat = [m for m, n in zip(members, nodes) if n not in self.spatial or len(self.reference_shapes[n]) != 4]
+        if flat:
+            raise ValueError(f"cut {name!r}: {', '.join(map(repr, flat))} is not a spatial (N x C x H x W) activation")
+        outside = self.needed_outside(nodes)
+        if outside:
+            raise ValueError(f"cut {name!r} is not a checkpoint: the rest of the network also reads "
+                             f"{', '.join(describe_value(n) for n in outside[:3])}, made before it")
+        return tuple(sorted(nodes, key=self.index.__getitem__))
+
+    def needed_outside(self, cut: Iterable[fx.Node]) -> list[fx.Node]:
+        """Values made on the way to ``cut`` (not in it) that something outside that way still reads;
+        empty for a cut of the graph."""
+        cut = set(cut)
+        inside = set(self.ancestors(cut))
+        return [n for n in sorted(inside - cut, key=self.index.__getitem__)
+                if any(u not in inside for u in n.users)]
+
+    def rest(self, last: fx.Node | Iterable[fx.Node]) -> list[fx.Node]:
+        """The nodes after checkpoint (or cut) ``last`` that the rest of the network runs, in execution
+        order (placeholder and output included where they come after it)."""
+        cut = as_cut(last)
+        start = min(self.index[n] for n in cut)
+        inside = set(self.ancestors(cut)) if len(cut) > 1 else set()
+        return [n for n in self.nodes[start + 1:] if n not in inside]
+
+
+def as_cut(value: fx.Node | Iterable[fx.Node]) -> tuple[fx.Node, ...]:
+    """A node or a cut (several nodes) as a tuple of nodes."""
+    return (value,) if isinstance(value, fx.Node) else tuple(value)
+
+
+def describe_value(node: fx.Node) -> str:
+    path = module_path(node)
+    return f"{node.name} (module {path!r})" if path else node.name
 
 
 # one trace per model: wrapping, listing merge layers and planning the same model again (the capacity planner
@@ -188,6 +247,8 @@ def _trace(model: nn.Module) -> TracedModel:
     spatial = {n for n in dependent if n in shapes and shapes[n] != shapes_larger.get(n)}
     traced = TracedModel(gm, nodes, index, input_node, {}, dependent, spatial, shapes, dtype)
     traced.checkpoints = _checkpoints(traced, tracer.module_calls)
+    traced.module_outputs = {name: calls[0] for name, calls in tracer.module_calls.items()
+                             if name and len(calls) == 1 and calls[0] is not None}
     return traced
 
 
@@ -322,22 +383,50 @@ def is_global_pooling(traced: TracedModel, out: fx.Node, module_name: str) -> bo
     return reductions > 0
 
 
-def tail_graph(traced: TracedModel, checkpoint: fx.Node) -> fx.GraphModule:
-    """The rest of the network after ``checkpoint``, as a graph whose input is the checkpoint's value."""
-    pos = traced.index[checkpoint]
+def tail_graph(traced: TracedModel, checkpoint: fx.Node | tuple[fx.Node, ...]) -> fx.GraphModule:
+    """The rest of the network after ``checkpoint`` (a node, or a cut's nodes), as a graph whose
+    inputs are the checkpoint's values (one placeholder per node of a cut, in its order)."""
+    cut = as_cut(checkpoint)
     tail = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {checkpoint: tail.placeholder("merged")}
+    env: dict[fx.Node, fx.Node] = {n: tail.placeholder("merged" if k == 0 else f"merged_{k}")
+                                   for k, n in enumerate(cut)}
 
     def lookup(n: fx.Node) -> fx.Node:
         if n not in env:  # an input-independent value (parameter, constant) made before the cut
             env[n] = tail.node_copy(n, lookup)
         return env[n]
 
-    for n in traced.nodes[pos + 1:]:
+    for n in traced.rest(cut):
         if n.op == "placeholder":
             continue
         env[n] = tail.node_copy(n, lookup)
     return fx.GraphModule(traced.gm, tail, "SplitPackTail")
+
+
+def find_cuts(traced: TracedModel, limit: int = MAX_CUT_MEMBERS) -> dict[str, tuple[fx.Node, ...]]:
+    """Cuts of 2 to ``limit`` spatial module outputs: the values alive between two ops (the frontier
+    after each node, in execution order) when every one of them is a module's output, named by
+    each value's outermost module name. Execution order; single-value frontiers are checkpoints."""
+    names: dict[fx.Node, str] = {}
+    for name, node in traced.module_outputs.items():
+        if node in traced.spatial and len(traced.reference_shapes.get(node, ())) == 4:
+            if node not in names or name.count(".") < names[node].count("."):
+                names[node] = name
+    index = traced.index
+    last_use = {n: max((index[u] for u in n.users), default=-1) for n in traced.nodes if n in traced.input_dependent}
+    live: set[fx.Node] = set()
+    cuts: dict[str, tuple[fx.Node, ...]] = {}
+    for i, node in enumerate(traced.nodes):
+        if node in last_use:
+            live.add(node)
+        live = {v for v in live if last_use[v] > i}
+        if not 2 <= len(live) <= limit or any(v not in names for v in live):
+            continue
+        cut = tuple(sorted(live, key=index.__getitem__))
+        name = CUT_JOIN.join(names[v] for v in cut)
+        if name not in cuts and not traced.needed_outside(cut):
+            cuts[name] = cut
+    return cuts
 
 
 def head_graph(traced: TracedModel, checkpoint: fx.Node) -> fx.GraphModule:

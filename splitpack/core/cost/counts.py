@@ -69,7 +69,8 @@ def program_macs(traced: TracedModel, program: Program, shapes, tail_nodes: list
 def checkpoint_bytes(program: Program, batch: int, dtype: torch.dtype) -> list[int]:
     """Bytes of each stage's merged checkpoint (full size)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return [math.prod(full_shape(stage.shapes[stage.graph.target], batch)) * itemsize for stage in program.stages]
+    return [sum(math.prod(full_shape(stage.shapes[t], batch)) for t in stage.graph.targets) * itemsize
+            for stage in program.stages]
 
 
 def program_ops(program: Program, tail_nodes: list[fx.Node]) -> int:

@@ -29,7 +29,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten
 
-from splitpack.core.capture.graph import Shape, TracedModel, model_device, shape_numel
+from splitpack.core.capture.graph import Shape, TracedModel, as_cut, model_device, shape_numel
 from splitpack.core.cost.bytes import ByteTracker, storage_key
 from splitpack.core.capture.rules import Reduce, Region, spatial_dims
 from splitpack.core.capture.rules.window import fixed_temporary_bytes
@@ -245,20 +245,18 @@ class _Replay(Executor):
         del consts
         return value
 
-    def _output(self, stage: StageProgram, last: bool):
-        graph = stage.graph
-        if not graph.spatial_target:
+    def _output(self, stage: StageProgram, target: fx.Node, last: bool):
+        if not stage.graph.spatial_target:
             return _ReplayWhole()
-        pixel_bytes = self._pixel_numel(stage, graph.target, 1) * self._itemsize(graph.target)
-        h, w = spatial_dims(stage.shapes[graph.target], stage.layouts[graph.target])
+        pixel_bytes = self._pixel_numel(stage, target, 1) * self._itemsize(target)
+        h, w = spatial_dims(stage.shapes[target], stage.layouts[target])
         if last:
             return _ReplayWhole(pixel_bytes * h * w, self.meter)
-        return _ReplayBands(stage.bands, pixel_bytes, w, self.meter)
+        return _ReplayBands(stage.bands[target], pixel_bytes, w, self.meter)
 
-    def _read_packs(self, stage: StageProgram, source, regions: list[Region]):
+    def _read_packs(self, stage: StageProgram, source, src: fx.Node, regions: list[Region]):
         parts = [source.read(region) for region in regions]
-        node = stage.graph.source
-        return self.meter.alloc(self._pixel_numel(stage, node, len(regions)) * _area(regions[0]) * self._itemsize(node))
+        return self.meter.alloc(self._pixel_numel(stage, src, len(regions)) * _area(regions[0]) * self._itemsize(src))
 
     def _repeat_global(self, stage: StageProgram, node: fx.Node, value):
         return self.meter.alloc(shape_numel(stage.shapes[node]) * self.batch * self.group * self._itemsize(node))
@@ -269,9 +267,11 @@ class _Replay(Executor):
     def _cat_packs(self, stage: StageProgram, step, parts: list):
         return self.meter.alloc(self._value_bytes(stage, step.node, step.carry))
 
-    def _clone_read(self, stage: StageProgram, region: Region, read) -> "_Storage | None":
-        source = stage.graph.source
-        return self.meter.alloc(self._pixel_numel(stage, source) * _area(region) * self._itemsize(source))
+    def _clone_read(self, stage: StageProgram, src: fx.Node, region: Region, read) -> "_Storage | None":
+        return self.meter.alloc(self._pixel_numel(stage, src) * _area(region) * self._itemsize(src))
+
+    def _tile(self, value, narrows):
+        return value  # a view: no bytes
 
     def _cut_input(self, stage: StageProgram, step, src: fx.Node, value, narrows, pads):
         """A cut is a view (no bytes); a border pad is a new tensor of the step's input window."""
@@ -321,10 +321,11 @@ class _Replay(Executor):
 
 
 def _interpret(meter: _Meter, profile: AllocationProfile, nodes: list[fx.Node], shapes, batch: int,
-               box: list, peaks: dict[fx.Node, int] | None = None) -> None:
+               box: list, peaks: dict[fx.Node, int] | None = None, inputs: int = 1) -> None:
     """The rest of the network (or the whole unsplit model) as the garbage-collecting fx interpreter
-    runs it: each value freed after its last use among ``nodes``. ``nodes[0]`` is the input: the image
-    (not counted) or the last checkpoint, whose storage ``box`` hands over (and keeps no longer).
+    runs it: each value freed after its last use among ``nodes``. The first ``inputs`` nodes are the
+    input: the image (not counted) or the last checkpoint (a cut: its nodes), whose storage (a
+    tuple of them for a cut) ``box`` hands over (and keeps no longer).
     ``peaks``: filled with the peak while each node runs."""
     last_use: dict[fx.Node, fx.Node] = {}
     for n in nodes:
@@ -333,8 +334,10 @@ def _interpret(meter: _Meter, profile: AllocationProfile, nodes: list[fx.Node], 
     freed_after: dict[fx.Node, list[fx.Node]] = {}
     for value, user in last_use.items():
         freed_after.setdefault(user, []).append(value)
-    env: dict[fx.Node, Any] = {nodes[0]: box.pop() if box else None}
-    for n in nodes[1:]:
+    given = box.pop() if box else None
+    env: dict[fx.Node, Any] = dict(zip(nodes[:inputs], given if inputs > 1 else (given,)))
+    del given
+    for n in nodes[inputs:]:
         overall, meter.peak = meter.peak, meter.current
         for p in n.all_input_nodes:  # an input-independent value made before the cut is recomputed here
             if p not in env:
@@ -352,13 +355,15 @@ def _interpret(meter: _Meter, profile: AllocationProfile, nodes: list[fx.Node], 
 
 
 def replay_peak(traced: TracedModel, program: Program, profile: AllocationProfile, batch: int,
-                shapes: dict[fx.Node, Shape], last_checkpoint: fx.Node) -> int:
+                shapes: dict[fx.Node, Shape], last_checkpoint: fx.Node | tuple[fx.Node, ...]) -> int:
     """Predicted peak activation bytes of the split program for a batch of ``batch``, then of the
-    rest of the network from ``last_checkpoint`` (``shapes``: full-size shapes at batch 1)."""
+    rest of the network from ``last_checkpoint`` (a node, or a cut's nodes; ``shapes``: full-size
+    shapes at batch 1)."""
     meter = _Meter()
     box = [_Replay(program, profile, batch, meter).run()]  # the merged value's only owner, as in SplitPack.forward
-    rest = [n for n in traced.nodes[traced.index[last_checkpoint] + 1:] if n.op not in ("placeholder", "output")]
-    _interpret(meter, profile, [last_checkpoint] + rest, shapes, batch, box)
+    cut = as_cut(last_checkpoint)
+    rest = [n for n in traced.rest(cut) if n.op not in ("placeholder", "output")]
+    _interpret(meter, profile, list(cut) + rest, shapes, batch, box, inputs=len(cut))
     return meter.peak
 
 

@@ -33,7 +33,7 @@ from splitpack.core.cost.counts import node_macs
 from splitpack.core.capture.graph import Shape, TracedModel, shape_numel
 from splitpack.core.plan.spec import Plan, Stage
 from splitpack.core.cost.exact_peak import AllocationProfile
-from splitpack.core.capture.rules import NCHW, Rule, Window, spatial_dims
+from splitpack.core.capture.rules import Rule, Window, spatial_dims
 from splitpack.core.plan.schedule import StageGraph, bounds, node_kind, pass_level, stage_graphs, stage_rules
 
 MAX_TILES = 8  # grids 1x1 .. 8x8, every rows x cols combination
@@ -250,7 +250,7 @@ class Estimator:
         self.traced, self.checkpoints, self.shapes, self.profile = traced, checkpoints, shapes, profile
         self.op_time = op_time
         whole = stage_graphs(traced, Plan((Stage(checkpoints[-1].name, (1, 1)),)))[0]
-        self.rules, layouts = stage_rules(traced, whole, shapes, NCHW, dtype)
+        self.rules, layouts = stage_rules(traced, whole, shapes, {}, dtype)
         self.whole = whole
         self.hw = {n: tuple(spatial_dims(shapes[n], layouts[n])) for n in whole.spatial}
         self.pixel_numel = {n: shape_numel(shapes[n]) / max(1, self.hw[n][0] * self.hw[n][1]) for n in whole.spatial}

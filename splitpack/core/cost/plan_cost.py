@@ -33,10 +33,10 @@ class PlanCost:
                 "macs_ratio": self.macs_ratio, "ops": self.ops}
 
     @classmethod
-    def of_program(cls, traced: TracedModel, program: Program, shapes: dict[fx.Node, Shape], last: fx.Node,
-                   batch: int, peak_bytes: int | None = None) -> "PlanCost":
-        """The counts of ``program`` (its last checkpoint ``last``) for a batch of ``batch``."""
-        rest = traced.nodes[traced.index[last] + 1:]
+    def of_program(cls, traced: TracedModel, program: Program, shapes: dict[fx.Node, Shape],
+                   last: fx.Node | tuple[fx.Node, ...], batch: int, peak_bytes: int | None = None) -> "PlanCost":
+        """The counts of ``program`` (its last checkpoint ``last``: a node or a cut's nodes) for a batch of ``batch``."""
+        rest = traced.rest(last)
         return cls(peak_bytes, program_macs(traced, program, shapes, rest) * batch,
                    unsplit_macs(traced, shapes) * batch, program_ops(program, rest))
 
@@ -51,6 +51,6 @@ def plan_cost(traced: TracedModel, plan, shape, dtype: torch.dtype | None = None
     dtype = dtype or traced.dtype
     allocations, shapes = profile or allocation_profile(traced, shape, dtype)
     program = program or build_program(traced, stage_graphs(traced, plan), shapes, dtype, halo, batch_packs)
-    last = traced.checkpoints[plan.stages[-1].checkpoint]
+    last = traced.cut(plan.stages[-1].checkpoint)
     return PlanCost.of_program(traced, program, shapes, last, shape[0],
                                replay_peak(traced, program, allocations, shape[0], shapes, last))

@@ -503,8 +503,9 @@ class Predictor:
 
     def program_seconds(self, program: Program, shapes: dict[fx.Node, Shape], last: fx.Node, batch: int = 1,
                         mode: str = PROGRAM) -> float:
-        """A plan's program (``last``: its last checkpoint node), then the unsplit rest of the network."""
-        rest = self.traced.nodes[self.traced.index[last] + 1:]
+        """A plan's program (``last``: its last checkpoint node, or a cut's nodes), then the unsplit rest of the
+        network."""
+        rest = self.traced.rest(last)
         return sum(self.stage_seconds(program, shapes, batch, mode)) + \
             sum(self._op(n, node_work(n, shapes) * batch) for n in rest if n in self.signatures)
 
@@ -514,7 +515,7 @@ class Predictor:
         if mode not in MODES:
             raise ValueError(f"mode: one of {MODES}, got {mode!r}")
         step_overhead = self.model.interpreter_step_s if mode == INTERPRETED else 0.0
-        seconds, source_bands = [], None
+        seconds, source_bands = [], {}
         for stage in program.stages:
             seconds.append(self._stage_seconds(stage, shapes, batch, step_overhead, source_bands))
             source_bands = stage.bands
@@ -526,19 +527,18 @@ class Predictor:
 
     # ------------------------------------------------------------------ one stage
     def _stage_seconds(self, stage: StageProgram, shapes, batch: int, step_overhead: float, source_bands) -> float:
-        graph = stage.graph
         globals_ = list(stage.before) + [n for p in stage.passes for n in p.after + p.reductions]
         total = sum(self._op(n, node_work(n, shapes) * batch) for n in globals_ if n in self.signatures)
         for pass_ in stage.passes:
             for group in pass_.groups:  # batched packs: one op per step over all of them
                 pack, packs = pass_.packs[group[0]], len(group)
-                if pack.read is not None:  # None: the pack above read every row this pack uses
-                    total += self._read_seconds(stage, pack.read, batch * packs, source_bands,
+                for src, region in pack.reads.items():  # none: the pack above read every row this pack uses
+                    total += self._read_seconds(stage, src, region, batch * packs, source_bands.get(src),
                                                 pack.copy_read or packs > 1)
                 for step in pack.steps:
                     total += self._step_seconds(stage, step, shapes, batch * packs) + step_overhead
-                if pack.write is not None:
-                    total += packs * self.model.copy(self._bytes(stage, graph.target, pack.write, batch))
+                for target, region in pack.writes.items():
+                    total += packs * self.model.copy(self._bytes(stage, target, region, batch))
         return total
 
     def _bytes(self, stage: StageProgram, node: fx.Node, region, batch: int) -> float:
@@ -547,15 +547,16 @@ class Predictor:
         (r0, r1), (c0, c1) = region
         return shape_numel(stage.shapes[node]) * batch * self.itemsize * (r1 - r0) * (c1 - c0) / max(1, h * w)
 
-    def _read_seconds(self, stage: StageProgram, region, batch: int, source_bands, copy_read: bool) -> float:
-        """A pack's read of the stage source: a view, a gather when it spans bands, a copy for in-place ops."""
+    def _read_seconds(self, stage: StageProgram, src: fx.Node, region, batch: int, source_bands,
+                      copy_read: bool) -> float:
+        """A pack's read of stage source ``src``: a view, a gather when it spans bands, a copy for in-place ops."""
         seconds = self.model.view_s
         copied = copy_read
         if source_bands:
             (r0, r1), _ = region
             copied |= sum(1 for lo, hi in source_bands if lo < r1 and hi > r0) > 1
         if copied:
-            seconds += self.model.copy(self._bytes(stage, stage.graph.source, region, batch))
+            seconds += self.model.copy(self._bytes(stage, src, region, batch))
         return seconds
 
     def _step_seconds(self, stage: StageProgram, step: Step, shapes, batch: int) -> float:

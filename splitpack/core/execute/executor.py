@@ -7,6 +7,9 @@ pack needs them, and frees the bands that no later pack reads. Stages therefore 
 interleaved, row band by row band, and a checkpoint exists in full only where a
 stage must see all of it (a pass that accumulates a squeeze-excitation statistic).
 
+A checkpoint that is a cut (several values) has one storage per value; the bands of all of them are
+written by the same stage, so they share one :class:`Producer`.
+
 Halo reuse: a step that takes rows from the pack above joins them to the rows it computes
 (:meth:`Executor._join`), and a step whose rows the pack below takes keeps a copy of them
 (:meth:`Executor._keep`) in the line buffers of its grid column until that pack runs.
@@ -125,25 +128,34 @@ class Whole:
         pass
 
 
-class Bands:
-    """A checkpoint stored as row bands (one per grid row of the stage that writes it).
+class Producer:
+    """The stage that writes a checkpoint's bands (of every value of a cut), suspended between its
+    rows of packs: ``run_to(n)`` resumes it until its first ``n`` rows of packs are written."""
 
-    ``producer`` is the writing stage, suspended between its rows of packs: reading
-    rows that are not written yet resumes it until they are.
+    def __init__(self, rows_done: Iterator[int], grid_rows: int):
+        self.rows_done, self.grid_rows, self.done = rows_done, grid_rows, 0
+
+    def run_to(self, grid_rows: int) -> None:
+        while self.done < grid_rows:
+            self.done = next(self.rows_done)
+            if self.done == self.grid_rows:
+                for _ in self.rows_done:  # let the writer finish (it frees what it read)
+                    pass
+
+
+class Bands:
+    """A checkpoint's value stored as row bands (one per grid row of the stage that writes it).
+
+    ``producer`` is the writing stage: reading rows that are not written yet resumes it until they are.
     """
 
     def __init__(self, rows: list[tuple[int, int]], layout: Layout, shape):
         self.rows, self.layout, self.shape = rows, layout, shape
         self.bands: list[Any] = [None] * len(rows)
-        self.written = 0  # rows [0, written) are complete
-        self.producer: Iterator[int] | None = None
+        self.producer: Producer | None = None
 
     def ensure(self, row_end: int) -> None:
-        while self.written < row_end:
-            self.written = next(self.producer)
-            if self.written == self.rows[-1][1]:
-                for _ in self.producer:  # let the writer finish (it frees what it read)
-                    pass
+        self.producer.run_to(next(i for i, (_, hi) in enumerate(self.rows) if hi >= row_end) + 1)
 
     def _band(self, region: Region) -> int:
         return next(i for i, (lo, hi) in enumerate(self.rows) if lo <= region[0][0] < hi)
@@ -204,7 +216,7 @@ class Executor:
 
     The walk (:meth:`_walk`, :meth:`_stage`, :meth:`_run_packs`: stages interleaved band by band,
     passes, packs, steps, frees) is the one loop over a program. What it does with values is in its
-    leaves -- :meth:`_output` (a checkpoint's storage), :meth:`_clone_read`, :meth:`_cut_input`,
+    leaves -- :meth:`_output` (a checkpoint's storage), :meth:`_clone_read`, :meth:`_tile`, :meth:`_cut_input`,
     :meth:`_accumulate`, :meth:`_compute`, :meth:`_join`, :meth:`_keep`, :meth:`_finalize`,
     :meth:`_global` -- which the peak
     replay (splitpack.core.cost.exact_peak) overrides to count bytes instead of computing tensors,
@@ -217,26 +229,32 @@ class Executor:
         self.group = 1  # packs in the call being run (batched packs)
 
     def run(self, x: torch.Tensor, consts: dict[fx.Node, Any]) -> Any:
-        """The last checkpoint's value (full size, or the global pooling's result)."""
+        """The last checkpoint's value (full size, or the global pooling's result; a tuple of values, in
+        the cut's order, for a cut)."""
         self.dtype, self.batch, self.consts = x.dtype, x.shape[0], consts
         return self._walk(Whole(x, (-2, -1)))
 
     # ----------------------------------------------------------------------- the walk
 
-    def _walk(self, source) -> Any:
+    def _walk(self, image) -> Any:
         stages = self.program.stages
+        sources = {stages[0].graph.source: image}
         for i, stage in enumerate(stages):
-            out = self._output(stage, last=i == len(stages) - 1)
-            rows = self._stage(stage, source, out)
-            if isinstance(out, Bands):
-                out.producer = rows  # the next stage pulls rows as its packs need them
-            source = out
+            outs = {t: self._output(stage, t, last=i == len(stages) - 1) for t in stage.graph.targets}
+            rows = self._stage(stage, sources, outs)
+            producer = Producer(rows, stage.graph.grid[0])
+            for out in outs.values():
+                if isinstance(out, Bands):
+                    out.producer = producer  # the next stage pulls rows as its packs need them
+            sources = outs
         for _ in rows:  # drive the last stage; it pulls everything before it
             pass
-        return out.value
+        values = tuple(out.value for out in outs.values())
+        return values[0] if len(values) == 1 else values
 
-    def _stage(self, stage: StageProgram, source, out) -> Iterator[int]:
-        """Runs the stage; after each row of packs of its last pass, yields how many checkpoint rows are done."""
+    def _stage(self, stage: StageProgram, sources: dict, outs: dict) -> Iterator[int]:
+        """Runs the stage (``sources``, ``outs``: the storages of its source and target values); after each
+        row of packs of its last pass, yields how many rows of packs are done."""
         graph = stage.graph
         globals_ = Env(self.consts)
         self._run_globals(stage, stage.before, globals_)
@@ -247,35 +265,39 @@ class Executor:
             lines: list[dict] = [{} for _ in range(columns)]  # per grid column: rows kept for the pack below
             for group in pass_.groups:
                 packs = [pass_.packs[i] for i in group]
-                self._run_packs(stage, packs, source, globals_, sums, out, kept, lines)
-                if packs[-1].write is not None and (group[-1] + 1) % columns == 0:
-                    yield packs[-1].write[0][1]
+                self._run_packs(stage, packs, sources, globals_, sums, outs, kept, lines)
+                if packs[-1].writes and (group[-1] + 1) % columns == 0:
+                    yield (group[-1] + 1) // columns
             for r in pass_.reductions:
                 total, kind = sums.pop(r)
                 globals_[r] = self._finalize(stage, r, total, kind)
                 self._notify(r)
             self._run_globals(stage, pass_.after, globals_)
-        source.release_below(1 << 62)  # nothing of the previous checkpoint is read any more
+        for source in sources.values():
+            source.release_below(1 << 62)  # nothing of the previous checkpoint is read any more
         if not graph.spatial_target:
-            out.value = globals_[graph.target]
+            outs[graph.target].value = globals_[graph.target]
 
-    def _run_packs(self, stage: StageProgram, packs: list, source, globals_: Env, sums: dict, out,
+    def _run_packs(self, stage: StageProgram, packs: list, sources: dict, globals_: Env, sums: dict, outs: dict,
                    kept: Env | None, lines: list[dict]) -> None:
         """One pack, or packs of one grid row with the same shape run as one batched call (their values
-        concatenated on the batch dimension, pack after pack). ``lines``: per grid column, the rows the
-        pack above kept (taken here) and those kept here for the pack below."""
+        concatenated on the batch dimension, pack after pack). ``sources``, ``outs``: the storages of the
+        stage's source and target values. ``lines``: per grid column, the rows the pack above kept (taken
+        here) and those kept here for the pack below."""
         pack, count = packs[0], len(packs)
         env = kept if kept is not None else Env(globals_)
-        if pack.read is not None and not dict.__contains__(env, stage.graph.source):
+        for src, region in pack.reads.items():
+            if dict.__contains__(env, src):
+                continue
             if count > 1:  # a copy already: an in-place op may write to it
-                env[stage.graph.source] = self._read_packs(stage, source, [p.read for p in packs])
+                env[src] = self._read_packs(stage, sources[src], src, [p.reads[src] for p in packs])
             else:
-                read = source.read(pack.read)
-                env[stage.graph.source] = self._clone_read(stage, pack.read, read) if pack.copy_read else read
+                read = sources[src].read(region)
+                env[src] = self._clone_read(stage, src, region, read) if pack.copy_read else read
                 del read
         for p in packs:  # once read: a read across bands is a copy, the bands can go
-            if p.release_below is not None:
-                source.release_below(p.release_below)
+            for src, row in p.release_below.items():
+                sources[src].release_below(row)
         self.group = count  # set after the read: a read can run the writing stage's packs first
         # ``held`` and ``part`` are the references a step keeps until the next step replaces them (the
         # input it read last, a reduction's partial sum): they decide when storages are freed, so
@@ -306,12 +328,13 @@ class Executor:
                     self._hand_down(packs, lines, step.node, self._keep(stage, step, value))
                 del value
                 self._notify(step.node)
-        if pack.write is not None:
+        for target, region in pack.writes.items():
             if count == 1:
-                out.write(pack.write, env[stage.graph.target])
-            else:
-                for i, p in enumerate(packs):
-                    out.write(p.write, self._pack_part(env[stage.graph.target], i))
+                outs[target].write(region, self._tile(env[target], pack.write_cuts.get(target, ())))
+                continue
+            for i, p in enumerate(packs):
+                outs[target].write(p.writes[target], self._tile(self._pack_part(env[target], i),
+                                                                p.write_cuts.get(target, ())))
         self.group = 1
 
     def _batch_globals(self, stage: StageProgram, step, values: Env, globals_: Env) -> None:
@@ -355,17 +378,17 @@ class Executor:
 
     # ----------------------------------------------------------------------- the leaves
 
-    def _output(self, stage: StageProgram, last: bool):
-        """The storage of the stage's checkpoint: written whole (the last stage's, or a global
+    def _output(self, stage: StageProgram, target: fx.Node, last: bool):
+        """The storage of one value of the stage's checkpoint: written whole (the last stage's, or a global
         pooling's, set when the stage ends) or as row bands the next stage reads."""
-        graph = stage.graph
-        if not graph.spatial_target:
-            return Whole(None, stage.target_layout)
-        shape = full_shape(stage.shapes[graph.target], self.batch)
-        return Whole(None, stage.target_layout, shape) if last else Bands(stage.bands, stage.target_layout, shape)
+        if not stage.graph.spatial_target:
+            return Whole(None, None)
+        layout = stage.layouts[target]
+        shape = full_shape(stage.shapes[target], self.batch)
+        return Whole(None, layout, shape) if last else Bands(stage.bands[target], layout, shape)
 
-    def _read_packs(self, stage: StageProgram, source, regions: list[Region]) -> torch.Tensor:
-        """The reads of a batch of packs, concatenated on the batch dimension (a copy)."""
+    def _read_packs(self, stage: StageProgram, source, src: fx.Node, regions: list[Region]) -> torch.Tensor:
+        """The reads of source value ``src`` by a batch of packs, concatenated on the batch dimension (a copy)."""
         parts = [source.read(region) for region in regions]
         return torch.cat(parts)
 
@@ -383,9 +406,13 @@ class Executor:
             return type(parts[0])(torch.cat(p) for p in zip(*parts))
         return torch.cat(parts)
 
-    def _clone_read(self, stage: StageProgram, region: Region, read: torch.Tensor) -> torch.Tensor:
-        """A copy of the pack's read (an in-place op writes to the stage source)."""
+    def _clone_read(self, stage: StageProgram, src: fx.Node, region: Region, read: torch.Tensor) -> torch.Tensor:
+        """A copy of the pack's read of source ``src`` (an in-place op writes to a stage source)."""
         return read.clone()
+
+    def _tile(self, value: Any, narrows: tuple[Narrow, ...]) -> Any:
+        """The tile of a checkpoint value a pack writes (a view; the value may hold more rows for later steps)."""
+        return cut(value, narrows)
 
     def _cut_input(self, stage: StageProgram, step, src: fx.Node, value: Any, narrows, pads) -> Any:
         """A step's input: the part of ``value`` the step reads, padded at the image border."""

@@ -33,27 +33,37 @@ def _unsplittable(traced: TracedModel, err: Unsplittable, checkpoint: str) -> Sp
                       "seed mode runs it per pack")
 
 
-def _check_plan(traced: TracedModel, plan: Plan, mode: str, model_name: str) -> None:
-    names = traced.checkpoints
+def _cuts(traced: TracedModel, plan: Plan, model_name: str) -> list[tuple[fx.Node, ...]]:
+    """The nodes of each stage's checkpoint (one, or a cut's); ValueError naming the valid ones."""
+    cuts = []
     for stage in plan.stages:
-        if stage.checkpoint not in names:
+        try:
+            cuts.append(traced.cut(stage.checkpoint))
+        except KeyError:
             raise ValueError(f"unknown merge layer {stage.checkpoint!r} for {model_name}; valid merge layers "
-                             f"(execution order): {', '.join(names)}")
-    positions = [traced.index[names[s.checkpoint]] for s in plan.stages]
+                             f"(execution order): {', '.join(traced.checkpoints)}; or a cut of module outputs "
+                             "joined by '+'") from None
+    return cuts
+
+
+def _check_plan(traced: TracedModel, plan: Plan, mode: str, model_name: str) -> None:
+    cuts = _cuts(traced, plan, model_name)
+    positions = [max(traced.index[n] for n in cut) for cut in cuts]
     if positions != sorted(positions):
         raise ValueError(f"merge layers must be in execution order: {plan.merge_layer_text}")
-    for stage in plan.stages[:-1]:
-        if names[stage.checkpoint] not in traced.spatial:
+    for stage, cut in zip(plan.stages[:-1], cuts):
+        if cut[0] not in traced.spatial:
             raise ValueError(f"merge layer {stage.checkpoint!r} is a global pooling: it can only be the last one")
     if mode == "seed":
-        if len(plan.stages) != 1 or names[plan.stages[0].checkpoint] not in traced.spatial:
-            raise ValueError("seed mode takes one spatial merge layer (staged plans and global pooling are exact "
-                             "mode's)")
+        if len(plan.stages) != 1 or len(cuts[0]) != 1 or cuts[0][0] not in traced.spatial:
+            raise ValueError("seed mode takes one spatial merge layer (staged plans, cuts and global pooling are "
+                             "exact mode's)")
         return
     blocked = unsplittable_nodes(traced)
-    for stage in plan.stages:
-        if names[stage.checkpoint] in blocked:
-            raise _unsplittable(traced, blocked[names[stage.checkpoint]], stage.checkpoint)
+    for stage, cut in zip(plan.stages, cuts):
+        node = next((n for n in cut if n in blocked), None)
+        if node is not None:
+            raise _unsplittable(traced, blocked[node], stage.checkpoint)
 
 
 class _NotifyingInterpreter(fx.Interpreter):
@@ -94,14 +104,14 @@ class SplitPack(nn.Module):
         traced = self._traced = traced if traced is not None else trace(model)
         _check_plan(traced, plan, mode, type(model).__name__)
         self._stages = stage_graphs(traced, plan)
-        last = traced.checkpoints[plan.stages[-1].checkpoint]
+        last = self._stages[-1].targets
         # by node name: the graphs run here are copies whose nodes keep the original names
         self._layer_names: dict[str, list[str]] = {}
         for name, node in traced.checkpoints.items():
             self._layer_names.setdefault(node.name, []).append(name)
         # kept out of the module tree: they share the model's parameters
         self.__dict__["_tail"] = tail_graph(traced, last)
-        self.__dict__["_head"] = head_graph(traced, last) if mode == "seed" else None
+        self.__dict__["_head"] = head_graph(traced, last[0]) if mode == "seed" else None
         self._programs: dict[tuple, Program] = {}
         self._seed_layouts: dict[tuple, tuple[list[int], list[int]]] = {}
         # per-size straight-line programs (splitpack.core.compile.recording), None = interpret the plan
@@ -149,8 +159,11 @@ class SplitPack(nn.Module):
 
     def _run_tail(self, box: list) -> Any:
         on_node = self._notify if self.on_layer is not None else None
-        placeholder = next(n for n in self._tail.graph.nodes if n.op == "placeholder")
-        return _NotifyingInterpreter(self._tail, on_node).run(initial_env={placeholder: box.pop()})
+        placeholders = [n for n in self._tail.graph.nodes if n.op == "placeholder"]
+        merged = box.pop()  # one value, or a cut's values (a tuple in the cut's order)
+        env = dict(zip(placeholders, merged if len(placeholders) > 1 else (merged,)))
+        del merged
+        return _NotifyingInterpreter(self._tail, on_node).run(initial_env=env)
 
     @staticmethod
     def _size_key(shape, dtype, device) -> tuple:
@@ -189,7 +202,7 @@ class SplitPack(nn.Module):
         MACs split vs unsplit (halo recompute and second passes included) and each checkpoint's size."""
         dtype = dtype or self._traced.dtype
         program = self.program(shape, dtype)
-        last = self._traced.checkpoints[self.plan.stages[-1].checkpoint]
+        last = self._stages[-1].targets
         cost = PlanCost.of_program(self._traced, program, program.stages[0].shapes, last, shape[0])
         sizes = checkpoint_bytes(program, shape[0], dtype)
         return {

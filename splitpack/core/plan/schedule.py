@@ -26,6 +26,10 @@ values concatenated on the batch dimension, so a row of k packs is one kernel pe
 Packs of one row do not depend on each other (a pack takes rows only from the pack above it), and the
 packs of a batch are alive together: the exact peak replay counts them as one batch k times larger.
 
+A checkpoint that is a cut (several values, possibly at different resolutions) is read and
+written tensor by tensor: the stage's grid is laid over each value's own extent, pack ``i`` writes
+tile ``i`` of every value of its target cut, and reads of a source cut are per value.
+
 The program is plain data: the executor runs it, the cost model sums it, and a
 compiler can turn it into straight-line code.
 """
@@ -79,21 +83,35 @@ class StageGraph:
     number: int  # 1-based
     checkpoint: str
     grid: Grid
-    source: fx.Node  # the image input, or the previous stage's checkpoint node
-    target: fx.Node  # this stage's checkpoint node
-    nodes: list[fx.Node]  # input-dependent nodes after the source, execution order, ends with target
+    sources: tuple[fx.Node, ...]  # the image input, or the previous stage's checkpoint node(s) (a cut: several)
+    targets: tuple[fx.Node, ...]  # this stage's checkpoint node(s)
+    nodes: list[fx.Node]  # input-dependent nodes after the sources, execution order
     spatial: set[fx.Node]  # spatial nodes of the stage (the source included)
     reductions: list[fx.Node]
     metas: set[fx.Node]  # non-tensor values read off spatial ones (x.shape)
     level: dict[fx.Node, int]  # spatial: highest global level it needs; global: the pass that makes it
 
     @property
+    def source(self) -> fx.Node:
+        """The one source of a stage that reads a single value (the image, or a one-node checkpoint)."""
+        if len(self.sources) != 1:
+            raise ValueError(f"stage {self.number} reads a cut of {len(self.sources)} values")
+        return self.sources[0]
+
+    @property
+    def target(self) -> fx.Node:
+        """The one target of a stage that writes a single value (a one-node checkpoint)."""
+        if len(self.targets) != 1:
+            raise ValueError(f"stage {self.number} writes a cut of {len(self.targets)} values")
+        return self.targets[0]
+
+    @property
     def spatial_target(self) -> bool:
-        return self.target in self.spatial
+        return self.targets[0] in self.spatial
 
     @property
     def passes(self) -> int:
-        return self.level[self.target] + (1 if self.spatial_target else 0)
+        return max(self.level[t] for t in self.targets) + (1 if self.spatial_target else 0)
 
 
 def pass_level(kind: str | None, parents: list[fx.Node], level: dict[fx.Node, int], spatial) -> int:
@@ -108,13 +126,17 @@ def pass_level(kind: str | None, parents: list[fx.Node], level: dict[fx.Node, in
 
 
 def stage_graphs(traced: TracedModel, plan: Plan) -> list[StageGraph]:
-    stages, source = [], traced.input_node
+    """The stages of ``plan``; ValueError where a checkpoint does not follow the one before it (a cut
+    that does not separate the next checkpoint from the image)."""
+    stages, sources = [], (traced.input_node,)
     for number, stage in enumerate(plan.stages, 1):
-        target = traced.checkpoints[stage.checkpoint]
-        nodes = traced.ancestors(target, source)[1:] if source is not traced.input_node \
-            else traced.ancestors(target)[1:]
-        spatial = {n for n in nodes if n in traced.spatial} | {source}
-        reductions, metas, level = [], set(), {source: 0}
+        targets = traced.cut(stage.checkpoint)
+        nodes = [n for n in traced.ancestors(targets, sources) if n not in sources]
+        if traced.input_node in nodes:
+            raise ValueError(f"merge layer {stage.checkpoint!r} does not follow {plan.stages[number - 2].checkpoint!r}: "
+                             "it also needs values made before that")
+        spatial = {n for n in nodes if n in traced.spatial} | set(sources)
+        reductions, metas, level = [], set(), dict.fromkeys(sources, 0)
         for n in nodes:
             kind = node_kind(traced, n)
             if kind == "reduction":
@@ -122,9 +144,9 @@ def stage_graphs(traced: TracedModel, plan: Plan) -> list[StageGraph]:
             elif kind == "meta":
                 metas.add(n)
             level[n] = pass_level(kind, [p for p in n.all_input_nodes if p in level], level, spatial)
-        stages.append(StageGraph(number, stage.checkpoint, stage.grid, source, target, nodes, spatial,
+        stages.append(StageGraph(number, stage.checkpoint, stage.grid, sources, targets, nodes, spatial,
                                  reductions, metas, level))
-        source = target
+        sources = targets
     return stages
 
 
@@ -155,11 +177,13 @@ class Step:
 @dataclass
 class PackProgram:
     tile: Region  # of the pass's main extent (the checkpoint, or the reductions' inputs)
-    read: Region | None  # the region of the stage source this pack reads (None: the pack above read it all)
+    reads: dict[fx.Node, Region]  # per stage source: the region this pack reads (absent: the pack above read it all)
     steps: list[Step]
-    write: Region | None = None  # target tile written into the checkpoint (final pass, spatial target)
-    release_below: int | None = None  # source rows no later pack reads (final pass of a banded source)
-    copy_read: bool = False  # an in-place op writes to the source: read a copy, not a view shared by packs
+    writes: dict[fx.Node, Region] = field(default_factory=dict)  # per target: the tile written (final pass)
+    # per target read by later steps too (a cut of a value and one made from it): narrows to its tile
+    write_cuts: dict[fx.Node, tuple[Narrow, ...]] = field(default_factory=dict)
+    release_below: dict[fx.Node, int] = field(default_factory=dict)  # per source: rows no later pack reads
+    copy_read: bool = False  # an in-place op writes to a source: read copies, not views shared by packs
     column: int = 0  # grid column: the packs of one column hand rows down to each other (halo reuse)
 
 
@@ -184,16 +208,9 @@ class StageProgram:
     before: list[fx.Node]  # global values that need no pass (sizes)
     passes: list[PassProgram]
     counts: dict[fx.Node, int]  # pixels each reduction averages over
-    bands: list[tuple[int, int]] = field(default_factory=list)  # checkpoint rows written by each grid row
+    # per target (a spatial checkpoint): its rows written by each grid row
+    bands: dict[fx.Node, list[tuple[int, int]]] = field(default_factory=dict)
     keep: bool = False  # one pack: its values stay alive from pass to pass instead of being recomputed
-
-    @property
-    def source_layout(self) -> Layout:
-        return self.layouts[self.graph.source]
-
-    @property
-    def target_layout(self) -> Layout:
-        return self.layouts.get(self.graph.target, NCHW)
 
 
 @dataclass
@@ -225,10 +242,12 @@ def node_kind(traced: TracedModel, node: fx.Node) -> str | None:
     return None
 
 
-def stage_rules(traced: TracedModel, stage: StageGraph, shapes, source_layout: Layout,
+def stage_rules(traced: TracedModel, stage: StageGraph, shapes, source_layouts: dict[fx.Node, Layout],
                 dtype: torch.dtype) -> tuple[dict, dict]:
-    """Rules of every spatial node, reduction and size query of the stage; raises Unsplittable."""
-    ctx = OpContext(traced.gm, shapes, {stage.source: source_layout}, stage.spatial, dtype)
+    """Rules of every spatial node, reduction and size query of the stage (``source_layouts``: of each
+    source, NCHW where absent); raises Unsplittable."""
+    layouts = {s: source_layouts.get(s, NCHW) for s in stage.sources}
+    ctx = OpContext(traced.gm, shapes, layouts, stage.spatial, dtype)
     rules = {}
     for node in stage.nodes:
         kind = node_kind(traced, node)
@@ -354,7 +373,8 @@ class _StageBuilder:
             seeds.append((r, self._grid_tiles(x, f"the input of reduction {r.name}"), True))
         write = final and stage.spatial_target
         if write:
-            seeds.append((stage.target, self._grid_tiles(stage.target, f"checkpoint {stage.checkpoint!r}"), False))
+            for target in stage.targets:
+                seeds.append((target, self._grid_tiles(target, f"checkpoint {stage.checkpoint!r}"), False))
         columns, packs, held = stage.grid[1], [], []
         for i in range(stage.grid[0] * stage.grid[1]):
             above = held[i - columns] if self.reuse and i >= columns else None
@@ -386,7 +406,7 @@ class _StageBuilder:
                 need[node] = node_tiles[i]
         new: dict[fx.Node, Region] = {}  # the rows each value computes (the rest comes from above)
         for node in reversed(stage.nodes):
-            if node not in need or node not in stage.spatial or node is stage.source:
+            if node not in need or node not in stage.spatial:
                 continue
             rule = rules[node]
             reusable = above is not None and node not in self.whole and node not in carried
@@ -408,8 +428,12 @@ class _StageBuilder:
                 steps.append(self._step(node, need, new[node]))
         self.set_frees(steps)
         tile = seeds[0][1][i]
-        copy_read = any(mutates_input(step.node, self.gm) is stage.source for step in steps)
-        return PackProgram(tile, need.get(stage.source), steps, tile if write else None, copy_read=copy_read), need
+        copy_read = any(mutates_input(step.node, self.gm) in stage.sources for step in steps)
+        reads = {s: need[s] for s in stage.sources if s in need}
+        writes = {node: tiles_[i] for node, tiles_, is_reduction in seeds if write and not is_reduction}
+        write_cuts = {node: narrows(need[node], region, self.layouts[node]) for node, region in writes.items()
+                      if need[node] != region}
+        return PackProgram(tile, reads, steps, writes, write_cuts, copy_read=copy_read), need
 
     def _reads_pixels(self, rule: Rule, region: Region) -> bool:
         """Whether computing ``region`` reads at least one real pixel of every spatial input."""
@@ -450,18 +474,17 @@ class _StageBuilder:
         for k, step in enumerate(steps):
             for src, _, _ in step.inputs:
                 last[src] = k
-        target = self.stage.target
+        targets = self.stage.targets
         for k, step in enumerate(steps):
-            step.frees = tuple(dict.fromkeys(src for src, _, _ in step.inputs if last[src] == k and src is not target))
+            step.frees = tuple(dict.fromkeys(src for src, _, _ in step.inputs if last[src] == k and src not in targets))
 
     def _set_releases(self, packs: list[PackProgram]) -> None:
-        """After each pack, the source rows that no later pack of the final pass reads."""
-        lowest = None
+        """After each pack, the rows of each source that no later pack of the final pass reads."""
+        lowest: dict[fx.Node, int] = {}
         for pack in reversed(packs):
-            pack.release_below = lowest
-            if pack.read is not None:
-                start = pack.read[0][0]
-                lowest = start if lowest is None else min(lowest, start)
+            pack.release_below = dict(lowest)
+            for src, region in pack.reads.items():
+                lowest[src] = min(lowest.get(src, region[0][0]), region[0][0])
 
 
 def _extent(region: Region | None):
@@ -476,8 +499,10 @@ def _step_shape(step: Step) -> tuple:
 
 
 def pack_shape(pack: PackProgram) -> tuple:
-    """What must match for packs to be batched: the read, the write and every step, up to position."""
-    return (_extent(pack.read), _extent(pack.write), pack.copy_read, tuple(_step_shape(s) for s in pack.steps))
+    """What must match for packs to be batched: the reads, the writes and every step, up to position."""
+    return (tuple((src, _extent(r)) for src, r in pack.reads.items()),
+            tuple((t, _extent(r)) for t, r in pack.writes.items()), tuple(pack.write_cuts.items()), pack.copy_read,
+            tuple(_step_shape(s) for s in pack.steps))
 
 
 def batch_groups(packs: list[PackProgram], columns: int, limit: int) -> list[tuple[int, ...]]:
@@ -516,15 +541,15 @@ def build_program(traced: TracedModel, stages: list[StageGraph], shapes, dtype: 
     stage or one per stage (:func:`stage_halos`); ``batch_packs``: run same-shaped packs of a grid row
     as one call (True: a whole row; k: at most k)."""
     limit = batch_limit(batch_packs)
-    programs, source_layout = [], NCHW
+    programs, source_layouts = [], {}
     for stage, stage_halo in zip(stages, stage_halos(halo, len(stages))):
-        rules, layouts = stage_rules(traced, stage, shapes, source_layout, dtype)
+        rules, layouts = stage_rules(traced, stage, shapes, source_layouts, dtype)
         builder = _StageBuilder(traced.gm, stage, rules, shapes, layouts, stage_halo)
         keep = stage.grid == (1, 1) and stage.passes > 1
         passes, carried = [], set()
         for level in range(1, stage.passes + 1):
             passes.append(builder.pass_program(level, level == stage.passes, carried if keep else None))
-            carried |= {step.node for step in passes[-1].packs[0].steps if not step.reduce} | {stage.source}
+            carried |= {step.node for step in passes[-1].packs[0].steps if not step.reduce} | set(stage.sources)
         if keep:  # free each value after its last use in any pass
             builder.set_frees([step for pass_ in passes for step in pass_.packs[0].steps])
         if limit > 1 and _batchable(stage, keep):
@@ -535,9 +560,10 @@ def build_program(traced: TracedModel, stages: list[StageGraph], shapes, dtype: 
         counts = {r: _pixels(shapes, layouts, rules[r]) for r in stage.reductions}
         program = StageProgram(stage, rules, shapes, layouts, before, passes, counts, keep=keep)
         if stage.spatial_target:
-            rows = bounds(builder.hw(stage.target)[0], stage.grid[0])
-            program.bands = [(rows[r], rows[r + 1]) for r in range(stage.grid[0])]
-            source_layout = layouts[stage.target]
+            for target in stage.targets:
+                rows = bounds(builder.hw(target)[0], stage.grid[0])
+                program.bands[target] = [(rows[r], rows[r + 1]) for r in range(stage.grid[0])]
+            source_layouts = {t: layouts[t] for t in stage.targets}
         programs.append(program)
     return Program(programs, _consts(traced, stages))
 

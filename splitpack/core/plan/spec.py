@@ -10,6 +10,11 @@ Text forms, accepted everywhere (Python API, CLI, model-config.yaml, config.pbtx
 
 * merge layer: ``"layer2"``, ``"layer2,global_pool"`` or a list of names;
   ``""``/``"none"``/None = unsplit; ``"auto"`` = let the planner choose.
+  A checkpoint may be a *cut*: module outputs joined with ``+`` that together are everything the
+  rest of the network needs, e.g. HRNet's parallel branches
+  ``"stage2.0.branches.0+stage2.0.branches.1"`` (``"stem,stage2.0.branches.0+stage2.0.branches.1"``
+  is a two-stage plan; ``str(plan)`` writes such a stage ``"a+b@4x4"``). Each value of a cut is written band by
+  band with the stage's grid laid over its own extent.
 * grid: ``2``, ``"2"``, ``"2x3"``, ``(2, 3)`` for one grid; ``"4x4,2x2"`` or
   ``[4, 2]`` / ``["4x4", (2, 3)]`` for one grid per stage. One grid for a
   multi-stage plan applies to every stage.
@@ -21,6 +26,7 @@ from typing import Any, Sequence
 
 Grid = tuple[int, int]
 AUTO = "auto"
+CUT_JOIN = "+"  # joins the module names of a cut checkpoint
 UNSPLIT_WORDS = ("", "none", "null", "unsplit")
 
 
@@ -53,8 +59,13 @@ def grid_text(grid: Grid) -> str:
 
 @dataclass(frozen=True)
 class Stage:
-    checkpoint: str  # module name: the stage runs packs up to and including it
+    checkpoint: str  # module name, or names joined by "+" (a cut): the stage runs packs up to and including it
     grid: Grid
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The module names of the checkpoint (several for a cut)."""
+        return tuple(self.checkpoint.split(CUT_JOIN))
 
     def __str__(self) -> str:
         return f"{self.checkpoint}@{grid_text(self.grid)}"
@@ -108,11 +119,19 @@ class AutoPlan:
         return AUTO
 
 
+def _checkpoint_name(text: str) -> str:
+    """A checkpoint's name with the spaces around a cut's ``+`` removed; ValueError for an empty member."""
+    members = [m.strip() for m in text.split(CUT_JOIN)]
+    if len(members) > 1 and not all(members):
+        raise ValueError(f"merge_layer: empty module name in the cut {text.strip()!r} (names joined by '+')")
+    return CUT_JOIN.join(members)
+
+
 def _names(merge_layer: Any) -> list[str]:
     if isinstance(merge_layer, str):
-        return [n.strip() for n in merge_layer.split(",")]
+        return [_checkpoint_name(n) for n in merge_layer.split(",")]
     if isinstance(merge_layer, Sequence) and all(isinstance(n, str) for n in merge_layer):
-        return [n.strip() for n in merge_layer]
+        return [_checkpoint_name(n) for n in merge_layer]
     raise ValueError(f"merge_layer: expected a module name, a comma list or a list of names, got {merge_layer!r}")
 
 
