@@ -93,3 +93,53 @@ def test_cuts_found_are_the_live_values_and_bad_cuts_are_refused():
         splitpack.wrap(model, "branches.0.0+branches.0.1+branches.0.2,stem")
     with pytest.raises(ValueError, match="seed mode takes one spatial merge layer"):
         splitpack.wrap(model, "transition.0+transition.1+transition.2", mode="seed")
+
+
+# --------------------------------------------------------------------------- the planner
+
+def _no_cuts(monkeypatch):
+    import splitpack.core.search.planner as planner_module
+
+    monkeypatch.setattr(planner_module, "planned_cuts", lambda traced, blocked: [])
+
+
+def test_search_macs_through_cuts_are_the_programs_macs():
+    """The search seeds a cut's values together (one pack computes their shared ancestors once): its MACs
+    for random paths through cuts add up to what the program executes."""
+    import random
+
+    from splitpack.core.search.planner import Planner, _SizeContext
+    from test_planner import _random_paths
+
+    planner = Planner(_multi_resolution())
+    assert any(c.members for c in planner.checkpoints)
+    # 128: the smallest branch is 16x16, so every tile has two pixels or more (with one-pixel tiles of a
+    # strided value the search's halo reuse differs from the schedule's by a fraction of a percent)
+    context = _SizeContext(planner, (1, 3, 128, 128), torch.float32)
+    paths = [p for p in _random_paths(context.estimator, 40, random.Random(0))
+             if any(planner.checkpoints[o.end - 1].members for o, _, _ in p.steps)]
+    assert len(paths) >= 5
+    for path in paths:
+        _, ratio = context.estimate(path)
+        assert ratio == pytest.approx(context.exact(context.plan_of(path)).macs_ratio, rel=1e-3), \
+            str(context.plan_of(path))
+
+
+def test_planner_splits_hrnet_through_its_branches(monkeypatch):
+    """Without cuts the planner can only split HRNet up to its stem and from its final layer; through the
+    cuts of its branches the predicted (= measured) peak is far lower, within the same MACs cap, and the
+    auto plan still equals the unsplit model."""
+    from splitpack.core.search.planner import Planner
+
+    model = randomize_norms(timm.create_model("hrnet_w18_small")).eval()
+    shape = (1, 3, 128, 128)
+    choice = Planner(model).choose(shape)
+    assert "+" in str(choice.plan) and choice.predicted_macs_ratio <= 1.25
+    split = splitpack.SplitPack(model, choice.plan)
+    x = torch.randn(shape)
+    assert choice.predicted_peak_bytes == peak_activation_bytes(split, x)
+    with torch.no_grad():
+        assert rel_error(split(x), model(x)) <= 1e-4
+    _no_cuts(monkeypatch)
+    single = Planner(model).choose(shape)
+    assert choice.predicted_peak_bytes < 0.5 * single.predicted_peak_bytes, (str(choice.plan), str(single.plan))

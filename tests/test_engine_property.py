@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import splitpack
-from splitpack.core.capture.graph import find_cuts, trace
 from conftest import F64_TOL, randomize_norms, rel_error
 
 
@@ -352,15 +351,6 @@ def cut_networks(draw):
     return LongSkip(blocks, c_in, c)
 
 
-def ordered_checkpoints(model: nn.Module) -> list[str]:
-    """Exact checkpoints and cuts of ``model`` in execution order (by the last value of each)."""
-    traced = trace(model)
-    exact = set(splitpack.merge_layers(model, mode="exact"))
-    names = {name: (node,) for name, node in traced.checkpoints.items() if name in exact}
-    names.update(find_cuts(traced))
-    return sorted(names, key=lambda name: max(traced.index[n] for n in names[name]))
-
-
 @pytest.mark.parametrize("compile_", [False, "program"], ids=["interpreter", "program"])
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(net=cut_networks(), h=st.integers(17, 45).filter(lambda v: v % 2), w=st.integers(17, 45).filter(lambda v: v % 2),
@@ -376,7 +366,7 @@ def test_exact_split_at_cuts_equals_unsplit(compile_, net, h, w, data, seed):
             ref = model(x)
     except RuntimeError:
         assume(False)
-    layers = ordered_checkpoints(model)
+    layers = splitpack.merge_layers(model, mode="exact", cuts=True)
     assert any("+" in name for name in layers), "these networks have cuts"
     cut = data.draw(st.sampled_from([name for name in layers if "+" in name]))
     others = data.draw(st.lists(st.sampled_from(layers), max_size=2))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from splitpack.core.capture.graph import trace
+from splitpack.core.capture.graph import find_cuts, trace
 from splitpack.core.compile.recording import DEFAULT_MAX_BATCH
 from splitpack.core.execute.module import MODES, PLAN_CACHE_SIZE, SplitPack
 from splitpack.core.plan.schedule import batch_limit, unsplittable_nodes
@@ -71,18 +71,26 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
                      halo=halo, batch_packs=batch_packs)
 
 
-def merge_layers(model: nn.Module, mode: str | None = None) -> list[str]:
+def merge_layers(model: nn.Module, mode: str | None = None, cuts: bool = False) -> list[str]:
     """Valid merge-layer (checkpoint) names in execution order.
 
     ``mode="exact"``: those exact mode can split up to (through squeeze-excitation and up to the
-    global pooling); ``mode="seed"``: the spatial ones.
+    global pooling); ``mode="seed"``: the spatial ones. ``cuts=True`` (exact mode): the cuts too
+    (module outputs joined by ``+`` that together are all the rest needs; see
+    :func:`splitpack.core.capture.graph.find_cuts`), ordered by their last value.
     """
     traced = trace(model)
-    if mode is None:
+    if mode == "seed" and cuts:
+        raise ValueError("cuts are exact mode's merge layers")
+    if mode is None and not cuts:
         return list(traced.checkpoints)
     if mode == "seed":
         return [name for name, node in traced.checkpoints.items() if node in traced.spatial]
-    if mode != "exact":
+    if mode not in (None, "exact"):
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     blocked = unsplittable_nodes(traced)
-    return [name for name, node in traced.checkpoints.items() if node not in blocked]
+    names = {name: (node,) for name, node in traced.checkpoints.items() if mode is None or node not in blocked}
+    if cuts:
+        names.update((name, nodes) for name, nodes in find_cuts(traced).items()
+                     if mode is None or not any(n in blocked for n in nodes))
+    return sorted(names, key=lambda name: max(traced.index[n] for n in names[name]))

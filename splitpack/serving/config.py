@@ -259,7 +259,8 @@ PARAMS: tuple[Param, ...] = (
     Param("model_name", text, None, "timm model name, or tv:NAME for torchvision (required unless model_class)",
           flag="--model", metavar="NAME", model_arg=True),
     Param("merge_layer", merge_layer_text, UNSPLIT,
-          "module name(s) to merge the packs at: a name, a comma list (one per stage) or auto; none = unsplit",
+          "module name(s) to merge the packs at: a name, a comma list (one per stage) or auto; a cut joins names "
+          "with + (a+b: outputs that together are all the rest needs); none = unsplit",
           metavar="LAYER"),
     Param("grid", grid_list_text, "2x2", "packs as RxC, or one grid per stage (4x4,2x2)", metavar="RxC"),
     Param("mode", choice(MODES), "exact", "exact (halo: output equals the unsplit model) or seed (no halo)",

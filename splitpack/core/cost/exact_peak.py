@@ -375,12 +375,16 @@ def unsplit_peak(traced: TracedModel, profile: AllocationProfile, batch: int, sh
 
 
 def rest_peak(traced: TracedModel, profile: AllocationProfile, shapes: dict[fx.Node, Shape],
-              checkpoint: fx.Node, checkpoint_bytes: int) -> int:
-    """Batch-1 peak of the rest of the network after ``checkpoint``, run by the garbage-collecting
-    interpreter from the checkpoint alone (as the split model's tail runs; replay_peak without a program)."""
+              checkpoint: fx.Node | tuple[fx.Node, ...], checkpoint_bytes: int | list[int]) -> int:
+    """Batch-1 peak of the rest of the network after ``checkpoint`` (a node, or a cut's nodes with the bytes
+    of each), run by the garbage-collecting interpreter from the checkpoint alone (as the split model's
+    tail runs; replay_peak without a program)."""
     meter = _Meter()
-    rest = [n for n in traced.nodes[traced.index[checkpoint] + 1:] if n.op not in ("placeholder", "output")]
-    _interpret(meter, profile, [checkpoint] + rest, shapes, 1, [meter.alloc(checkpoint_bytes)])
+    cut = as_cut(checkpoint)
+    rest = [n for n in traced.rest(cut) if n.op not in ("placeholder", "output")]
+    sizes = checkpoint_bytes if isinstance(checkpoint_bytes, list) else [checkpoint_bytes]
+    box = [tuple(meter.alloc(b) for b in sizes) if len(cut) > 1 else meter.alloc(sizes[0])]  # its only owner
+    _interpret(meter, profile, list(cut) + rest, shapes, 1, box, inputs=len(cut))
     return meter.peak
 
 

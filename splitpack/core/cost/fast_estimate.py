@@ -17,6 +17,11 @@ node, the summed and the largest tile extent -- and so, for every grid at once:
   takes several passes), whether the consumer needs it whole, and what of it the consumer's last
   row of packs still reads (the planner chains these along a plan).
 
+A checkpoint that is a cut (several values) is one target seeded at all its values at once (the
+regions of their ancestors are unions, as one pack computes them); the planner's cuts are the live
+values between two ops (splitpack.core.capture.graph.find_cuts), so everything before a cut's last
+value in execution order is on its way and the running sums over execution order stay valid.
+
 These are estimates (the largest tile for every node at once, all checkpoints' bands at their
 widest together); the planner ranks its finalists with the exact replay (splitpack.core.cost.exact_peak).
 """
@@ -30,7 +35,7 @@ import torch
 from torch import fx
 
 from splitpack.core.cost.counts import node_macs
-from splitpack.core.capture.graph import Shape, TracedModel, shape_numel
+from splitpack.core.capture.graph import Shape, TracedModel, as_cut, shape_numel
 from splitpack.core.plan.spec import Plan, Stage
 from splitpack.core.cost.exact_peak import AllocationProfile
 from splitpack.core.capture.rules import Rule, Window, spatial_dims
@@ -162,7 +167,8 @@ def sweep(stage: StageGraph, rules: dict[fx.Node, Rule], hw: dict[fx.Node, tuple
     n = len(targets)
     seeds = {}
     for i, t in enumerate(targets):
-        seeds.setdefault(t, []).append(i)
+        for node in as_cut(t):  # a cut seeds every value of it in the same tile column
+            seeds.setdefault(node, []).append(i)
     need: dict[fx.Node, list[_Intervals]] = {}
     result = Sweep(list(targets))
     for node in reversed([stage.source] + stage.nodes):
@@ -172,8 +178,10 @@ def sweep(stage: StageGraph, rules: dict[fx.Node, Rule], hw: dict[fx.Node, tuple
             if node not in need:
                 need[node] = [_Intervals(np.full((n, TILE_COLUMNS), EMPTY, np.int64),
                                          np.full((n, TILE_COLUMNS), -EMPTY, np.int64)) for _ in range(2)]
-            for d in range(2):
-                need[node][d].lo[i], need[node][d].hi[i] = _tile_bounds(hw[node][d])
+            for d in range(2):  # a union: a value of a cut may also be read by a later value of it
+                lo, hi = _tile_bounds(hw[node][d])
+                np.minimum(need[node][d].lo[i], lo, out=need[node][d].lo[i])
+                np.maximum(need[node][d].hi[i], hi, out=need[node][d].hi[i])
         if node not in need:
             continue
         rows, cols = need.pop(node)
@@ -209,8 +217,18 @@ def _summarise(result: Sweep, node: fx.Node, rows: _Intervals, cols: _Intervals,
 @dataclass(frozen=True)
 class Checkpoint:
     name: str  # the outermost module name of the node (names of the same node are one checkpoint)
-    node: fx.Node
+    node: fx.Node  # a cut: its last value in execution order
     spatial: bool  # False: the global pooling (a last checkpoint only)
+    members: tuple[fx.Node, ...] = ()  # a cut's values (empty: ``node`` alone)
+
+    @property
+    def nodes(self) -> tuple[fx.Node, ...]:
+        return self.members or (self.node,)
+
+    @property
+    def target(self) -> fx.Node | tuple[fx.Node, ...]:
+        """What a pass writing it is seeded at: the node, or a cut's nodes."""
+        return self.members or self.node
 
 
 @dataclass
@@ -225,8 +243,8 @@ class StageOption:
     unsplit_macs: int  # the same nodes run once unsplit
     working_set: np.ndarray  # bytes of the largest pack at its peak, batch 1
     valid: np.ndarray  # bool: every tile has at least one pixel
-    read_lo: np.ndarray | None  # (TILE_COLUMNS,) first source row each grid row of each rows count reads
-    read_hi: np.ndarray | None
+    read_lo: list[np.ndarray] | None  # per source value: (TILE_COLUMNS,) first row each grid row of each rows count reads
+    read_hi: list[np.ndarray] | None
     _bands: np.ndarray | None = None  # cache of Estimator.band_bytes
     _reads_whole: np.ndarray | None = None  # cache: where the bands are the whole source (see reads_whole)
     _tail: np.ndarray | None = None  # cache: the source's bytes its last row of packs reads (see tail_bytes)
@@ -256,8 +274,9 @@ class Estimator:
         self.pixel_numel = {n: shape_numel(shapes[n]) / max(1, self.hw[n][0] * self.hw[n][1]) for n in whole.spatial}
         self.index = traced.index
         reduction_inputs = [self.rules[r].spatial_inputs[0] for r in whole.reductions]
-        self.targets = list(dict.fromkeys([c.node for c in checkpoints if c.spatial] + reduction_inputs))
-        self.sweep = sweep(whole, self.rules, self.hw, self.targets, {c.node for c in checkpoints if c.spatial})
+        self.targets = list(dict.fromkeys([c.target for c in checkpoints if c.spatial] + reduction_inputs))
+        self.sweep = sweep(whole, self.rules, self.hw, self.targets,
+                           {n for c in checkpoints if c.spatial for n in c.nodes})
         self.node_macs = {n: node_macs(n, traced.gm, shapes) for n in traced.nodes}
         self._macs_before = np.cumsum([self.node_macs[n] for n in traced.nodes])  # running unsplit MACs
         self.macs_per_pixel = self._macs_per_pixel()
@@ -285,8 +304,12 @@ class Estimator:
         return op.itemsize if op is not None else self.profile.input_itemsize
 
     def full_bytes(self, c: Checkpoint) -> int:
-        """Batch-1 bytes of a checkpoint's merged value (the last stage writes it whole)."""
-        return shape_numel(self.shapes[c.node]) * self.itemsize(c.node)
+        """Batch-1 bytes of a checkpoint's merged value(s) (the last stage writes them whole)."""
+        return sum(shape_numel(self.shapes[n]) * self.itemsize(n) for n in c.nodes)
+
+    def _pos(self, key: fx.Node | tuple[fx.Node, ...]) -> int:
+        """Execution-order index of a node, or of a cut's last value."""
+        return max(self.index[n] for n in as_cut(key))
 
     def _root(self, node: fx.Node) -> fx.Node:
         """The node whose storage ``node``'s value lives in (itself, or what it is in place in / a view of)."""
@@ -302,7 +325,7 @@ class Estimator:
         """(node indices, running sums (n, 8, 8)) of weight x rows x columns over the nodes of ``weights``
         up to ``target``, for a pass seeded at ``target``."""
         col = self.sweep.column(target)
-        nodes = [n for n in weights if n in rows and self.index[n] <= self.index[target]]
+        nodes = [n for n in weights if n in rows and self.index[n] <= self._pos(target)]
         nodes.sort(key=self.index.__getitem__)
         if not nodes:
             return np.zeros(0, np.int64), np.zeros((0, MAX_TILES, MAX_TILES))
@@ -331,10 +354,10 @@ class Estimator:
         k = np.searchsorted(where, index, side="right")
         return end - running[k - 1] if k > 0 else end
 
-    def pass_macs(self, source: fx.Node, target: fx.Node) -> np.ndarray:
+    def pass_macs(self, source: fx.Node, target) -> np.ndarray:
         return self._between(self._pass_macs[target], self.index[source])
 
-    def pass_lines(self, source: fx.Node, target: fx.Node) -> np.ndarray:
+    def pass_lines(self, source: fx.Node, target) -> np.ndarray:
         return self._between(self._pass_lines[target], self.index[source])
 
     # seconds (with a time model) ----------------------------------------------
@@ -343,7 +366,7 @@ class Estimator:
         cost per pack it runs in plus its per-pixel cost times the pixels computed."""
         col, s, times = self.sweep.column(target), self.sweep, self.op_time
         nodes = sorted((n for n in self.whole.nodes if n in self.whole.spatial and n in s.row_sum and n in times.full
-                        and self.index[n] <= self.index[target]), key=self.index.__getitem__)
+                        and self.index[n] <= self._pos(target)), key=self.index.__getitem__)
         if not nodes:
             return np.zeros(0, np.int64), np.zeros((0, MAX_TILES, MAX_TILES))
         def stacked(table):
@@ -429,7 +452,7 @@ class Estimator:
         """(step indices, largest live bytes (n, 8, 8) from each step up to ``target``), batch 1."""
         col = self.sweep.column(target)
         where, step_of, nodes, weights, row_max, col_max, fixed = self._live_pairs()
-        n_steps = int(np.searchsorted(where, self.index[target], side="right"))
+        n_steps = int(np.searchsorted(where, self._pos(target), side="right"))
         n_pairs = int(np.searchsorted(step_of, n_steps))
         parts = np.einsum("p,pi,pj->pij", weights[:n_pairs], row_max[nodes[:n_pairs], col],
                           col_max[nodes[:n_pairs], col])
@@ -457,7 +480,8 @@ class Estimator:
             # its end; the split model's tail starts from the checkpoint alone, without it
             from splitpack.core.cost.exact_peak import rest_peak
 
-            return rest_peak(self.traced, self.profile, self.shapes, c.node, self.full_bytes(c) if c.spatial else 0)
+            return rest_peak(self.traced, self.profile, self.shapes, c.nodes,
+                             [self.full_bytes(Checkpoint("", n, True)) if c.spatial else 0 for n in c.nodes])
         after = [p for n, p in self.step_peaks.items() if self.index[n] > self.index[c.node]]
         return max(after + [self.full_bytes(c)])
 
@@ -480,11 +504,11 @@ class Estimator:
         return int(self._macs_before[-1] - self._macs_before[self.index[c.node]])
 
     # options ------------------------------------------------------------------
-    def _levels_from(self, source: fx.Node, last: fx.Node, max_level: int) -> dict[fx.Node, int]:
-        """stage_graphs' pass levels for a stage starting at ``source`` (valid for any end), up to ``last``
-        or the first node past ``max_level``."""
-        level = {source: 0}
-        for n in self.traced.nodes[self.index[source] + 1:self.index[last] + 1]:
+    def _levels_from(self, sources: tuple[fx.Node, ...], last: fx.Node, max_level: int) -> dict[fx.Node, int]:
+        """stage_graphs' pass levels for a stage starting at ``sources`` (a checkpoint's nodes; valid for any
+        end), up to ``last`` or the first node past ``max_level``."""
+        level = dict.fromkeys(sources, 0)
+        for n in self.traced.nodes[self._pos(sources) + 1:self.index[last] + 1]:
             parents = [p for p in n.all_input_nodes if p in level]
             if not parents and n not in self.traced.input_dependent:
                 continue
@@ -495,32 +519,36 @@ class Estimator:
 
     def _seeds(self, source: fx.Node, end: Checkpoint, level: dict) -> list[list[fx.Node]]:
         """Per pass, the targets its packs are tiles of."""
-        passes = level[end.node] + (1 if end.spatial else 0)
+        passes = max(level[n] for n in end.nodes) + (1 if end.spatial else 0)
         seeds: list[list[fx.Node]] = [[] for _ in range(passes)]
         for r in self.whole.reductions:
             if self.index[source] < self.index[r] <= self.index[end.node]:
                 seeds[level[r] - 1].append(self.rules[r].spatial_inputs[0])
         if end.spatial:
-            seeds[-1].append(end.node)
+            seeds[-1].append(end.target)
         return [list(dict.fromkeys(s)) for s in seeds]
 
     def _options(self, max_passes: int, max_span: int) -> list[StageOption]:
-        sources = [(0, self.traced.input_node)] + [(i, c.node) for i, c in enumerate(self.checkpoints, 1) if c.spatial]
+        sources = [(0, (self.traced.input_node,))] + [(i, c.nodes) for i, c in enumerate(self.checkpoints, 1)
+                                                     if c.spatial]
         options = []
-        for a, source in sources:
+        for a, source_nodes in sources:
             last = min(len(self.checkpoints), a + max_span)
-            level = self._levels_from(source, self.checkpoints[last - 1].node, max_passes)
+            level = self._levels_from(source_nodes, self.checkpoints[last - 1].node, max_passes)
+            source = max(source_nodes, key=self.index.__getitem__)  # the running sums start after it
             for b in range(a + 1, last + 1):
                 end = self.checkpoints[b - 1]
-                if end.node not in level:
+                if any(n not in level for n in end.nodes) or end.node is source:
                     break
                 seeds = self._seeds(source, end, level)
                 if len(seeds) > max_passes:
                     break
-                options.append(self._option(a, b, source, end, seeds))
+                options.append(self._option(a, b, source_nodes, end, seeds))
         return options
 
-    def _option(self, a: int, b: int, source: fx.Node, end: Checkpoint, seeds: list[list[fx.Node]]) -> StageOption:
+    def _option(self, a: int, b: int, sources: tuple[fx.Node, ...], end: Checkpoint,
+                seeds: list[list]) -> StageOption:
+        source = max(sources, key=self.index.__getitem__)
         per_target = [self.pass_macs(source, t) for pass_seeds in seeds for t in pass_seeds]
         macs = sum(per_target) + self._global_macs(source, end)
         if len(seeds) > 1:  # one pack (1x1) keeps its values from pass to pass: each node runs once
@@ -528,17 +556,17 @@ class Estimator:
         ws = np.max([self.pass_working_set(source, t) + self.pass_lines(source, t)
                      for pass_seeds in seeds for t in pass_seeds], axis=0)
         valid = np.ones((MAX_TILES, MAX_TILES), bool)
-        for t in {t for pass_seeds in seeds for t in pass_seeds}:
+        for t in {n for pass_seeds in seeds for t in pass_seeds for n in as_cut(t)}:
             h, w = self.hw[t]
             valid[min(h, MAX_TILES):, :] = False
             valid[:, min(w, MAX_TILES):] = False
         unsplit = self.unsplit_macs_between(source, end.node)
-        read = self.sweep.rows_at.get(source)
-        col = self.sweep.column(seeds[-1][0]) if read is not None else 0
+        reads = [self.sweep.rows_at[n] for n in sources if n in self.sweep.rows_at]
+        col = self.sweep.column(seeds[-1][0]) if reads else 0
         seconds = self._stage_seconds(source, end, seeds) if self.op_time is not None else None
         unsplit_s = self.unsplit_seconds_between(source, end.node) if self.op_time is not None else 0.0
         return StageOption(a, b, len(seeds), macs, unsplit, ws, valid,
-                           read.lo[col] if read is not None else None, read.hi[col] if read is not None else None,
+                           [r.lo[col] for r in reads] if reads else None, [r.hi[col] for r in reads] if reads else None,
                            seconds=seconds, unsplit_seconds=unsplit_s)
 
     def band_bytes(self, c: Checkpoint, option: StageOption) -> np.ndarray:
@@ -546,11 +574,20 @@ class Estimator:
         (producer rows 1..8, consumer rows 1..8). Several passes read all of it first."""
         if option._bands is not None:
             return option._bands
-        h, w = self.hw[c.node]
-        row_bytes = w * self.pixel_numel[c.node] * self.itemsize(c.node)
+        parts = [self._value_bands(n, option, k) for k, n in enumerate(c.nodes)]  # a cut: per value
+        out, whole, tail = (sum(p[i] for p in parts) for i in range(3))
+        option._bands, option._reads_whole = out, out >= whole
+        option._tail = np.broadcast_to(tail, (MAX_TILES, MAX_TILES))
+        return out
+
+    def _value_bands(self, node: fx.Node, option: StageOption, k: int) -> tuple[np.ndarray, float, np.ndarray]:
+        """(band bytes alive (producer rows, consumer rows), whole bytes, bytes the last row of packs reads)
+        of the ``k``-th value of ``option``'s source."""
+        h, w = self.hw[node]
+        row_bytes = w * self.pixel_numel[node] * self.itemsize(node)
         out = np.full((MAX_TILES, MAX_TILES), h * row_bytes)
         if option.passes == 1:
-            lo, hi = option.read_lo, option.read_hi
+            lo, hi = option.read_lo[k], option.read_hi[k]
             ok = lo < hi
             for rp in range(1, min(h, MAX_TILES) + 1):
                 edges = np.array(bounds(h, rp))
@@ -558,14 +595,12 @@ class Estimator:
                 last = edges[np.minimum(np.searchsorted(edges, np.where(ok, hi, 1) - 1, side="right"), rp)]
                 rows = np.where(ok, np.minimum(last - first, h), 0)
                 out[rp - 1] = np.maximum.reduceat(rows, OFFSETS) * row_bytes
-        option._bands, option._reads_whole = out, out >= h * row_bytes
         tail = np.full(MAX_TILES, h * row_bytes)
         if option.read_lo is not None:
             last_row = OFFSETS + np.arange(MAX_TILES)  # tile column of the last grid row of each rows count
-            first = option.read_lo[last_row]
+            first = option.read_lo[k][last_row]
             tail = np.where(first < EMPTY, (h - np.clip(first, 0, h)) * row_bytes, tail)
-        option._tail = np.broadcast_to(tail, (MAX_TILES, MAX_TILES))
-        return out
+        return out, h * row_bytes, tail
 
     def tail_bytes(self, c: Checkpoint, option: StageOption) -> np.ndarray:
         """(producer rows, consumer rows): batch-1 bytes of checkpoint ``c`` still alive while the last row of

@@ -47,7 +47,7 @@ from torch import fx, nn
 
 from splitpack.core.cost.counts import unsplit_macs
 from splitpack.core.cost.fast_estimate import MAX_TILES, Checkpoint, Estimator, StageOption
-from splitpack.core.capture.graph import TracedModel, trace
+from splitpack.core.capture.graph import CUT_JOIN, TracedModel, find_cuts, trace
 from splitpack.core.plan.spec import Plan, Stage
 from splitpack.core.cost.exact_peak import allocation_profile
 from splitpack.core.cost.plan_cost import PlanCost, plan_cost
@@ -153,15 +153,44 @@ class PlanChoice:
 
 
 def distinct_checkpoints(traced: TracedModel) -> list[Checkpoint]:
-    """Exact-mode checkpoints, one per node (its outermost name: ``layer1`` for ``layer1.2.act3``)."""
+    """Exact-mode checkpoints, one per node (its outermost name: ``layer1`` for ``layer1.2.act3``), and the
+    cuts between them (:func:`planned_cuts`), in execution order."""
     blocked = unsplittable_nodes(traced)
     names: dict[fx.Node, list[str]] = {}
     for name, node in traced.checkpoints.items():
         if node not in blocked:
             names.setdefault(node, []).append(name)
-    ordered = sorted(names, key=traced.index.__getitem__)
-    return [Checkpoint(min(names[n], key=lambda s: (s.count("."), names[n].index(s))), n, n in traced.spatial)
-            for n in ordered]
+    single = [Checkpoint(min(names[n], key=lambda s: (s.count("."), names[n].index(s))), n, n in traced.spatial)
+              for n in names]
+    return sorted(single + planned_cuts(traced, blocked), key=lambda c: traced.index[c.node])
+
+
+def planned_cuts(traced: TracedModel, blocked) -> list[Checkpoint]:
+    """The cuts the planner considers: those (splitpack.core.capture.graph.find_cuts) whose values are all
+    made after the single checkpoint before them -- the stretches a single checkpoint cannot split, such
+    as HRNet's parallel branches -- not the block input plus each op inside a residual block."""
+    positions = sorted(traced.index[n] for n in traced.checkpoints.values())
+    kept = []
+    for name, nodes in find_cuts(traced).items():
+        if any(n in blocked for n in nodes) or _inside_a_module(traced, name, nodes[-1]):
+            continue
+        first, last = (traced.index[n] for n in (nodes[0], nodes[-1]))
+        before = [p for p in positions if p < last]
+        if not before or before[-1] < first:
+            kept.append(Checkpoint(name, nodes[-1], True, nodes))
+    return kept
+
+
+def _inside_a_module(traced: TracedModel, name: str, last: fx.Node) -> bool:
+    """Whether a value of the cut is part way through a module (one whose output comes after the cut):
+    such cuts multiply with the depth of the blocks; the planner keeps those between modules."""
+    for member in name.split(CUT_JOIN):
+        parts = member.split(".")
+        for k in range(1, len(parts)):
+            out = traced.module_outputs.get(".".join(parts[:k]))
+            if out is not None and traced.index[out] > traced.index[last]:
+                return True
+    return False
 
 
 def _first_obstacle(traced: TracedModel) -> str:
@@ -395,7 +424,7 @@ class _SizeContext:
     def plan_time(self, plan: Plan) -> PlanTime:
         """The plan's predicted seconds and latency ratio on this device (its program, by the time model)."""
         if plan not in self._times:
-            predictor, last = self.predictor(), self.planner.traced.checkpoints[plan.stages[-1].checkpoint]
+            predictor, last = self.predictor(), self.planner.traced.cut(plan.stages[-1].checkpoint)
             seconds = predictor.program_seconds(self.program(plan), self.shapes, last, self.batch, self.latency_mode)
             self._times[plan] = PlanTime(seconds, self._unsplit_s, self.latency_mode)
         return self._times[plan]
