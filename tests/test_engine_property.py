@@ -225,6 +225,21 @@ def staged_plans(draw, layers: list[str]):
     return names, grids
 
 
+def _assert_plan_equals_unsplit(model, x, ref, names, grids, compile_, data) -> None:
+    """The plan (halo reuse or recompute, for all stages or per stage; packs one by one or batched: drawn)
+    equals the unsplit output within the float64 bound; a grid finer than a feature map is no example."""
+    halo = data.draw(st.sampled_from(["reuse", "reuse", "recompute"]) |
+                     st.lists(st.sampled_from(["reuse", "recompute"]), min_size=len(names), max_size=len(names)))
+    batch_packs = data.draw(st.sampled_from([False, True, 2]))
+    wrapped = splitpack.wrap(model, names, grids, mode="exact", compile=compile_, halo=halo, batch_packs=batch_packs)
+    try:
+        out = wrapped(x)
+    except splitpack.SplitError as err:
+        assert "finer than" in str(err) or "smaller than" in str(err)
+        assume(False)
+    assert rel_error(out, ref) <= F64_TOL, f"plan={wrapped.plan} halo={halo} batch_packs={batch_packs}\n{model}"
+
+
 @pytest.mark.parametrize("compile_", [False, "program"], ids=["interpreter", "program"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(net=networks(), h=st.integers(17, 61).filter(lambda v: v % 2), w=st.integers(17, 61).filter(lambda v: v % 2),
@@ -244,16 +259,7 @@ def test_exact_split_equals_unsplit(compile_, net, h, w, data, seed):
     assert layers == splitpack.merge_layers(model), "every checkpoint of these networks splits exactly"
     assert layers[-1] == "pool"
     names, grids = data.draw(staged_plans(layers))
-    halo = data.draw(st.sampled_from(["reuse", "reuse", "recompute"]) |
-                     st.lists(st.sampled_from(["reuse", "recompute"]), min_size=len(names), max_size=len(names)))
-    batch_packs = data.draw(st.sampled_from([False, True, 2]))
-    wrapped = splitpack.wrap(model, names, grids, mode="exact", compile=compile_, halo=halo, batch_packs=batch_packs)
-    try:
-        out = wrapped(x)
-    except splitpack.SplitError as err:
-        assert "finer than" in str(err) or "smaller than" in str(err)
-        assume(False)
-    assert rel_error(out, ref) <= F64_TOL, f"plan={wrapped.plan} halo={halo} batch_packs={batch_packs}\n{model}"
+    _assert_plan_equals_unsplit(model, x, ref, names, grids, compile_, data)
 
 
 # --------------------------------------------------------------------------- checkpoints that are cuts
@@ -374,11 +380,4 @@ def test_exact_split_at_cuts_equals_unsplit(compile_, net, h, w, data, seed):
     if "pool" in names:
         names = names[:names.index("pool") + 1]
     grids = [(data.draw(st.integers(1, 4)), data.draw(st.sampled_from([1, 1, 2, 3]))) for _ in names]
-    halo = data.draw(st.sampled_from(["reuse", "reuse", "recompute"]))
-    wrapped = splitpack.wrap(model, names, grids, mode="exact", compile=compile_, halo=halo)
-    try:
-        out = wrapped(x)
-    except splitpack.SplitError as err:
-        assert "finer than" in str(err) or "smaller than" in str(err)
-        assume(False)
-    assert rel_error(out, ref) <= F64_TOL, f"plan={wrapped.plan} halo={halo}\n{model}"
+    _assert_plan_equals_unsplit(model, x, ref, names, grids, compile_, data)
