@@ -437,7 +437,7 @@ class _SizeContext:
         stages = len(plan.stages)
         reuse = Execution(("reuse",) * stages)
         best = (reuse, self.plan_time(plan), self.cost(plan))
-        predictor, last = self.predictor(), self.planner.traced.checkpoints[plan.stages[-1].checkpoint]
+        predictor, last = self.predictor(), self.planner.traced.cut(plan.stages[-1].checkpoint)
         per_stage = {mode: predictor.stage_seconds(self._program(plan, Execution((mode,) * stages)), self.shapes,
                                                    self.batch, self.latency_mode) for mode in HALO_MODES}
         fastest = tuple(min(HALO_MODES, key=lambda m: per_stage[m][i]) for i in range(stages))
