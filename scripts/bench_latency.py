@@ -82,6 +82,16 @@ def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_m
     return row
 
 
+def execution_text(row: dict) -> str:
+    """How the chosen plan runs, where it is not halo reuse one pack at a time: "; 2 recompute, batched"."""
+    halo, parts = row.get("halo") or [], []
+    if "recompute" in halo:
+        parts.append("recompute" if set(halo) == {"recompute"} else f"{halo.count('recompute')} recompute")
+    if row.get("batch_packs"):
+        parts.append("batched")
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model @size | max_latency | plan (stages) | peak pred / meas (MiB) | memory | MACs | "
              "latency pred / meas | pred / meas ms (unsplit) | error: split s, unsplit s, ratio |",
@@ -93,10 +103,7 @@ def table(rows: list[dict]) -> str:
             continue
         plan = r["plan"] if len(r["plan"]) < 60 else f"{r['plan'][:57]}..."
         meas_peak = r.get("measured_peak_bytes")
-        halo = r.get("halo") or []
-        run = ("recompute " if set(halo) == {"recompute"} else f"{halo.count('recompute')} recompute, "
-               if "recompute" in halo else "") + ("batched" if r.get("batch_packs") else "")
-        cells = [f"`{plan}` ({r['stages']}{'; ' + run.strip(', ') if run else ''})",
+        cells = [f"`{plan}` ({r['stages']}{execution_text(r)})",
                  f"{r['predicted_peak_bytes'] / 2**20:.1f} / {meas_peak / 2**20 if meas_peak else float('nan'):.1f}",
                  f"{r['unsplit_peak_bytes'] / meas_peak:.2f}x" if meas_peak else "-",
                  f"{r['macs_ratio']:.3f}x",
