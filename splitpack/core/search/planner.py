@@ -1,8 +1,8 @@
 """The planner behind ``merge_layer: auto``: the Pareto front of staged plans by predicted peak
 activation memory and MACs, and the plan an objective picks from it.
 
-Search. A plan is a path over the exact-mode checkpoints (one per distinct node, in execution
-order) from the image to a last checkpoint, one stage option (source, end, rows x cols grid) per
+Search. A plan is a path over the exact-mode checkpoints (one per distinct node, and the cuts
+:func:`planned_cuts` keeps, in execution order) from the image to a last checkpoint, one stage option (source, end, rows x cols grid) per
 step. Its estimated peak (splitpack.core.cost.fast_estimate) is the largest working set of a pack, plus the
 checkpoint bytes alive along the plan (:func:`chain_bands`: the bands of the checkpoints the next
 stages are reading; a stage that reads its source whole -- a squeeze-excitation pass, one row of
@@ -52,7 +52,8 @@ from splitpack.core.plan.spec import Plan, Stage
 from splitpack.core.cost.exact_peak import allocation_profile
 from splitpack.core.cost.plan_cost import PlanCost, plan_cost
 from splitpack.core.cost.time_model import PROGRAM, PlanTime, Predictor, TimeModel, time_model_for
-from splitpack.core.plan.schedule import HALO_MODES, Program, build_program, stage_graphs, unsplittable_nodes
+from splitpack.core.plan.schedule import HALO_MODES, Program, build_program, node_kind, stage_graphs, \
+    unsplittable_nodes
 from splitpack.errors import SplitError
 
 log = logging.getLogger("splitpack.planner")
@@ -166,13 +167,20 @@ def distinct_checkpoints(traced: TracedModel) -> list[Checkpoint]:
 
 
 def planned_cuts(traced: TracedModel, blocked) -> list[Checkpoint]:
-    """The cuts the planner considers: those (splitpack.core.capture.graph.find_cuts) whose values are all
+    """The cuts the planner considers (of splitpack.core.capture.graph.find_cuts): those whose values are all
     made after the single checkpoint before them -- the stretches a single checkpoint cannot split, such
-    as HRNet's parallel branches -- not the block input plus each op inside a residual block."""
+    as HRNet's parallel branches -- not the block input plus each op inside a residual block; and those
+    whose last value a reduction reads (a squeeze-excitation statistic: the next stage accumulates it
+    from the stored cut instead of recomputing the block in a pass of its own)."""
     positions = sorted(traced.index[n] for n in traced.checkpoints.values())
     kept = []
     for name, nodes in find_cuts(traced).items():
-        if any(n in blocked for n in nodes) or _inside_a_module(traced, name, nodes[-1]):
+        if any(n in blocked for n in nodes):
+            continue
+        if any(node_kind(traced, u) == "reduction" for u in nodes[-1].users):
+            kept.append(Checkpoint(name, nodes[-1], True, nodes))
+            continue
+        if _inside_a_module(traced, name, nodes[-1]):
             continue
         first, last = (traced.index[n] for n in (nodes[0], nodes[-1]))
         before = [p for p in positions if p < last]
