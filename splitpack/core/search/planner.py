@@ -2,8 +2,8 @@
 activation memory and MACs, and the plan an objective picks from it.
 
 Search. A plan is a path over the exact-mode checkpoints (one per distinct node, and the cuts
-:func:`planned_cuts` keeps, in execution order) from the image to a last checkpoint, one stage option (source, end, rows x cols grid) per
-step. Its estimated peak (splitpack.core.cost.fast_estimate) is the largest working set of a pack, plus the
+:func:`planned_cuts` keeps, in execution order) from the image to a last checkpoint, one stage option
+(source, end, rows x cols grid) per step. Its estimated peak (splitpack.core.cost.fast_estimate) is the largest working set of a pack, plus the
 checkpoint bytes alive along the plan (:func:`chain_bands`: the bands of the checkpoints the next
 stages are reading; a stage that reads its source whole -- a squeeze-excitation pass, one row of
 packs -- starts only once the stages before it have finished, so their bands and its source are
