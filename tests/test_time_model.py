@@ -303,6 +303,9 @@ def test_wrap_auto_with_max_latency_plans_by_the_device_model(tiny, tmp_path, mo
     (choice,) = auto.choices.values()
     assert choice.predicted_latency_ratio <= 3.0 and choice.predicted_time.mode == PROGRAM
     assert list((tmp_path / "timing").glob("*.json"))
+    split = auto.for_input(x.shape)  # runs the way the planner chose: each stage's halo mode, batched or not
+    assert len(choice.halo) == len(choice.plan.stages)
+    assert split.halo == choice.halo and split.batch_packs == choice.batch_packs
 
 
 def test_serving_schema_reads_max_latency():
