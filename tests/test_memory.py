@@ -1,6 +1,7 @@
 """The activation tracker, and split-pack's memory saving measured with it (ratios, not times)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import splitpack
@@ -57,3 +58,35 @@ def test_mobilenetv2_exact_split_is_over_3x_lower():
     merged_bytes = 32 * 28 * 28 * 4  # blocks.2 output of mobilenetv2 at 224
     assert peak_activation_bytes(split, x) < peak_activation_bytes(model, x) / 3
     assert peak_activation_bytes(split, x) > merged_bytes
+
+
+class _Resize(torch.nn.Module):
+    def __init__(self, mode: str, scale: int):
+        super().__init__()
+        self.stem, self.pool = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1)
+        self.mode, self.scale = mode, scale
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.nn.functional.interpolate(x, size=(x.shape[-2] * self.scale, x.shape[-1] * self.scale),
+                                            mode=self.mode)
+        return self.pool(y).flatten(1)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("scale", [1, 2])
+@pytest.mark.parametrize("plan,grid", [("stem,pool", "1x1,1x1"), ("pool", "1x1"), ("pool", "2x2"), ("pool", "3x2")])
+def test_predicted_peak_counts_the_split_interpolations_temporaries(mode, scale, plan, grid):
+    """The split rule gathers source rows and columns itself (the unsplit op's kernel allocates nothing but its
+    output): the replay counts what the rule's computation keeps alive, to the byte."""
+    from splitpack.core.cost.exact_peak import fake_run_peak
+    from splitpack.core.cost.plan_cost import plan_cost
+
+    model, shape = _Resize(mode, scale).eval(), (2, 3, 23, 19)
+    split = splitpack.wrap(model, plan, grid)
+    split.program(shape)  # built before the runs below: they measure the inference, not the planning
+    x = torch.randn(shape)
+    predicted = plan_cost(split._traced, split.plan, shape).peak_bytes
+    assert predicted == fake_run_peak(split, shape) == peak_activation_bytes(split, x)
+    with torch.inference_mode():
+        assert torch.allclose(split(x), model(x), rtol=0, atol=1e-6)

@@ -207,14 +207,16 @@ def _lookup(values, node: fx.Node):
     return values[node] if node in values else None
 
 
-def _op_output(meter: _Meter, profile: AllocationProfile, node: fx.Node, numel: float, inputs):
+def _op_output(meter: _Meter, profile: AllocationProfile, node: fx.Node, numel: float, inputs,
+               temporaries: float | None = None):
     """The storage an op's output lives in (a new one, or the input's it is computed in place in / a
-    view of), after the op's temporaries came and went. ``inputs``: the storages of values in scope."""
+    view of), after the op's temporaries came and went (``temporaries`` bytes where a split rule computes
+    differently from the unsplit op, else the op's own). ``inputs``: the storages of values in scope."""
     op = profile.ops.get(node)
     if op is None:
         return None
     out = _lookup(inputs, node.all_input_nodes[op.alias]) if op.alias is not None else meter.alloc(op.new * numel)
-    meter.spike(op.extra * numel + op.fixed)
+    meter.spike(op.extra * numel + op.fixed if temporaries is None else temporaries)
     return out
 
 
@@ -292,8 +294,10 @@ class _Replay(Executor):
         return 8 if size == 8 else 4  # Reduce.partial accumulates in float32 (float64 for float64)
 
     def _compute(self, stage: StageProgram, step, values):
-        numel = self._pixel_numel(stage, step.node) * _area(step.region)
-        return _op_output(self.meter, self.profile, step.node, numel, values)
+        pixel_numel = self._pixel_numel(stage, step.node)
+        pixels = step.rule.temporary_pixels(step.region)
+        temporaries = None if pixels is None else pixels * pixel_numel * self._itemsize(step.node)
+        return _op_output(self.meter, self.profile, step.node, pixel_numel * _area(step.region), values, temporaries)
 
     def _value_bytes(self, stage: StageProgram, node: fx.Node, region: Region) -> float:
         return self._pixel_numel(stage, node) * _area(region) * self._itemsize(node)

@@ -81,6 +81,12 @@ class Rule:
         """(rows, cols) padding the op can apply itself instead of a padded copy of its input, or None."""
         return None
 
+    def temporary_pixels(self, out: Region) -> int | None:
+        """Pixels (of the output's channels and batch) that :meth:`compute` keeps alive beyond its output at its
+        peak, where it computes differently from the unsplit op; None: as the unsplit op (the peak replay then
+        reads the op's temporaries off the unsplit model's allocation profile)."""
+        return None
+
 
 class Pointwise(Rule):
     """Output pixel (h, w) depends only on input pixel (h, w): run the op as it is."""

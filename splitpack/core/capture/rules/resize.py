@@ -53,19 +53,32 @@ class Resize(Rule):
     def compute(self, values, out):
         t = values[self.spatial_inputs[0]]
         window = self.input_window(out, 0)  # the executor cut exactly this (it lies inside the input)
-        for d, axis in enumerate((-2, -1)):
-            i0, i1, lam = (a[out[d][0]:out[d][1]] for a in self.index[d])
-            start = window[d][0]
-            a = t.index_select(axis, torch.as_tensor(i0 - start, device=t.device))
-            if self.mode == "nearest":
-                t = a
-                continue
-            b = t.index_select(axis, torch.as_tensor(i1 - start, device=t.device))
+        (i0h, i1h, lh), (i0w, i1w, lw) = [self._local(d, out[d], window[d][0]) for d in range(2)]
+        rows, cols = torch.as_tensor(i0h, device=t.device), torch.as_tensor(i0w, device=t.device)
+        if self.mode == "nearest":  # one gather: the output is the only allocation, as in the unsplit op
+            return t[..., rows[:, None], cols[None, :]]
+        # bilinear, one axis at a time: a + (b - a) * lambda, in place (see temporary_pixels)
+        for axis, (i0, i1, lam) in ((-2, (rows, i1h, lh)), (-1, (cols, i1w, lw))):
+            a, b = t.index_select(axis, i0), t.index_select(axis, torch.as_tensor(i1, device=t.device))
             shape = [1] * t.dim()
             shape[axis] = -1
-            w = torch.as_tensor(lam, device=t.device, dtype=t.dtype).view(shape)
-            t = a + (b - a) * w
+            t = a.add_(b.sub_(a).mul_(torch.as_tensor(lam, device=t.device, dtype=t.dtype).view(shape)))
+            del a, b
         return t
+
+    def _local(self, d: int, span: tuple[int, int], start: int):
+        """Source indices (into the cut window starting at ``start``) and weights of outputs ``span`` on axis d."""
+        i0, i1, lam = (a[span[0]:span[1]] for a in self.index[d])
+        return i0 - start, i1 - start, lam
+
+    def temporary_pixels(self, out):
+        if self.mode == "nearest":
+            return 0
+        (h0, h1), (w0, w1) = out
+        win = self.input_window(out, 0)[1]
+        rows, cols, width = h1 - h0, w1 - w0, win[1] - win[0]
+        # rows pass: two (rows x width) gathers; columns pass: its input and two (rows x cols) gathers
+        return max(2 * rows * width, rows * width + 2 * rows * cols) - rows * cols
 
 
 def _hw(ctx, node):
