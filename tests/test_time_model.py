@@ -10,6 +10,7 @@ No assertion here depends on how fast this machine is: timing targets live in BE
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -17,8 +18,13 @@ import torch
 from torch import nn
 
 import splitpack
+import splitpack.core.search.planner as planner_module
+from conftest import F64_TOL, rel_error
 from splitpack.core.capture.graph import trace
 from splitpack.core.cost.exact_peak import allocation_profile
+from splitpack.core.cost.fast_estimate import MAX_TILES
+from splitpack.core.cost.plan_cost import plan_cost
+from splitpack.measure.meter import peak_activation_bytes
 from splitpack.core.cost.time_model import (FORMAT, INTERPRETED, PROGRAM, LinearFit, TimeModel, TimingStore,
                                             _signatures, calibrate, device_key, fit_linear, fit_piecewise,
                                             time_model_for)
@@ -265,6 +271,47 @@ def test_memory_budget_with_latency_picks_the_fastest_plan_within_it(tiny):
             assert fastest.predicted_time.seconds <= other.predicted_time.seconds * (1 + 1e-9) or \
                 other.predicted_peak_bytes > budget
     assert fastest.predicted_time.seconds <= smallest.predicted_time.seconds
+
+
+def _strips(plan) -> bool:
+    """Full-width strips, taller grids than the search's (it stops at MAX_TILES rows)."""
+    return all(s.grid[1] == 1 for s in plan.stages) and max(s.grid[0] for s in plan.stages) > MAX_TILES
+
+
+def test_full_width_strips_are_chosen_where_they_need_less_memory_within_max_latency(tiny, monkeypatch):
+    """Ops with a small fixed time: strips of a few rows, halo reused (nothing recomputed), fit 2x the
+    unsplit latency with a smaller peak than the search's grids; predicted peak == replay == tracker, and
+    the strips are exact in float64."""
+    model, traced = tiny
+    timed, shape = synthetic_time_model(traced, fixed=1e-6), (1, 3, 192, 192)
+    choice = Planner(traced).choose(shape, max_latency=2.0, time_model=timed)
+    monkeypatch.setattr(planner_module, "STRIP_HEIGHTS", ())
+    grids = Planner(traced).choose(shape, max_latency=2.0, time_model=timed)
+    assert _strips(choice.plan) and not _strips(grids.plan), (str(choice.plan), str(grids.plan))
+    assert choice.predicted_peak_bytes < grids.predicted_peak_bytes
+    assert choice.predicted_latency_ratio <= 2.0
+    assert plan_cost(traced, choice.plan, shape).macs_ratio == pytest.approx(1.0, abs=1e-9)  # halo reuse
+    assert plan_cost(traced, choice.plan, shape, halo=choice.halo).peak_bytes == choice.predicted_peak_bytes
+    x = torch.randn(shape, dtype=torch.float64)
+    assert peak_activation_bytes(splitpack.SplitPack(model, choice.plan, halo=choice.halo), x.float()) == \
+        choice.predicted_peak_bytes
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        assert rel_error(splitpack.SplitPack(exact, choice.plan, halo=choice.halo)(x), exact(x)) <= F64_TOL
+
+
+def test_strips_are_chosen_within_a_memory_budget_only_if_they_fit(tiny):
+    """The fewest seconds within a budget: taller strips than the search's grids where they fit and are
+    faster; a budget a byte below that strip plan's peak gets a plan that fits instead."""
+    _, traced = tiny
+    timed, shape = synthetic_time_model(traced, fixed=1e-6), (1, 3, 192, 192)
+    planner = Planner(traced)
+    fast = planner.choose(shape, memory_budget=100_000, max_latency=2.0, time_model=timed)
+    assert _strips(fast.plan) and fast.predicted_peak_bytes <= 100_000, str(fast.plan)
+    assert fast.predicted_peak_bytes == plan_cost(traced, fast.plan, shape, halo=fast.halo).peak_bytes
+    tight = planner.choose(shape, memory_budget=fast.predicted_peak_bytes - 1, max_latency=2.0, time_model=timed)
+    assert tight.plan != fast.plan and tight.predicted_peak_bytes < fast.predicted_peak_bytes
+    assert tight.predicted_time.seconds >= fast.predicted_time.seconds
 
 
 def test_an_impossible_max_latency_names_the_best_achievable_ratio(tiny):

@@ -26,6 +26,13 @@ to the unsplit model's predicted time on this device, splitpack.core.cost.time_m
 the front are timed by the device's time model: the smallest peak whose predicted latency ratio is
 within it, or with a memory budget the fewest predicted seconds within the budget (and within it).
 
+Strips. The search's grids stop at :data:`MAX_TILES` rows, and a full-width strip (a grid Rx1) with halo
+reuse recomputes nothing: with ``max_latency`` the checkpoints of the front's plans of least estimated peak
+(each also continued to the checkpoint after which the unsplit rest needs the least memory) are tried as
+strips of :data:`STRIP_HEIGHTS` rows of each stage's smallest extent, timed and replayed like the rest: the
+shortest strips predicted within ``max_latency`` win if their exact peak is smaller (a tie: faster); with a
+memory budget, the tallest strips that fit it win if predicted faster.
+
 Execution. Where a time model is at hand, the chosen plan's way of running is tuned last
 (:meth:`_SizeContext.tuned`): each stage's halo mode (reuse or recompute: on grids of several columns
 reuse's joins copy every value a pack holds, and recomputing can be faster) by its predicted seconds,
@@ -75,6 +82,9 @@ TIMED_CANDIDATES = 12  # plans of the search's front whose programs the time mod
 LATENCY_SLACK = 1.05  # the search's seconds are estimates: it looks this far past max_latency
 ESTIMATE_MARGIN = 1.05  # plans whose estimated seconds are within this of max_latency get their programs timed
 MACS, SECONDS = "macs", "seconds"  # what the search's cost is
+# full-width strips (grids Rx1) of this many rows of each stage's smallest extent, tallest (fewest packs,
+# fastest) first: with halo reuse a strip recomputes nothing, and the search's grids stop at 8 rows
+STRIP_HEIGHTS = (8, 4, 2)
 
 
 class BudgetTooSmall(SplitError, ValueError):
@@ -263,9 +273,11 @@ class Planner:
                     raise
                 front = context.front(max(max_latency, 1.0) * LATENCY_SLACK, None, metric=SECONDS)
                 point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
+            point = context.strips_within_latency(point, front, max_latency, cap, finalists)
             objective = f"smallest peak within {max_latency:g}x predicted latency{macs_cap}"
         elif timed:
             point = context.fastest_within_budget(front, memory_budget, max_latency, cap, finalists)
+            point = context.strips_within_budget(point, front, memory_budget, max_latency, cap, finalists)
             objective = f"fewest predicted seconds within {memory_budget} bytes and {max_latency:g}x latency{macs_cap}"
         elif memory_budget is None:
             point, objective = context.smallest_peak(front, cap, finalists), f"smallest peak within {cap:g}x MACs"
@@ -497,6 +509,71 @@ class _SizeContext:
         return min((p for p in checked if p.peak_bytes <= least * (1 + PEAK_TIE)),
                    key=lambda p: (self.plan_time(p.plan).seconds, p.peak_bytes))
 
+    # ------------------------------------------------------------------ full-width strips
+    def strip_plan(self, checkpoints: tuple[str, ...], height: int) -> Plan | None:
+        """Full-width strips through ``checkpoints``: each stage's grid Rx1, R the strips of ``height`` rows
+        its smallest extent (its output, or the input of the pooling it ends with) makes; None where a
+        checkpoint does not follow the one before it."""
+        try:
+            stages = stage_graphs(self.planner.traced, Plan(tuple(Stage(c, (1, 1)) for c in checkpoints)))
+        except ValueError:
+            return None
+        hw = self.estimator.hw
+        rows = [min((hw[n][0] for n in g.spatial - set(g.sources) if n in hw), default=1) for g in stages]
+        return Plan(tuple(Stage(g.checkpoint, (-(-r // height), 1)) for g, r in zip(stages, rows)))
+
+    def strip_variants(self, front: list[Point], finalists: int) -> list[tuple[float, list[Plan]]]:
+        """Strip plans (:meth:`strip_plan`, tallest strips first) through the checkpoints of ``front``'s plans
+        of least estimated peak, each also continued to the checkpoint after which the rest of the network
+        needs the least memory (strips reach as deep as little memory does): ``finalists`` checkpoint
+        sequences, each with the estimated bytes its last checkpoint and the unsplit rest need (a floor to
+        its peak), least first."""
+        cps, est = self.planner.checkpoints, self.estimator
+        position = {c.name: i for i, c in enumerate(cps)}
+        floor = {c.name: max(est.full_bytes(c) if c.spatial else 0, est.tail_peak(c)) * self.batch for c in cps}
+        end = min(cps, key=lambda c: floor[c.name])  # the earliest such checkpoint
+        sequences = []
+        for p in sorted(front, key=lambda p: p.peak_bytes):
+            names = tuple(s.checkpoint for s in p.plan.stages)
+            sequences += [names] + ([names + (end.name,)] if position[names[-1]] < position[end.name] else [])
+        sequences = sorted(list(dict.fromkeys(sequences))[:finalists], key=lambda names: floor[names[-1]])
+        return [(floor[names[-1]], plans) for names in sequences
+                if None not in (plans := list(dict.fromkeys(self.strip_plan(names, h) for h in STRIP_HEIGHTS)))]
+
+    def strips_within_latency(self, point: Point, front: list[Point], max_latency: float, cap: float | None,
+                              finalists: int) -> Point:
+        """``point`` or, where one has a smaller exact peak (by more than :data:`PEAK_TIE`, or as small and
+        predicted faster), the strip plan with the shortest strips predicted within ``max_latency`` through
+        the checkpoints of one of ``front``'s plans (shorter strips: more packs, more seconds)."""
+        candidates = [point]
+        for floor, plans in self.strip_variants(front, finalists):
+            if floor > min(p.peak_bytes for p in candidates) * (1 + PEAK_TIE):
+                break
+            within = _leading(plans, lambda plan: self.plan_time(plan).ratio <= max_latency)
+            if within and (cap is None or self.exact(plans[within - 1]).macs_ratio <= cap):
+                candidates.append(self.exact(plans[within - 1]))
+        least = min(p.peak_bytes for p in candidates)
+        return min((p for p in candidates if p.peak_bytes <= least * (1 + PEAK_TIE)),
+                   key=lambda p: (self.plan_time(p.plan).seconds, p.peak_bytes))
+
+    def strips_within_budget(self, point: Point, front: list[Point], budget: int, max_latency: float,
+                             cap: float | None, finalists: int) -> Point:
+        """``point`` or, where one is predicted faster, the fastest strip plan whose exact peak fits ``budget``
+        (and ``cap``) within ``max_latency``, through the checkpoints of one of ``front``'s plans (per
+        sequence, the tallest strips that fit)."""
+        best = point
+        for floor, plans in self.strip_variants(front, finalists):
+            if floor > budget:
+                break
+            over = _leading(plans, lambda plan: self.exact(plan).peak_bytes > budget)
+            if over < len(plans):
+                plan = plans[over]
+                time_ = self.plan_time(plan)
+                if (cap is None or self.exact(plan).macs_ratio <= cap) and time_.ratio <= max_latency \
+                        and time_.seconds < self.plan_time(best.plan).seconds:
+                    best = self.exact(plan)
+        return best
+
     def fastest_within_budget(self, front: list[Point], budget: int, max_latency: float, cap: float | None,
                               finalists: int) -> Point:
         """The fewest predicted seconds among the plans whose exact peak fits ``budget`` (and ``cap``), if
@@ -531,6 +608,19 @@ class _SizeContext:
         exact = {plan: self.exact(plan) for plan in self._costs}
         return pareto([exact.get(p.plan, p) for p in front] + [p for p in exact.values() if p.plan not in
                                                                 {q.plan for q in front}])
+
+
+def _leading(items: list, holds: Callable[[Any], bool]) -> int:
+    """How many of ``items`` lead the list with ``holds`` true, where it holds up to some item and not after
+    it (a bisection: it asks about a few items only)."""
+    lo, hi = 0, len(items)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if holds(items[mid]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _mib(nbytes: float) -> str:
