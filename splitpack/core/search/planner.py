@@ -412,8 +412,7 @@ class _SizeContext:
         within = list({p.plan: p for p in within[:finalists] + sum(other, [])}.values())
         checked = [self.exact(p.plan) for p in within]
         ok = [p for p in checked if p.macs_ratio <= cap] or checked
-        least = min(p.peak_bytes for p in ok)  # then the fewest MACs among the plans within PEAK_TIE of it
-        return min((p for p in ok if p.peak_bytes <= least * (1 + PEAK_TIE)), key=lambda p: (p.macs_ratio, p.peak_bytes))
+        return _smallest_peak(ok, lambda p: (p.macs_ratio, p.peak_bytes))
 
     def least_macs(self, front: list[Point], budget: int, cap: float | None, finalists: int) -> Point:
         order = sorted((p for p in front if cap is None or p.macs_ratio <= cap), key=lambda p: p.macs_ratio)
@@ -504,10 +503,11 @@ class _SizeContext:
                     break
         if not fast:
             self._latency_error(order, max_latency, "")
-        checked = [self.exact(p.plan) for p in fast[:finalists]]
-        least = min(p.peak_bytes for p in checked)
-        return min((p for p in checked if p.peak_bytes <= least * (1 + PEAK_TIE)),
-                   key=lambda p: (self.plan_time(p.plan).seconds, p.peak_bytes))
+        return _smallest_peak([self.exact(p.plan) for p in fast[:finalists]], self._fastest)
+
+    def _fastest(self, p: Point) -> tuple[float, int]:
+        """A tie-break: the fewest predicted seconds, then the smaller peak."""
+        return self.plan_time(p.plan).seconds, p.peak_bytes
 
     # ------------------------------------------------------------------ full-width strips
     def strip_plan(self, checkpoints: tuple[str, ...], height: int) -> Plan | None:
@@ -552,9 +552,7 @@ class _SizeContext:
             within = _leading(plans, lambda plan: self.plan_time(plan).ratio <= max_latency)
             if within and (cap is None or self.exact(plans[within - 1]).macs_ratio <= cap):
                 candidates.append(self.exact(plans[within - 1]))
-        least = min(p.peak_bytes for p in candidates)
-        return min((p for p in candidates if p.peak_bytes <= least * (1 + PEAK_TIE)),
-                   key=lambda p: (self.plan_time(p.plan).seconds, p.peak_bytes))
+        return _smallest_peak(candidates, self._fastest)
 
     def strips_within_budget(self, point: Point, front: list[Point], budget: int, max_latency: float,
                              cap: float | None, finalists: int) -> Point:
@@ -608,6 +606,12 @@ class _SizeContext:
         exact = {plan: self.exact(plan) for plan in self._costs}
         return pareto([exact.get(p.plan, p) for p in front] + [p for p in exact.values() if p.plan not in
                                                                 {q.plan for q in front}])
+
+
+def _smallest_peak(points: list[Point], tie_break: Callable[[Point], Any]) -> Point:
+    """The point of least peak; the points within :data:`PEAK_TIE` of it are a tie, won by ``tie_break``'s least."""
+    least = min(p.peak_bytes for p in points)
+    return min((p for p in points if p.peak_bytes <= least * (1 + PEAK_TIE)), key=tie_break)
 
 
 def _leading(items: list, holds: Callable[[Any], bool]) -> int:
