@@ -34,7 +34,7 @@ from typing import Callable
 
 from splitpack.capacity.footprint import DEFAULT_ALLOCATOR_SLACK
 from splitpack.capacity.pod import GpuPod
-from splitpack.capacity.timeout import GPU_SOURCE, response_timeout
+from splitpack.capacity.timeout import ASSUMED_GPU_MACS_PER_S, GPU_SOURCE, response_timeout, torch_threads
 
 FORMULA = ("usage = server + replicas * (process + weights + concurrent * batch_bytes(batch)); "
            "batch_bytes(b) = activations(b) * (1 + allocator_slack) + (2 b + 1) * input_image_bytes")
@@ -136,8 +136,6 @@ class ActivationModel:
     def batch_seconds(self, split: bool, batch: int, threads: int) -> float:
         """Predicted seconds of one batch (the plan's program, or the unsplit model) on this machine's CPU
         at ``threads`` torch threads: the device's calibrated time model (calibrated on first use)."""
-        from splitpack.capacity.timeout import torch_threads
-
         with torch_threads(threads):
             predicted = self.planner.plan_time(self.choice.plan, (batch, 3, self.size, self.size))
         return predicted.seconds if split else predicted.unsplit_seconds
@@ -145,8 +143,6 @@ class ActivationModel:
     def gpu_batch_seconds(self, split: bool, batch: int) -> float:
         """Seconds of one batch on a GPU: the plan's MACs at the assumed rate
         (:data:`~splitpack.capacity.timeout.ASSUMED_GPU_MACS_PER_S`); no GPU time model is calibrated without one."""
-        from splitpack.capacity.timeout import ASSUMED_GPU_MACS_PER_S
-
         return batch * (self.choice.macs if split else self.choice.unsplit_macs) / ASSUMED_GPU_MACS_PER_S
 
     def peak(self, split: bool, batch: int) -> int:
@@ -161,9 +157,8 @@ def batch_bytes_fn(activations: Callable[[int], int], size: int, allocator_slack
     """Bytes of one batch in flight. On the host the inputs are each image's tensor, the stacked batch and one
     image being decoded (2 b + 1); on a GPU only the stacked batch is on the device (b)."""
     image = 3 * size * size * 4  # one float32 image tensor
-    if gpu:
-        return lambda b: int(activations(b) * (1 + allocator_slack)) + b * image
-    return lambda b: int(activations(b) * (1 + allocator_slack)) + (2 * b + 1) * image
+    inputs = (lambda b: b) if gpu else (lambda b: 2 * b + 1)
+    return lambda b: int(activations(b) * (1 + allocator_slack)) + inputs(b) * image
 
 
 @dataclass
