@@ -18,14 +18,15 @@ import torch
 
 import splitpack
 from splitpack.core.search.auto import AutoSplitPack
-from splitpack.core.cost.fast_estimate import Estimator
+from splitpack.core.cost.fast_estimate import MAX_TILES, Estimator
 from splitpack.core.plan.spec import Plan, Stage, parse_plan
 from splitpack.core.search.planner import BudgetTooSmall, Planner, _Path, _SizeContext
 from splitpack.core.cost.exact_peak import allocation_profile, fake_run_peak
 from splitpack.core.cost.plan_cost import plan_cost
 from splitpack.measure.meter import peak_activation_bytes
 
-from conftest import REL_TOL, randomize_norms, rel_error
+from conftest import F64_TOL, REL_TOL, randomize_norms, rel_error
+from test_engine_property import SqueezeExcite
 
 # (model, two input sizes, fixed plans: merge layers and grids): a single checkpoint, a staged plan through
 # squeeze-excitation / inner checkpoints / non-square grids to the global pooling, full-width strips (line
@@ -194,6 +195,70 @@ def test_se_stages_recompute_from_a_smaller_checkpoint_where_the_macs_allow(mode
     assert deep.predicted_macs_ratio <= 2.0 and plan_cost(planner.traced, deep.plan, shape).peak_bytes == \
         deep.predicted_peak_bytes
     assert str(deep.plan).startswith("maxpool@") and ",layer2.0@" in str(deep.plan)  # maxpool -> layer2.0: 5 passes
+
+
+class SEBottleneck(torch.nn.Module):
+    """SE-ResNet's bottleneck: 1x1, 3x3 (stride), 1x1 widening by 4, a squeeze-excitation gate, the residual."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        nn, cout = torch.nn, 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.se = SqueezeExcite(cout, torch.sigmoid, adaptive=False)
+        self.down = None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.se(self.bn3(self.conv3(y)))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class TinySEResNet(torch.nn.Module):
+    """A stem and two stages of SE bottlenecks (the wide block outputs at the highest resolution, as in
+    SE-ResNet-50's layer1), pooled to a linear head."""
+
+    def __init__(self, w: int = 4):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.layer1 = nn.Sequential(SEBottleneck(w, w), SEBottleneck(4 * w, w), SEBottleneck(4 * w, w))
+        self.layer2 = nn.Sequential(SEBottleneck(4 * w, 2 * w, 2), SEBottleneck(8 * w, 2 * w),
+                                    SEBottleneck(8 * w, 2 * w))
+        self.head = nn.Linear(8 * w, 5)
+
+    def forward(self, x):
+        return self.head(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
+
+
+def test_default_objective_strips_through_se_cuts_where_that_lowers_the_peak(monkeypatch):
+    """Within the default 1.25x MACs, SE blocks whose statistics' inputs are cuts, run as full-width strips
+    taller than the search's 8 rows of packs: a stage that holds its source whole through the statistic's
+    pass releases its bands as the output's are written, so thin strips leave little beside the whole
+    value. The plan's predicted peak is the tracker's, it is exact in float64, its recorded program gives
+    the interpreter's outputs bit for bit, and without strips the planner's best needs more memory."""
+    torch.manual_seed(0)
+    model = randomize_norms(TinySEResNet()).eval().double()
+    shape = (1, 3, 128, 128)
+    planner = Planner(model)
+    choice = planner.choose(shape)
+    plan = choice.plan
+    assert choice.predicted_macs_ratio <= 1.25 and max(g[0] for g in plan.grids) > MAX_TILES, str(plan)
+    assert any("+" in c and c.endswith(".bn3") for c in plan.checkpoints), str(plan)  # through SE cuts
+    x = torch.randn(shape, dtype=torch.float64)
+    assert _measured(model, planner.traced, plan, x) == choice.predicted_peak_bytes
+    with torch.no_grad():
+        ref = model(x)
+        interpreted = splitpack.wrap(model, plan.merge_layer_text, plan.grid_text)(x)
+        program = splitpack.wrap(model, plan.merge_layer_text, plan.grid_text, compile="program")(x)
+        auto = splitpack.wrap(model, "auto")(x)
+    assert rel_error(interpreted, ref) <= F64_TOL and rel_error(auto, ref) <= F64_TOL
+    assert torch.equal(program, interpreted)
+    monkeypatch.setattr(_SizeContext, "strips_smallest_peak", lambda self, point, *rest: point)
+    without = Planner(model).choose(shape)
+    assert choice.predicted_peak_bytes < 0.95 * without.predicted_peak_bytes, str(without.plan)
 
 
 def test_budget_gets_the_fewest_macs_that_fit_and_an_impossible_one_says_what_is_possible(models):
