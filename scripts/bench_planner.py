@@ -58,8 +58,9 @@ GRIDS = range(1, 7)
 COARSE = re.compile(r"^([^.]+|(layer|blocks|stages)\.\d+)$")
 
 
-def measured_peak(model, traced, plan: Plan, shape) -> int:
-    split = splitpack.SplitPack(model, plan, traced=traced)
+def measured_peak(model, traced, plan: Plan, shape, **execution) -> int:
+    """The tracker's peak of ``plan`` run as ``execution`` says (SplitPack's ``halo``, ``batch_packs``)."""
+    split = splitpack.SplitPack(model, plan, traced=traced, **execution)
     split.program(shape)  # planned before the measured call, as a server's warm-up does
     return peak_activation_bytes(split, torch.randn(shape))
 

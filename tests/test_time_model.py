@@ -28,7 +28,7 @@ from splitpack.measure.meter import peak_activation_bytes
 from splitpack.core.cost.time_model import (FORMAT, INTERPRETED, PROGRAM, LinearFit, TimeModel, TimingStore,
                                             _signatures, calibrate, device_key, fit_linear, fit_piecewise,
                                             time_model_for)
-from splitpack.core.plan.schedule import build_program, stage_graphs
+from splitpack.core.plan.schedule import build_program, stage_graphs, stage_halos
 from splitpack.core.plan.spec import parse_plan
 from splitpack.core.search.planner import LatencyTooLow, Planner, _SizeContext, check_max_latency
 from splitpack.serving.config import ServingConfig
@@ -236,7 +236,9 @@ def test_a_plan_over_max_latency_is_never_chosen(tiny, max_latency):
     # the same number from the program directly
     plan = choice.plan
     _, shapes = allocation_profile(traced, (1, 3, 64, 64))
-    program = build_program(traced, stage_graphs(traced, plan), shapes, torch.float32)
+    # as the planner chose to run it (each stage's halo mode, packs batched or not)
+    program = build_program(traced, stage_graphs(traced, plan), shapes, torch.float32,
+                            stage_halos(choice.halo or "reuse", len(plan.stages)), choice.batch_packs)
     predictor = timed.predictor(traced)
     direct = predictor.program_seconds(program, shapes, traced.checkpoints[plan.stages[-1].checkpoint])
     assert choice.predicted_time.seconds == pytest.approx(direct)
@@ -264,9 +266,10 @@ def test_memory_budget_with_latency_picks_the_fastest_plan_within_it(tiny):
     fastest = planner.choose(shape, memory_budget=budget, max_latency=3.0, time_model=timed)
     assert fastest.predicted_peak_bytes <= budget
     assert "fewest predicted seconds" in fastest.objective
-    # no plan of the front that fits the budget is predicted faster
+    # no plan of the front that fits the budget (and max_latency) is predicted faster
     for point in fastest.front:
-        if point.exact and point.peak_bytes <= budget:
+        if point.exact and point.peak_bytes <= budget and \
+                planner.plan_time(point.plan, shape, time_model=timed).ratio <= 3.0:
             other = planner.choose(shape, memory_budget=point.peak_bytes, max_latency=3.0, time_model=timed)
             assert fastest.predicted_time.seconds <= other.predicted_time.seconds * (1 + 1e-9) or \
                 other.predicted_peak_bytes > budget
@@ -312,6 +315,28 @@ def test_strips_are_chosen_within_a_memory_budget_only_if_they_fit(tiny):
     tight = planner.choose(shape, memory_budget=fast.predicted_peak_bytes - 1, max_latency=2.0, time_model=timed)
     assert tight.plan != fast.plan and tight.predicted_peak_bytes < fast.predicted_peak_bytes
     assert tight.predicted_time.seconds >= fast.predicted_time.seconds
+
+
+@pytest.mark.parametrize("objective", ["max_latency", "memory_budget"])
+def test_strips_answer_where_no_plan_of_the_search_does(tiny, monkeypatch, objective):
+    """When none of the search's plans is within the objective, the strip plans through its checkpoints
+    are still tried (they recompute nothing and can fit where grids do not): the answer is the one
+    the planner gives with the search intact, or another strip plan within the same objective."""
+    _, traced = tiny
+    timed, shape = synthetic_time_model(traced, fixed=1e-6), (1, 3, 192, 192)
+    limits = {"max_latency": 2.0} if objective == "max_latency" else {"memory_budget": 100_000, "max_latency": 2.0}
+    intact = Planner(traced).choose(shape, time_model=timed, **limits)
+    assert _strips(intact.plan), str(intact.plan)
+
+    def nothing_within(*args, **kwargs):
+        raise LatencyTooLow("the search found nothing within the objective")
+    monkeypatch.setattr(_SizeContext, "smallest_peak_within_latency", nothing_within)
+    monkeypatch.setattr(_SizeContext, "fastest_within_budget", nothing_within)
+    choice = Planner(traced).choose(shape, time_model=timed, **limits)
+    assert _strips(choice.plan) and choice.predicted_latency_ratio <= 2.0, str(choice.plan)
+    assert choice.predicted_peak_bytes <= limits.get("memory_budget", intact.predicted_peak_bytes)
+    with pytest.raises(LatencyTooLow, match="found nothing"):  # no strip plan either: the search's error
+        Planner(traced).choose(shape, time_model=timed, **{**limits, "max_latency": 1.0})
 
 
 def test_an_impossible_max_latency_names_the_best_achievable_ratio(tiny):

@@ -456,7 +456,8 @@ class _StageBuilder:
             clamped = _clamp(window, self.hw(src))
             pads = border_pads(window, clamped)
             if pads is not None and len(rule.spatial_inputs) == 1:
-                padding = rule.native_padding(pads)
+                (r0, r1), (c0, c1) = clamped
+                padding = rule.native_padding(pads, (r1 - r0, c1 - c0), region)
                 pads = None if padding is not None else pads
             inputs.append((src, narrows(need[src], clamped, self.layouts[src]), pads))
         return Step(node, rule, region, inputs, (), padding=padding, held=held, carry=carry)

@@ -269,18 +269,27 @@ class Planner:
         else:
             front = context.front(FRONT_OVERHEAD if whole_front else max(cap or FRONT_OVERHEAD, 1.0), stop)
         if timed and memory_budget is None:
+            point, failure = None, None
             try:
-                point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
-            except LatencyTooLow:  # the search stopped at the least estimated peak: look at the whole front
-                if stop is None:
-                    raise
-                front = context.front(max(max_latency, 1.0) * LATENCY_SLACK, None, metric=SECONDS)
-                point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
-            point = context.strips_within_latency(point, front, max_latency, cap, finalists)
+                try:
+                    point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
+                except LatencyTooLow:  # the search stopped at the least estimated peak: look at the whole front
+                    if stop is None:
+                        raise
+                    front = context.front(max(max_latency, 1.0) * LATENCY_SLACK, None, metric=SECONDS)
+                    point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
+            except LatencyTooLow as err:  # strips (they recompute nothing) may still be within it
+                failure = err
+            point = context.strips_within_latency(point, front, max_latency, cap, finalists) or _raise(failure)
             objective = f"smallest peak within {max_latency:g}x predicted latency{macs_cap}"
         elif timed:
-            point = context.fastest_within_budget(front, memory_budget, max_latency, cap, finalists)
-            point = context.strips_within_budget(point, front, memory_budget, max_latency, cap, finalists)
+            point, failure = None, None
+            try:
+                point = context.fastest_within_budget(front, memory_budget, max_latency, cap, finalists)
+            except (BudgetTooSmall, LatencyTooLow) as err:  # the search's plans do not, strips may
+                failure = err
+            point = context.strips_within_budget(point, front, memory_budget, max_latency, cap, finalists) or \
+                _raise(failure)
             objective = f"fewest predicted seconds within {memory_budget} bytes and {max_latency:g}x latency{macs_cap}"
         elif memory_budget is None:
             point = context.strips_smallest_peak(context.smallest_peak(front, cap, finalists), front, cap, finalists)
@@ -531,9 +540,10 @@ class _SizeContext:
         plans of least estimated peak, each also continued to the checkpoint after which the rest of the
         network needs the least memory (strips reach as deep as little memory does) -- with
         ``through_every``, also through every checkpoint on the way there (a stage per checkpoint: no stage
-        spans a squeeze-excitation block whose statistic's input a cut holds, so none recomputes it):
-        ``finalists`` checkpoint sequences, each with the estimated bytes its last checkpoint and the unsplit
-        rest need (a floor to its peak), least first."""
+        spans a squeeze-excitation block whose statistic's input a cut holds, so none recomputes it) --, and
+        straight to that checkpoint in one stage (the fewest joins): ``finalists`` + 1 checkpoint sequences,
+        each with the estimated bytes its last checkpoint and the unsplit rest need (a floor to its peak),
+        least first."""
         cps, est = self.planner.checkpoints, self.estimator
         position = {c.name: i for i, c in enumerate(cps)}
         floor = {c.name: max(est.full_bytes(c) if c.spatial else 0, est.tail_peak(c)) * self.batch for c in cps}
@@ -545,7 +555,8 @@ class _SizeContext:
             sequences += [names] + ([names + (end.name,)] if last < position[end.name] else [])
             if through_every and last + 1 < position[end.name]:
                 sequences.append(names + tuple(c.name for c in cps[last + 1:position[end.name] + 1]))
-        sequences = sorted(list(dict.fromkeys(sequences))[:finalists], key=lambda names: floor[names[-1]])
+        sequences = list(dict.fromkeys(list(dict.fromkeys(sequences))[:finalists] + [(end.name,)]))
+        sequences = sorted(sequences, key=lambda names: floor[names[-1]])
         return [(floor[names[-1]], plans) for names in sequences
                 if None not in (plans := list(dict.fromkeys(self.strip_plan(names, h) for h in STRIP_HEIGHTS)))]
 
@@ -576,25 +587,26 @@ class _SizeContext:
                 return p
         return best
 
-    def strips_within_latency(self, point: Point, front: list[Point], max_latency: float, cap: float | None,
-                              finalists: int) -> Point:
-        """``point`` or, where one has a smaller exact peak (by more than :data:`PEAK_TIE`, or as small and
-        predicted faster), the strip plan with the shortest strips predicted within ``max_latency`` through
-        the checkpoints of one of ``front``'s plans (shorter strips: more packs, more seconds)."""
-        candidates = [point]
+    def strips_within_latency(self, point: Point | None, front: list[Point], max_latency: float,
+                              cap: float | None, finalists: int) -> Point | None:
+        """``point`` (None: no plan of the search is within ``max_latency``) or, where one has a smaller exact
+        peak (by more than :data:`PEAK_TIE`, or as small and predicted faster), the strip plan with the
+        shortest strips predicted within ``max_latency`` through the checkpoints of one of ``front``'s plans
+        (shorter strips: more packs, more seconds); None if neither."""
+        candidates = [point] if point is not None else []
         for floor, plans in self.strip_variants(front, finalists):
-            if floor > min(p.peak_bytes for p in candidates) * (1 + PEAK_TIE):
+            if candidates and floor > min(p.peak_bytes for p in candidates) * (1 + PEAK_TIE):
                 break
             within = _leading(plans, lambda plan: self.plan_time(plan).ratio <= max_latency)
             if within and (cap is None or self.exact(plans[within - 1]).macs_ratio <= cap):
                 candidates.append(self.exact(plans[within - 1]))
-        return _smallest_peak(candidates, self._fastest)
+        return _smallest_peak(candidates, self._fastest) if candidates else None
 
-    def strips_within_budget(self, point: Point, front: list[Point], budget: int, max_latency: float,
-                             cap: float | None, finalists: int) -> Point:
-        """``point`` or, where one is predicted faster, the fastest strip plan whose exact peak fits ``budget``
-        (and ``cap``) within ``max_latency``, through the checkpoints of one of ``front``'s plans (per
-        sequence, the tallest strips that fit)."""
+    def strips_within_budget(self, point: Point | None, front: list[Point], budget: int, max_latency: float,
+                             cap: float | None, finalists: int) -> Point | None:
+        """``point`` (None: no plan of the search fits) or, where one is predicted faster, the fastest strip
+        plan whose exact peak fits ``budget`` (and ``cap``) within ``max_latency``, through the checkpoints of
+        one of ``front``'s plans (per sequence, the tallest strips that fit); None if neither."""
         best = point
         for floor, plans in self.strip_variants(front, finalists):
             if floor > budget:
@@ -604,7 +616,7 @@ class _SizeContext:
                 plan = plans[over]
                 time_ = self.plan_time(plan)
                 if (cap is None or self.exact(plan).macs_ratio <= cap) and time_.ratio <= max_latency \
-                        and time_.seconds < self.plan_time(best.plan).seconds:
+                        and (best is None or time_.seconds < self.plan_time(best.plan).seconds):
                     best = self.exact(plan)
         return best
 
@@ -642,6 +654,10 @@ class _SizeContext:
         exact = {plan: self.exact(plan) for plan in self._costs}
         return pareto([exact.get(p.plan, p) for p in front] + [p for p in exact.values() if p.plan not in
                                                                 {q.plan for q in front}])
+
+
+def _raise(error: Exception):
+    raise error
 
 
 def _smallest_peak(points: list[Point], tie_break: Callable[[Point], Any]) -> Point:

@@ -77,8 +77,9 @@ class Rule:
     def compute(self, values: dict[fx.Node, Any], out: Region) -> Any:
         raise NotImplementedError
 
-    def native_padding(self, pads) -> tuple[int, int] | None:
-        """(rows, cols) padding the op can apply itself instead of a padded copy of its input, or None."""
+    def native_padding(self, pads, in_hw: tuple[int, int], out: Region) -> tuple[int, int] | None:
+        """(rows, cols) padding the op can apply itself instead of a padded copy of its input (``in_hw``: the
+        input's extent inside the border; ``out``: the region computed), or None."""
         return None
 
     def temporary_pixels(self, out: Region) -> int | None:
@@ -135,13 +136,20 @@ class Window(Rule):
             return self.op(values[self.spatial_inputs[0]], out, values)
         return self.op(values[self.spatial_inputs[0]], out, values, padding)
 
-    def native_padding(self, pads) -> tuple[int, int] | None:
+    def native_padding(self, pads, in_hw: tuple[int, int], out: Region) -> tuple[int, int] | None:
+        """The op pads both sides of a dim alike: that is its leading pad, where the padding past the trailing
+        border gives no output beyond ``out`` (the pad a region needs after the border is often less: a
+        stride-2 window over an even extent never reads its last pad column; a strip in the middle of a
+        column needs none above or below)."""
         left, right, top, bottom = pads
-        if left != right or top != bottom:
-            return None
-        if self.pad_limit is not None and (top > self.pad_limit[0] or left > self.pad_limit[1]):
-            return None
-        return top, left
+        native = (top, left)
+        for dim, (lead, trail) in enumerate(((top, bottom), (left, right))):
+            w, (o0, o1) = self.dims[dim], out[dim]
+            if trail > lead or (self.pad_limit is not None and lead > self.pad_limit[dim]):
+                return None
+            if (in_hw[dim] + 2 * lead - w.dilation * (w.kernel - 1) - 1) // w.stride + 1 != o1 - o0:
+                return None
+        return native
 
 
 def window_dims(kernel, stride, dilation, before) -> tuple[Window1d, Window1d]:
