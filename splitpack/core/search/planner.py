@@ -568,8 +568,15 @@ class _SizeContext:
         beside the whole value (SE-ResNet-50 @512: 21.0 MiB with 8-row strips, 17.0 MiB with 2-row strips,
         the same MACs). Each sequence is replayed with its shortest strips; the winner's then with the
         tallest (fewest packs) within :data:`PEAK_TIE` of its peak."""
+        # sequences from the plans of least estimated peak within the cap, and within half its overhead: the
+        # strips of a plan of fewer MACs can need less memory (the estimate is of the search's grids)
+        variants: dict[tuple[Plan, ...], float] = {}
+        for within, count in ((front, finalists), ([p for p in front if p.macs_ratio <= 1 + (cap - 1) / 2],
+                                                   finalists // 2)):
+            for floor, plans in self.strip_variants(within, count, through_every=True):
+                variants[tuple(plans)] = floor
         candidates, taller = [point], {}
-        for floor, plans in self.strip_variants(front, finalists, through_every=True):
+        for plans, floor in sorted(variants.items(), key=lambda v: v[1]):
             if floor > min(p.peak_bytes for p in candidates) * (1 + PEAK_TIE):
                 break
             if not plans:  # no strip heights
