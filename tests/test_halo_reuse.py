@@ -97,6 +97,41 @@ def test_rows_of_pure_border_padding_are_computed_with_the_rest():
             assert rel_error(splitpack.wrap(model, merge, [(1, 1), (4, 1)])(x), ref) <= F64_TOL, merge
 
 
+@pytest.mark.parametrize("grid", [(4, 1), (3, 3), (5, 2)])
+def test_windows_pad_natively_where_the_missing_padding_gives_no_output(grid):
+    """A stride-2 window over an even extent never reads its trailing pad, and a strip inside a column
+    needs none above or below: those steps let the op pad (no padded copy of the input); one-sided
+    padding the op cannot apply (a strip's top/bottom edge at stride 1) keeps the copy. Exact in float64,
+    and the predicted peak is the tracker's."""
+    from torch import nn
+
+    from splitpack.core.capture.graph import trace
+    from splitpack.core.cost.exact_peak import allocation_profile
+    from splitpack.core.plan.schedule import build_program, stage_graphs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(8, 8, 3, 1, 1),
+                          nn.ReLU(), nn.AvgPool2d(3, 2, 1, count_include_pad=False)).eval()
+    plan = parse_plan("5", grid)
+    shape = (1, 3, 64, 64)
+    traced = trace(model)
+    _, shapes = allocation_profile(traced, shape)
+    program = build_program(traced, stage_graphs(traced, plan), shapes, torch.float32)
+    steps = [st for stage in program.stages for p in stage.passes for pack in p.packs for st in pack.steps
+             if st.computes and st.node.target in ("0", "2", "3", "5")]
+    native = [st for st in steps if st.padding is not None and any(st.padding)]
+    copied = [st for st in steps if any(pads is not None for _, _, pads in st.inputs)]
+    assert native
+    assert all(st.node.target == "3" for st in copied)  # stride 2 over even extents: never a copy; only the
+    # 3x3 stride-1 conv at a strip's top or bottom edge
+    x = torch.randn(shape, dtype=torch.float64)
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        assert rel_error(splitpack.SplitPack(exact, plan)(x), exact(x)) <= F64_TOL
+    assert peak_activation_bytes(splitpack.SplitPack(model, plan), x.float()) == \
+        plan_cost(traced, plan, shape).peak_bytes
+
+
 # --------------------------------------------------------------------------- batched packs
 
 def _largest_batch(program) -> int:
