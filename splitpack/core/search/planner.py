@@ -535,7 +535,8 @@ class _SizeContext:
         rows = [min((hw[n][0] for n in g.spatial - set(g.sources) if n in hw), default=1) for g in stages]
         return Plan(tuple(Stage(g.checkpoint, (-(-r // height), 1)) for g, r in zip(stages, rows)))
 
-    def strip_variants(self, front: list[Point], finalists: int, through_every: bool = False) -> list[tuple[float, list[Plan]]]:
+    def strip_variants(self, front: list[Point], finalists: int,
+                       through_every: bool = False) -> list[tuple[float, list[Plan]]]:
         """Strip plans (:meth:`strip_plan`, tallest strips first) through the checkpoints of ``front``'s
         plans of least estimated peak, each also continued to the checkpoint after which the rest of the
         network needs the least memory (strips reach as deep as little memory does) -- with
