@@ -7,9 +7,9 @@ usage: scripts/bench_latency.py [--cases resnet50:1024:1.0 mobilenetv2_100:224:1
 For every case (model:size:max_latency): the device's time model (calibrated on first use, cached; the
 seconds it took are reported), the planner's choice within ``max_latency`` (smallest predicted peak whose
 predicted latency ratio fits), then the chosen plan run as a recorded program (``--compile``) and the
-unsplit eager model, interleaved in this process, best of ``--repeats``: predicted and measured seconds and
-ratios, and the prediction's error. Peaks: predicted (exact replay) and measured by the activation tracker.
-Run it with ``nice -n 5`` and note the load (printed before and after): other processes on the cores make
+unsplit eager model, interleaved in the case's own process (a fresh one per case), best of ``--repeats``:
+predicted and measured seconds and ratios, and the prediction's error. Peaks: predicted (exact replay) and
+measured by the activation tracker. Run it with ``nice -n 5`` and note the load (printed before and after): other processes on the cores make
 the measured side slower, never the calibrated one faster. ``--clock cpu`` (one thread only) times by the
 process's CPU time instead of the wall clock: what the ops cost, without the time the process waited for a
 core on a loaded machine.
@@ -30,7 +30,7 @@ import splitpack  # noqa: E402
 from splitpack.core.cost.time_model import INTERPRETED, PROGRAM, device_key, time_model_for  # noqa: E402
 from splitpack.core.execute.module import SplitPack  # noqa: E402
 from splitpack.core.search.planner import LatencyTooLow, Planner  # noqa: E402
-from splitpack.experiments.bench import latencies_ms  # noqa: E402
+from splitpack.experiments.bench import in_fresh_processes, latencies_ms  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -115,6 +115,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def case_in_process(case: tuple[str, int, float], args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    name, size, latency = case
+    return bench_case(name, size, latency, args.repeats, args.compile, not args.no_peak, args.clock)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", type=parse_case, default=[parse_case(c) for c in DEFAULT_CASES],
@@ -132,9 +138,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(f"device key {device_key('cpu', torch.float32)}; load {load()}", flush=True)
     rows = []
-    for name, size, latency in args.cases:
-        rows.append(bench_case(name, size, latency, args.repeats, args.compile, not args.no_peak, args.clock))
-        print(json.dumps(rows[-1]), flush=True)
+    for row in in_fresh_processes(case_in_process, args.cases, args):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     print(table(rows))
     print(f"load after: {load()}")
     if args.json:

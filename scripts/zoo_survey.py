@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -36,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 import splitpack  # noqa: E402
 from bench_planner import measured_peak  # noqa: E402
 from splitpack.core.search.planner import Planner  # noqa: E402
-from splitpack.experiments.bench import latencies_ms  # noqa: E402
+from splitpack.experiments.bench import in_fresh_processes, latencies_ms  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 from splitpack.measure.units import MiB  # noqa: E402
 
@@ -141,13 +139,10 @@ def main() -> int:
     args = p.parse_args()
     rows = []
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    # each model in a fresh process: timings taken after other models were planned and run in the same
-    # process came out up to 1.25x slower for the split plan (mixnet_s @512: 1.39x after four models,
-    # 1.12x alone)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
-        for name in tqdm(args.models, desc="zoo", file=sys.stderr):
-            rows.append(pool.submit(survey_in_process, name, args).result())
-            tqdm.write(json.dumps(rows[-1]), file=sys.stderr)
+    for row in tqdm(in_fresh_processes(survey_in_process, args.models, args), total=len(args.models), desc="zoo",
+                    file=sys.stderr):
+        rows.append(row)
+        tqdm.write(json.dumps(row), file=sys.stderr)
         # after every model: a long survey stopped early still leaves the rows it measured
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
     print(table(rows))
