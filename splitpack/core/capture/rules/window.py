@@ -164,9 +164,14 @@ def _avg_counts(n_out: int, size: int, k: int, s: int, pad: int, include_pad: bo
     return np.minimum(end, size) - np.maximum(start, 0)
 
 
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
 def avg_pool_rule(node, x, kernel, stride, padding, count_include_pad, divisor_override, in_hw, out_hw,
-                  extra_before=(0, 0), extra_total=(0, 0)) -> Window:
-    """Average pooling = window sum / ATen's divisor map (which depends on the position).
+                  extra_before=(0, 0), extra_total=(0, 0), dtype: torch.dtype = torch.float32) -> Window:
+    """Average pooling = window sum / ATen's divisor map (which depends on the position), divided in place
+    by the map in the program's ``dtype`` (small integers: exact in it): the op allocates its output only,
+    as the unsplit op does, which the peak replay counts.
 
     ``extra_*`` is explicit 'SAME' padding applied before the pool (timm's AvgPool2dSame):
     it counts as real input for the divisor.
@@ -180,12 +185,14 @@ def avg_pool_rule(node, x, kernel, stride, padding, count_include_pad, divisor_o
     else:
         rows = _avg_counts(out_hw[0], in_hw[0] + extra_total[0], k[0], s[0], p[0], count_include_pad)
         cols = _avg_counts(out_hw[1], in_hw[1] + extra_total[1], k[1], s[1], p[1], count_include_pad)
-    divisor = torch.from_numpy(np.outer(rows, cols).astype(np.float64))
+    # built in numpy (no tensor allocated while a program is built inside a measured call); where numpy has
+    # no such dtype (bfloat16) each call converts its slice
+    divisor = torch.from_numpy(np.outer(rows, cols).astype(_NUMPY_DTYPES.get(dtype, np.float64)))
 
     def op(t, out, values, padding=(0, 0)):
         total = F.avg_pool2d(t, k, s, padding, False, True, divisor_override=1)
         (r0, r1), (c0, c1) = out
-        return total / divisor[r0:r1, c0:c1].to(device=total.device, dtype=total.dtype)
+        return total.div_(divisor[r0:r1, c0:c1].to(device=total.device, dtype=total.dtype))
 
     return Window(node, x, window_dims(k, s, 1, before), 0.0, op, pad_limit=_half(k), positional=True)
 
@@ -200,7 +207,7 @@ def _avg_pool(node, ctx, xs, layout, m) -> Window:
         extra_total = tuple(same_total(in_hw[i], k[i], s[i]) for i in range(2))
         extra_before = tuple(t // 2 for t in extra_total)
     return avg_pool_rule(node, xs[0], m.kernel_size, m.stride, m.padding, m.count_include_pad,
-                         m.divisor_override, in_hw, out_hw, extra_before, extra_total)
+                         m.divisor_override, in_hw, out_hw, extra_before, extra_total, ctx.dtype)
 
 
 @register_function(F.avg_pool2d)
@@ -208,7 +215,8 @@ def _functional_avg_pool(node, ctx, xs, layout) -> Window:
     require_nchw(layout, "average pooling")
     return avg_pool_rule(node, xs[0], arg(node, 1, "kernel_size"), arg(node, 2, "stride", None),
                          arg(node, 3, "padding", 0), arg(node, 5, "count_include_pad", True),
-                         arg(node, 6, "divisor_override", None), _in_hw(ctx, xs[0]), _out_hw(ctx, node))
+                         arg(node, 6, "divisor_override", None), _in_hw(ctx, xs[0]), _out_hw(ctx, node),
+                         dtype=ctx.dtype)
 
 
 # --------------------------------------------------------------------------- constant padding
