@@ -307,7 +307,8 @@ class TorchServe(Server):
             return None
         exception = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*: ")
         errors = [m for m in messages if exception.match(m)]
-        return errors[-1] if errors else messages[-1]
+        # a traceback still being written ends in its code lines and carets: the next poll has the exception
+        return errors[-1] if errors else None
 
     def startup_error(self) -> str:
         """The JVM's own complaint (e.g. a port in use), else the end of ts_log.log."""
