@@ -67,8 +67,7 @@ def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_m
                predicted_peak_bytes=choice.predicted_peak_bytes, macs_ratio=choice.predicted_macs_ratio,
                predicted_s=choice.predicted_time.seconds, predicted_unsplit_s=choice.predicted_time.unsplit_seconds,
                predicted_ratio=choice.predicted_latency_ratio, halo=list(choice.halo), batch_packs=choice.batch_packs)
-    split = SplitPack(model, choice.plan, compile=compile_mode, traced=planner.traced, halo=choice.halo or "reuse",
-                      batch_packs=choice.batch_packs)
+    split = SplitPack(model, choice.plan, compile=compile_mode, traced=planner.traced, **choice.execution_kwargs)
     x = torch.randn(1, 3, size, size)
     unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, CLOCKS[clock])
     row.update(measured_s=split_ms / 1e3, measured_unsplit_s=unsplit_ms / 1e3, measured_ratio=split_ms / unsplit_ms)

@@ -56,15 +56,9 @@ def split_error(model, plan, x: torch.Tensor, **execution) -> float:
         return rel_error(splitpack.SplitPack(model, plan, **execution)(x), model(x))
 
 
-def execution(choice) -> dict:
-    """How the planner chose to run its plan (each stage's halo mode, packs batched or not): what is
-    predicted is what is measured."""
-    return {"halo": choice.halo or "reuse", "batch_packs": choice.batch_packs}
-
-
 def latency(row: dict, model, planner: Planner, choice, x: torch.Tensor, repeats: int, clock) -> None:
     """The predicted latency ratio, and the measured one of the plan as a recorded program."""
-    split = splitpack.SplitPack(model, choice.plan, compile="program", traced=planner.traced, **execution(choice))
+    split = splitpack.SplitPack(model, choice.plan, compile="program", traced=planner.traced, **choice.execution_kwargs)
     unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, clock)
     row.update(predicted_latency_ratio=choice.predicted_latency_ratio, measured_latency_ratio=split_ms / unsplit_ms,
                unsplit_ms=unsplit_ms, split_ms=split_ms)
@@ -84,16 +78,17 @@ def survey(name: str, size: int, float64: bool, max_latency: float | None = None
         return {**row, "error": f"{type(err).__name__}: {err}"}
     x = torch.randn(shape)
     unsplit = peak_activation_bytes(model, x)
-    split = measured_peak(model, planner.traced, choice.plan, shape, **execution(choice))
-    row.update(plan=str(choice.plan), stages=len(choice.plan.stages), **execution(choice),
+    run = choice.execution_kwargs  # what was predicted is what is measured
+    split = measured_peak(model, planner.traced, choice.plan, shape, **run)
+    row.update(plan=str(choice.plan), stages=len(choice.plan.stages), **run,
                unsplit_peak=unsplit, split_peak=split,
                memory_ratio=unsplit / split, macs_ratio=choice.predicted_macs_ratio,
                predicted_peak=choice.predicted_peak_bytes, prediction_error=choice.predicted_peak_bytes / split - 1,
-               fp32_error=split_error(model, choice.plan, x, **execution(choice)), planning_seconds=choice.seconds)
+               fp32_error=split_error(model, choice.plan, x, **run), planning_seconds=choice.seconds)
     if max_latency is not None:
         latency(row, model, planner, choice, x, repeats, clock)
     if float64:
-        row["float64_error"] = split_error(model.double(), choice.plan, x.double(), **execution(choice))
+        row["float64_error"] = split_error(model.double(), choice.plan, x.double(), **run)
         row["exact"] = row["float64_error"] <= F64_TOL
     row["seconds"] = time.perf_counter() - start
     return row

@@ -81,8 +81,7 @@ class AutoSplitPack(nn.Module):
                  _mib(choice.predicted_peak_bytes), choice.predicted_macs_ratio, latency, choice.objective,
                  choice.seconds)
         pack = SplitPack(self.model, choice.plan, mode=self.mode, compile=self.compile, cuda_graphs=self.cuda_graphs,
-                         max_batch=self.max_batch, traced=self._planner.traced, halo=choice.halo or "reuse",
-                         batch_packs=choice.batch_packs)
+                         max_batch=self.max_batch, traced=self._planner.traced, **choice.execution_kwargs)
         self.choices[key] = choice
         while len(self.choices) > PLAN_CACHE_SIZE:
             del self.choices[next(iter(self.choices))]

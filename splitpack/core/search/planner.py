@@ -149,6 +149,12 @@ class PlanChoice:
     batch_packs: bool = False  # same-shaped packs of a grid row run as one call
 
     @property
+    def execution_kwargs(self) -> dict[str, Any]:
+        """How the planner chose to run the plan, as :class:`splitpack.SplitPack`'s ``halo`` and ``batch_packs``:
+        run it so, and what was predicted is what runs."""
+        return {"halo": self.halo or "reuse", "batch_packs": self.batch_packs}
+
+    @property
     def predicted_latency_ratio(self) -> float | None:
         return self.predicted_time.ratio if self.predicted_time is not None else None
 
@@ -269,27 +275,22 @@ class Planner:
         else:
             front = context.front(FRONT_OVERHEAD if whole_front else max(cap or FRONT_OVERHEAD, 1.0), stop)
         if timed and memory_budget is None:
-            point, failure = None, None
-            try:
+            def search() -> Point:
+                nonlocal front
                 try:
-                    point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
+                    return context.smallest_peak_within_latency(front, max_latency, cap, finalists)
                 except LatencyTooLow:  # the search stopped at the least estimated peak: look at the whole front
                     if stop is None:
                         raise
                     front = context.front(max(max_latency, 1.0) * LATENCY_SLACK, None, metric=SECONDS)
-                    point = context.smallest_peak_within_latency(front, max_latency, cap, finalists)
-            except LatencyTooLow as err:  # strips (they recompute nothing) may still be within it
-                failure = err
-            point = context.strips_within_latency(point, front, max_latency, cap, finalists) or _raise(failure)
+                    return context.smallest_peak_within_latency(front, max_latency, cap, finalists)
+            point = _refined_by_strips(
+                search, lambda p: context.strips_within_latency(p, front, max_latency, cap, finalists))
             objective = f"smallest peak within {max_latency:g}x predicted latency{macs_cap}"
         elif timed:
-            point, failure = None, None
-            try:
-                point = context.fastest_within_budget(front, memory_budget, max_latency, cap, finalists)
-            except (BudgetTooSmall, LatencyTooLow) as err:  # the search's plans do not, strips may
-                failure = err
-            point = context.strips_within_budget(point, front, memory_budget, max_latency, cap, finalists) or \
-                _raise(failure)
+            point = _refined_by_strips(
+                lambda: context.fastest_within_budget(front, memory_budget, max_latency, cap, finalists),
+                lambda p: context.strips_within_budget(p, front, memory_budget, max_latency, cap, finalists))
             objective = f"fewest predicted seconds within {memory_budget} bytes and {max_latency:g}x latency{macs_cap}"
         elif memory_budget is None:
             point = context.strips_smallest_peak(context.smallest_peak(front, cap, finalists), front, cap, finalists)
@@ -664,8 +665,18 @@ class _SizeContext:
                                                                 {q.plan for q in front}])
 
 
-def _raise(error: Exception):
-    raise error
+def _refined_by_strips(search: Callable[[], Point], strips: Callable[[Point | None], Point | None]) -> Point:
+    """``strips`` applied to the search's point; where the search has none within the objective
+    (BudgetTooSmall, LatencyTooLow), the strips alone (they recompute nothing, and can fit where the
+    search's grids do not), else the search's error."""
+    try:
+        point, failure = search(), None
+    except (BudgetTooSmall, LatencyTooLow) as err:
+        point, failure = None, err
+    point = strips(point)
+    if point is None:
+        raise failure
+    return point
 
 
 def _smallest_peak(points: list[Point], tie_break: Callable[[Point], Any]) -> Point:
