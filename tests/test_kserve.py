@@ -19,12 +19,15 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
 import splitpack
@@ -366,25 +369,94 @@ STOCK_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "torchserve==0.12.0", 
 
 @pytest.fixture(scope="session")
 def stock_venv(request) -> Path:
-    """A fresh virtual environment with only :data:`STOCK_PACKAGES`, built once into pytest's cache
-    (about a minute on a quiet machine) and reused while its package list is the same."""
+    """A fresh virtual environment with only :data:`STOCK_PACKAGES` and what they require, built once into
+    pytest's cache and reused while its package list is the same.
+
+    Where this test's own environment has those packages at those versions, their installed files (the same
+    wheels' files) are linked into the new environment: a second pip install unpacks ~4 GiB (torch, CUDA wheels)
+    for a minute. Elsewhere pip installs them. Either way the environment is a plain venv (not
+    --system-site-packages) that holds neither splitpack nor timm."""
     key = hashlib.sha256(" ".join((sys.version, *STOCK_PACKAGES)).encode()).hexdigest()[:12]
     root = Path(request.config.cache.mkdir(f"stock-torchserve-{key}"))
     venv, done = root / "venv", root / "complete"
     if not done.exists():
         shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # not --system-site-packages
-        pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--no-input", "--quiet", *STOCK_PACKAGES],
-                             capture_output=True, text=True, env=clean_env(venv), timeout=1200)
-        if pip.returncode != 0:
-            shutil.rmtree(venv, ignore_errors=True)
-            pytest.skip("cannot build the stock TorchServe environment offline: pip: "
-                        + " ".join((pip.stderr or pip.stdout).strip().splitlines()[-3:]))
+        # not --system-site-packages; pip only where it installs
+        subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        if not link_installed(STOCK_PACKAGES, venv):
+            subprocess.run([str(venv / "bin" / "python"), "-m", "ensurepip"], check=True, capture_output=True)
+            pip = subprocess.run([str(venv / "bin" / "pip"), "install", "--no-input", "--quiet", *STOCK_PACKAGES],
+                                 capture_output=True, text=True, env=clean_env(venv), timeout=1200)
+            if pip.returncode != 0:
+                shutil.rmtree(venv, ignore_errors=True)
+                pytest.skip("cannot build the stock TorchServe environment offline: pip: "
+                            + " ".join((pip.stderr or pip.stdout).strip().splitlines()[-3:]))
         done.touch()
-    missing = subprocess.run([str(venv / "bin" / "python"), "-c", "import splitpack"], capture_output=True,
-                             env=clean_env(venv), cwd=root)
-    assert missing.returncode != 0, "the stock environment must not see splitpack"
+    for module in ("splitpack", "timm"):
+        missing = subprocess.run([str(venv / "bin" / "python"), "-c", f"import {module}"], capture_output=True,
+                                 env=clean_env(venv), cwd=root)
+        assert missing.returncode != 0, f"the stock environment must not see {module}"
     return venv
+
+
+def installed_closure(requirements) -> list[metadata.Distribution] | None:
+    """The distributions of this environment that ``requirements`` resolve to, their requirements (with the
+    extras asked for) included; None where one is missing or at a version the requirement excludes."""
+    todo, found = [Requirement(r) for r in requirements], {}
+    while todo:
+        requirement = todo.pop()
+        try:
+            dist = metadata.distribution(requirement.name)
+        except metadata.PackageNotFoundError:
+            return None
+        if not requirement.specifier.contains(dist.version, prereleases=True):
+            return None
+        name = canonicalize_name(dist.metadata["Name"])
+        extras = set(requirement.extras) | (found[name][1] if name in found else set())
+        if name in found and extras == found[name][1]:
+            continue
+        found[name] = (dist, extras)
+        for needed in map(Requirement, dist.requires or []):
+            if needed.marker is None or any(needed.marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append(needed)
+    return [dist for dist, _ in found.values()]
+
+
+def link_installed(requirements, venv: Path) -> bool:
+    """Install ``requirements`` into ``venv`` as hard links to this environment's installed files (copies
+    across file systems) and console scripts that run ``venv``'s python; False (nothing linked) where this
+    environment lacks one of them (see :func:`installed_closure`) or has one outside its prefix."""
+    dists = installed_closure(requirements)
+    if dists is None or not all(Path(d.locate_file("")).is_relative_to(sys.prefix) for d in dists):
+        return False
+    for dist in dists:
+        site = Path(dist.locate_file(""))
+        link_files(site, venv / site.relative_to(sys.prefix), dist.files or [])
+        for entry in dist.entry_points.select(group="console_scripts"):
+            write_console_script(venv, entry)
+    return True
+
+
+def link_files(site: Path, target: Path, files) -> None:
+    for file in files:
+        source = site / file
+        # scripts (../../../bin) are written for the venv; a RECORD may list a file twice, namespace packages share one
+        if str(file).startswith("..") or not source.is_file() or (target / file).exists():
+            continue
+        (target / file).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target / file)
+        except OSError:
+            shutil.copy2(source, target / file)
+
+
+def write_console_script(venv: Path, entry: metadata.EntryPoint) -> None:
+    """What pip writes for a console_scripts entry point: ``module:function`` run by ``venv``'s python."""
+    module, _, function = entry.value.partition(":")
+    script = venv / "bin" / entry.name
+    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom {module} import {function.split('.')[0]}\n"
+                      f"if __name__ == '__main__':\n    sys.exit({function}())\n")
+    script.chmod(0o755)
 
 
 def clean_env(venv: Path, **extra: str) -> dict[str, str]:
