@@ -111,18 +111,20 @@ def test_triton_serves_auto_and_reports_the_plan(tmp_path, cat, unsplit):
 
 
 # merge_layer auto + compile + cuda_graphs on a tiny model: what the replica did before its ready line (so before
-# any request) -- the plan for its input size, that plan's program recorded for batch 1 and 2, and CUDA-graph
-# buckets up to the deployment's batch size (graphs are captured on GPU replicas only; these run on the CPU).
+# any request) -- the plan for its input size (within max_latency as measured on the replica's device: candidate
+# plans timed at load), that plan's program recorded for batch 1 and 2, and CUDA-graph buckets up to the
+# deployment's batch size (graphs are captured on GPU replicas only; these run on the CPU).
 TINY = "test_efficientnet"
 TINY_SIZE = 64
-COMPILED_AUTO = {"merge_layer": "auto", "compile": "program", "cuda_graphs": True,
-                 "data_config": {"input_size": [3, TINY_SIZE, TINY_SIZE]}}
+COMPILED_AUTO = {"merge_layer": "auto", "compile": "program", "cuda_graphs": True, "max_latency": 3.0,
+                 "measure_latency": True, "data_config": {"input_size": [3, TINY_SIZE, TINY_SIZE]}}
 BATCH = 4
 
 
 def assert_compiled_at_load(settings: dict) -> None:
     [plan] = settings["auto_plans"]
     assert plan["input_size"] == f"3x{TINY_SIZE}x{TINY_SIZE}"
+    assert settings["measure_latency"] is True and plan["measured_latency_ratio"] > 0
     [program] = [r for r in settings["compiled"] if "first_call_s" in r]  # (captured graphs would follow)
     assert program["size"] == [3, TINY_SIZE, TINY_SIZE] and program["mode"] == "program"
     assert set(program["first_call_s"]) == {"1", "2"}  # both batch sizes ran at load
@@ -134,7 +136,8 @@ def test_torchserve_records_an_auto_plans_program_at_load(tmp_path, cat):
     from splitpack.serving.torchserve.server import Ports, TorchServe
 
     store, name = tmp_path / "store", "tiny_auto_compiled"
-    flags = ["--merge-layer", "auto", "--compile", "program", "--cuda-graphs",
+    flags = ["--merge-layer", "auto", "--compile", "program", "--cuda-graphs", "--max-latency", "3",
+             "--measure-latency",
              "--data-config", json.dumps(COMPILED_AUTO["data_config"])]
     assert cli.main(["archive", "--model", TINY, "--name", name, *flags, "--batch-size", str(BATCH),
                      "--startup-timeout-s", "300", "--out", str(store)]) == 0

@@ -98,6 +98,8 @@ BAD = {
     "plan-latency-0": (["plan", "--model", MODEL, "--size", "64", "--max-latency", "0"], "must be a ratio > 0"),
     "plan-latency-word": (["plan", "--model", MODEL, "--size", "64", "--max-latency", "fast"],
                           "expected a latency ratio such as 1.1"),
+    "plan-measure-without-latency": (["plan", "--model", MODEL, "--size", "64", "--measure-latency"],
+                                     "--measure-latency measures candidates for --max-latency alone"),
     "calibrate-bad-size": (["calibrate", "--model", MODEL, "--size", "0"], "must be >= 1"),
     "calibrate-bad-threads": (["calibrate", "--model", MODEL, "--threads", "many"], "argument --threads"),
     "unknown-command": (["serv"], "invalid choice"),

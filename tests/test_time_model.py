@@ -416,3 +416,69 @@ def test_the_interpreters_step_overhead_is_measured_once(tiny, tmp_path):
     model = calibrate(traced, 32, store=store)
     assert store.data["interpreter_step_s"] > 0 and model.interpreter_step_s == store.data["interpreter_step_s"]
     assert json.loads(store.path.read_text())["interpreter_step_s"] == store.data["interpreter_step_s"]
+
+
+# --------------------------------------------------------------------------- measured latency
+
+def test_measured_latency_keeps_the_smallest_peak_measured_within(tiny):
+    """The real path: candidate plans run on this CPU against the unsplit model. Which plans measure within the
+    limit depends on the machine; what the planner does with the measurements does not."""
+    model, traced = tiny
+    planner = Planner(model)
+    choice = planner.choose((1, 3, 64, 64), max_latency=1.5, time_model=synthetic_time_model(traced), measure=3,
+                            measure_repeats=2)
+    assert 1 <= len(choice.measured) <= 3 and "measured latency" in choice.objective
+    assert choice.measured_latency_ratio is not None  # the chosen plan is one of those measured
+    within = [m for m in choice.measured if m.ratio <= 1.5]
+    if within:
+        assert choice.predicted_peak_bytes <= min(m.peak_bytes for m in within)
+    else:  # none within: the fastest measured
+        assert choice.measured_latency_ratio == min(m.ratio for m in choice.measured)
+    for m in choice.measured:
+        assert m.ratio == pytest.approx(m.split_ms / m.unsplit_ms) and m.predicted_ratio <= 1.5 * 1.25
+    assert choice.to_dict()["measured_latency_ratio"] == choice.measured_latency_ratio
+    x = torch.randn(1, 3, 64, 64)
+    split = splitpack.SplitPack(model, choice.plan, compile="program", **choice.execution_kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_measurement_overrules_a_time_model_that_underprices(tiny, monkeypatch):
+    """Ops cost their work and nothing else, so plans are predicted near the unsplit model's price, but 'measure'
+    (injected: this tests the search, the test above the timing) over the limit below some peak: the planner
+    bisects to the smallest peak measured within it, timing fewer plans than it has."""
+    _, traced = tiny
+    free = TimeModel("work only", {sig: LinearFit(0.0, 2e-9) for sig in _signatures(traced).values()},
+                     LinearFit(0.0, 0.0), 0.0)
+    planner = Planner(traced)
+    shape = (1, 3, 96, 96)
+    predicted = planner.choose(shape, max_latency=1.2, time_model=free)
+    peaks = sorted({p.peak_bytes for p in predicted.front if p.exact})
+    threshold = peaks[len(peaks) // 2]
+    timed_plans = []
+
+    def fake_measure(self, plan, cap, repeats):
+        peak = self.cost(plan).peak_bytes
+        ratio = 1.5 if peak < threshold else 1.1
+        timed_plans.append(plan)
+        return planner_module.Measurement(plan, peak, self.plan_time(plan).ratio, ratio, 1.0, ratio)
+
+    monkeypatch.setattr(_SizeContext, "measure", fake_measure)
+    measured = planner.choose(shape, max_latency=1.2, time_model=free, measure=8)
+    assert predicted.predicted_peak_bytes < threshold and timed_plans[0] == predicted.plan
+    assert measured.measured_latency_ratio == 1.1 and measured.predicted_peak_bytes >= threshold
+    assert measured.predicted_peak_bytes == min(m.peak_bytes for m in measured.measured if m.ratio <= 1.2)
+    assert len(set(timed_plans)) == len(timed_plans) <= 8
+    assert "measured latency" in measured.objective
+
+
+def test_measure_latency_needs_max_latency_alone(tiny):
+    model, _ = tiny
+    for kwargs in ({}, {"max_latency": 1.2, "memory_budget": 1 << 20}):
+        with pytest.raises(ValueError, match="measure_latency"):
+            splitpack.wrap(model, "auto", measure_latency=True, **kwargs)
+    with pytest.raises(ValueError, match="measure_latency"):
+        splitpack.wrap(model, "block1", measure_latency=True)
+    config = ServingConfig(model_name="resnet18", merge_layer="auto", max_latency="1.2", measure_latency="true")
+    assert config.plan.measure_latency is True and config.plan.max_latency == 1.2
+    assert ServingConfig(model_name="resnet18", merge_layer="auto").plan.measure_latency is False

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from splitpack.cli import arg_type, common
+from splitpack.cli import UsageError, arg_type, common
 from splitpack.measure.units import parse_bytes
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "device's time model (calibrated on first use, see `splitpack calibrate`): the plan "
                              "with the smallest peak within it; with --budget the fewest predicted seconds within "
                              "the budget")
+    parser.add_argument("--measure-latency", action="store_true",
+                        help="with --max-latency: also time a few candidate plans on this device, each against the "
+                             "unsplit model, and keep the smallest peak measured within --max-latency")
     parser.add_argument("--compile", choices=("off", "program"), default="program",
                         help="how the plan's latency is predicted to run: interpreted (off) or as a recorded "
                              "program (default)")
@@ -76,9 +79,12 @@ def run(args: argparse.Namespace) -> int:
 
         pyplot()  # a missing plot extra is reported before minutes of planning
     model, spec = common.build_model(args)
+    if args.measure_latency and (args.max_latency is None or args.budget is not None):
+        raise UsageError("--measure-latency measures candidates for --max-latency alone (without --budget)")
     report = plan_report(spec.title, args.size, args.batch_size, args.budget, args.max_overhead, args.device,
                          getattr(torch, args.dtype), measure=not args.no_measure, model=model,
-                         max_latency=args.max_latency, latency_mode="interpreter" if args.compile == "off" else "program")
+                         max_latency=args.max_latency, latency_mode="interpreter" if args.compile == "off" else "program",
+                         measure_latency=args.measure_latency)
     if args.out:
         common.write_plot(args.out, lambda path: plot_front(report, path))
         report["png"] = args.out

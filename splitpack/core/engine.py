@@ -18,7 +18,7 @@ __all__ = ["MODES", "PLAN_CACHE_SIZE", "SplitPack", "merge_layers", "wrap"]
 def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, compile=False,
          cuda_graphs: bool = False, max_batch: int = DEFAULT_MAX_BATCH, memory_budget: int | None = None,
          max_overhead: float | None = None, max_latency: float | None = None, halo="reuse",
-         batch_packs: bool | int = False) -> nn.Module:
+         batch_packs: bool | int = False, measure_latency: bool = False) -> nn.Module:
     """Run ``model`` with split-pack inference.
 
     ``merge_layer`` is a checkpoint (module name), a staged plan (a list or comma string of
@@ -56,17 +56,21 @@ def wrap(model: nn.Module, merge_layer, grid=(2, 2), mode: str = "exact", *, com
     ``max_latency`` (a ratio to the unsplit model's time on this device, predicted by the device's time
     model, :mod:`splitpack.core.cost.time_model`, calibrated on first use): the smallest peak predicted
     within it, or with ``memory_budget`` the fewest predicted seconds within the budget.
+    ``measure_latency`` (with ``max_latency`` alone): the planner also times a few candidate plans on this
+    device (each against the unsplit model, best of a few runs) and keeps the smallest peak *measured* within
+    ``max_latency`` -- seconds to a minute more planning per input size, for a pick that does not hang on the
+    time model's error.
     """
     plan = parse_plan(merge_layer, grid, memory_budget=memory_budget, max_overhead=max_overhead,
-                      max_latency=max_latency)
+                      max_latency=max_latency, measure_latency=measure_latency)
     if isinstance(plan, AutoPlan):
         if halo != "reuse" or batch_limit(batch_packs) > 1:
             raise ValueError("halo and batch_packs are for a given plan: with merge_layer='auto' the planner "
                              "picks them (by predicted time, with max_latency or a time model)")
         return AutoSplitPack(model, plan, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch)
-    if memory_budget is not None or max_overhead is not None or max_latency is not None:
+    if memory_budget is not None or max_overhead is not None or max_latency is not None or measure_latency:
         raise ValueError("memory_budget and max_overhead are for merge_layer='auto' (the planner's objective), "
-                         "and so is max_latency")
+                         "and so are max_latency and measure_latency")
     return SplitPack(model, plan, grid, mode, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch,
                      halo=halo, batch_packs=batch_packs)
 

@@ -13,10 +13,10 @@ from splitpack.measure.units import MiB
 def plan_report(model_name: str, size: int, batch_size: int = 1, memory_budget: int | None = None,
                 max_overhead: float | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
                 measure: bool = True, model: torch.nn.Module | None = None, max_latency: float | None = None,
-                latency_mode: str = "program") -> dict[str, Any]:
+                latency_mode: str = "program", measure_latency: bool = False) -> dict[str, Any]:
     """The JSON document of ``splitpack plan`` (``model``: the one to plan, default ``model_name`` built)."""
     import splitpack
-    from splitpack.core.search.planner import Planner
+    from splitpack.core.search.planner import MEASURED_PLANS, Planner
 
     model = model if model is not None else splitpack.create_model(model_name)
     model = model.to(device=device, dtype=dtype).eval()
@@ -25,7 +25,7 @@ def plan_report(model_name: str, size: int, batch_size: int = 1, memory_budget: 
     planner = Planner(model)
     traced_s = time.perf_counter() - start
     choice = planner.choose(shape, memory_budget, max_overhead, whole_front=True, max_latency=max_latency,
-                            latency_mode=latency_mode)
+                            latency_mode=latency_mode, measure=MEASURED_PLANS if measure_latency else 0)
     timed = choice.predicted_time
     report = {
         "model": model_name, "size": size, "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
@@ -36,6 +36,7 @@ def plan_report(model_name: str, size: int, batch_size: int = 1, memory_budget: 
         "predicted_latency_ratio": timed.ratio if timed else None, "latency_mode": timed.mode if timed else None,
         "predicted_seconds": timed.seconds if timed else None,
         "predicted_unsplit_seconds": timed.unsplit_seconds if timed else None,
+        "measured_latency_ratio": choice.measured_latency_ratio, "measured_plans": [m.to_dict() for m in choice.measured],
         "checkpoints": len(planner.checkpoints), "trace_seconds": round(traced_s, 3),
         "planning_seconds": round(choice.seconds, 3), "front": [p.to_dict() for p in choice.front],
         "measured_peak_bytes": None, "baseline_peak_bytes": None, "measured_by": None,

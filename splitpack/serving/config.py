@@ -315,6 +315,10 @@ PARAMS: tuple[Param, ...] = (
           "(predicted by the device's time model, calibrated at first load and cached); the planner picks the "
           "smallest peak within it, or with memory_budget the fewest predicted seconds within the budget",
           metavar="RATIO", plan_arg=True),
+    Param("measure_latency", boolean, False,
+          "merge_layer auto with max_latency: also time a few candidate plans on the serving device at load "
+          "(each against the unsplit model) and keep the smallest peak measured within max_latency, so the pick "
+          "does not hang on the time model's error (seconds to a minute more at load)", plan_arg=True),
     # -- deploy: the servers' own settings -------------------------------------------------------------
     Param("replicas", integer(1), 1, "model replicas (processes) per server", section=DEPLOY,
           native={"torchserve": "minWorkers, maxWorkers", "triton": "instance_group.count"}, metavar="N"),

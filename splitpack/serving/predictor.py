@@ -83,7 +83,8 @@ class Predictor:
         batch = {"max_batch": self.batch_size} if self.batch_size else {}
         return splitpack.wrap(base, merge_layer=cfg.merge_layer, grid=cfg.grid, mode=cfg.mode, compile=cfg.compile,
                               cuda_graphs=cfg.cuda_graphs, memory_budget=cfg.memory_budget,
-                              max_overhead=cfg.max_overhead, max_latency=cfg.max_latency, **batch)
+                              max_overhead=cfg.max_overhead, max_latency=cfg.max_latency,
+                              measure_latency=cfg.measure_latency, **batch)
 
     def plans(self) -> list[dict]:
         """merge_layer auto: the plan chosen for each input size so far (empty otherwise)."""
@@ -92,7 +93,9 @@ class Predictor:
                  "predicted_peak_bytes": c.predicted_peak_bytes,
                  "predicted_macs_ratio": round(c.predicted_macs_ratio, 4),
                  "predicted_latency_ratio": None if c.predicted_latency_ratio is None
-                 else round(c.predicted_latency_ratio, 4)} for (size, *_), c in choices.items()]
+                 else round(c.predicted_latency_ratio, 4),
+                 "measured_latency_ratio": None if c.measured_latency_ratio is None
+                 else round(c.measured_latency_ratio, 4)} for (size, *_), c in choices.items()]
 
     def warmup(self) -> None:
         """One forward at the model's input size, so the first request does not pay for

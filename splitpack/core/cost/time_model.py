@@ -333,6 +333,14 @@ def latencies_ms(fns, x, repeats: int, clock=time.perf_counter) -> list[float]:
     return best
 
 
+def measured_ratio(unsplit, split, x: torch.Tensor, repeats: int) -> tuple[float, float, float]:
+    """(split / unsplit latency, unsplit ms, split ms) on ``x``: best of ``repeats`` interleaved runs, timed by
+    :func:`op_clock`'s clock (CPU time with one torch thread on a CPU, else the wall clock)."""
+    clock = op_clock(x.device)
+    unsplit_ms, split_ms = latencies_ms([unsplit, split], x, repeats, clock)
+    return split_ms / unsplit_ms, unsplit_ms, split_ms
+
+
 def _interpreter_step_s(device: torch.device, dtype: torch.dtype) -> float:
     """The interpreter's Python overhead per step: a plan of tiny ops (8 ReLUs, 4x4 packs of a 16x16 image)
     interpreted and run as a recorded program, the difference per step (best of a few interleaved runs)."""

@@ -114,6 +114,7 @@ class AutoPlan:
     memory_budget: int | None = None  # bytes of peak activation memory, or None
     max_overhead: float | None = None  # MACs ratio cap (split / unsplit), or None for the planner default
     max_latency: float | None = None  # predicted latency ratio cap (split / unsplit on this device), or None
+    measure_latency: bool = False  # with max_latency: candidate plans timed on the device, the measured ratio kept
 
     def __str__(self) -> str:
         return AUTO
@@ -153,7 +154,8 @@ def _grids(grid: Any, stages: int) -> list[Grid]:
 
 
 def parse_plan(merge_layer: Any, grid: Any = (2, 2), *, memory_budget: int | None = None,
-               max_overhead: float | None = None, max_latency: float | None = None) -> Plan | AutoPlan | None:
+               max_overhead: float | None = None, max_latency: float | None = None,
+               measure_latency: bool = False) -> Plan | AutoPlan | None:
     """The plan a (merge_layer, grid) setting describes: a Plan, an AutoPlan, or None (unsplit).
 
     Checks the syntax only; whether the checkpoints exist in a model is the engine's question.
@@ -163,7 +165,7 @@ def parse_plan(merge_layer: Any, grid: Any = (2, 2), *, memory_budget: int | Non
     if merge_layer is None or (isinstance(merge_layer, str) and merge_layer.strip().lower() in UNSPLIT_WORDS):
         return None
     if isinstance(merge_layer, str) and merge_layer.strip().lower() == AUTO:
-        return AutoPlan(memory_budget, max_overhead, max_latency)
+        return AutoPlan(memory_budget, max_overhead, max_latency, measure_latency)
     names = _names(merge_layer)
     if any(not n for n in names):
         raise ValueError(f"merge_layer: empty name in {merge_layer!r}")

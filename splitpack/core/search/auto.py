@@ -19,7 +19,7 @@ from splitpack.core.execute.module import PLAN_CACHE_SIZE, SplitPack
 from splitpack.core.compile.recording import DEFAULT_MAX_BATCH, OFF, compile_mode
 from splitpack.core.plan.spec import AutoPlan
 from splitpack.core.cost.time_model import INTERPRETED, PROGRAM
-from splitpack.core.search.planner import PlanChoice, Planner, check_max_latency
+from splitpack.core.search.planner import MEASURED_PLANS, PlanChoice, Planner, check_max_latency
 from splitpack.errors import SplitError
 
 log = logging.getLogger("splitpack")
@@ -40,6 +40,9 @@ class AutoSplitPack(nn.Module):
             raise ValueError("merge_layer='auto' plans exact mode (seed mode changes outputs: choose its merge "
                              "layer after measuring accuracy)")
         check_max_latency(auto.max_latency)
+        if auto.measure_latency and (auto.max_latency is None or auto.memory_budget is not None):
+            raise ValueError("measure_latency: the planner measures candidates for max_latency alone (give "
+                             "max_latency, without memory_budget)")
         self.model = model
         self.auto = auto
         self.mode = mode
@@ -55,7 +58,7 @@ class AutoSplitPack(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"plan='auto', memory_budget={self.auto.memory_budget}, max_overhead={self.auto.max_overhead}, "
-                f"max_latency={self.auto.max_latency}")
+                f"max_latency={self.auto.max_latency}, measure_latency={self.auto.measure_latency}")
 
     def for_input(self, shape, dtype: torch.dtype | None = None, device=None) -> SplitPack:
         """The SplitPack that runs inputs of ``shape`` (N, C, H, W): planned on first use, then cached."""
@@ -74,8 +77,11 @@ class AutoSplitPack(nn.Module):
         size, dtype, _ = key
         latency_mode = INTERPRETED if compile_mode(self.compile) == OFF else PROGRAM
         choice = self._planner.choose((1, *size), self.auto.memory_budget, self.auto.max_overhead, dtype=dtype,
-                                      max_latency=self.auto.max_latency, latency_mode=latency_mode)
+                                      max_latency=self.auto.max_latency, latency_mode=latency_mode,
+                                      measure=MEASURED_PLANS if self.auto.measure_latency else 0)
         latency = "" if choice.predicted_latency_ratio is None else f", {choice.predicted_latency_ratio:.3f}x latency"
+        if choice.measured_latency_ratio is not None:
+            latency += f" ({choice.measured_latency_ratio:.3f}x measured)"
         log.info("merge_layer=auto: input %s %s -> plan %s (predicted peak %s per image, %.3fx MACs%s; %s; "
                  "planned in %.1f s)", "x".join(map(str, size)), str(dtype).removeprefix("torch."), choice.plan,
                  _mib(choice.predicted_peak_bytes), choice.predicted_macs_ratio, latency, choice.objective,

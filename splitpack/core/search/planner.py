@@ -57,11 +57,11 @@ from torch import fx, nn
 
 from splitpack.core.cost.counts import unsplit_macs
 from splitpack.core.cost.fast_estimate import MAX_TILES, Checkpoint, Estimator, StageOption
-from splitpack.core.capture.graph import CUT_JOIN, TracedModel, find_cuts, trace
+from splitpack.core.capture.graph import CUT_JOIN, TracedModel, find_cuts, model_device, trace
 from splitpack.core.plan.spec import Plan, Stage
 from splitpack.core.cost.exact_peak import allocation_profile
 from splitpack.core.cost.plan_cost import PlanCost, plan_cost
-from splitpack.core.cost.time_model import PROGRAM, PlanTime, Predictor, TimeModel, time_model_for
+from splitpack.core.cost.time_model import PROGRAM, PlanTime, Predictor, TimeModel, measured_ratio, time_model_for
 from splitpack.core.plan.schedule import HALO_MODES, Program, build_program, node_kind, stage_graphs, \
     unsplittable_nodes
 from splitpack.errors import SplitError
@@ -85,6 +85,11 @@ TIMED_CANDIDATES = 12  # plans of the search's front whose programs the time mod
 LATENCY_SLACK = 1.05  # the search's seconds are estimates: it looks this far past max_latency
 ESTIMATE_MARGIN = 1.05  # plans whose estimated seconds are within this of max_latency get their programs timed
 MACS, SECONDS = "macs", "seconds"  # what the search's cost is
+# measured latency (``measure``): plans predicted within this factor of max_latency are candidates, each run
+# as a recorded program (or interpreted) interleaved with the unsplit model, best of MEASURE_REPEATS runs
+MEASURE_SLACK = 1.25
+MEASURE_REPEATS = 3
+MEASURED_PLANS = 6  # plans ``wrap(..., measure_latency=True)`` times at most per input size
 # full-width strips (grids Rx1) of this many rows of each stage's smallest extent, tallest (fewest packs,
 # fastest) first: with halo reuse a strip recomputes nothing, and the search's grids stop at 8 rows
 STRIP_HEIGHTS = (8, 4, 2)
@@ -130,6 +135,23 @@ class Execution:
     batch_packs: bool = False
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """One plan timed on the device while planning: its exact peak, predicted and measured latency ratios."""
+
+    plan: Plan
+    peak_bytes: int
+    predicted_ratio: float
+    ratio: float
+    unsplit_ms: float
+    split_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": str(self.plan), "predicted_peak_bytes": self.peak_bytes,
+                "predicted_latency_ratio": round(self.predicted_ratio, 4), "measured_latency_ratio": round(self.ratio, 4),
+                "unsplit_ms": round(self.unsplit_ms, 3), "split_ms": round(self.split_ms, 3)}
+
+
 @dataclass
 class PlanChoice:
     """The planner's answer for one input size."""
@@ -147,6 +169,12 @@ class PlanChoice:
     predicted_time: PlanTime | None = None  # when a latency objective (or a time model) was given
     halo: tuple[str, ...] = ()  # each stage's halo mode (empty: reuse everywhere)
     batch_packs: bool = False  # same-shaped packs of a grid row run as one call
+    measured: list[Measurement] = field(default_factory=list)  # plans timed on the device (``measure``), in order
+
+    @property
+    def measured_latency_ratio(self) -> float | None:
+        """The chosen plan's latency ratio as measured on the device while planning (None: not measured)."""
+        return next((m.ratio for m in self.measured if m.plan == self.plan), None)
 
     @property
     def execution_kwargs(self) -> dict[str, Any]:
@@ -168,6 +196,8 @@ class PlanChoice:
                 "predicted_seconds": timed.seconds if timed else None,
                 "predicted_unsplit_seconds": timed.unsplit_seconds if timed else None,
                 "halo": list(self.halo) or ["reuse"] * len(self.plan.stages), "batch_packs": self.batch_packs,
+                "measured_latency_ratio": self.measured_latency_ratio,
+                "measured": [m.to_dict() for m in self.measured],
                 "planning_seconds": round(self.seconds, 3), "input_shape": list(self.shape),
                 "front": [p.to_dict() for p in self.front]}
 
@@ -241,6 +271,7 @@ class Planner:
 
     def __init__(self, model: nn.Module | TracedModel, dtype: torch.dtype | None = None):
         self.traced = model if isinstance(model, TracedModel) else trace(model)
+        self.model = model if isinstance(model, nn.Module) else self.traced.gm  # what ``measure`` runs unsplit
         self.dtype = dtype or self.traced.dtype
         self.checkpoints = distinct_checkpoints(self.traced)
         if not self.checkpoints:
@@ -251,14 +282,16 @@ class Planner:
     def choose(self, shape, memory_budget: int | None = None, max_overhead: float | None = None,
                finalists: int = FINALISTS, whole_front: bool = False, dtype: torch.dtype | None = None,
                max_latency: float | None = None, time_model: TimeModel | None = None,
-               latency_mode: str = PROGRAM) -> PlanChoice:
+               latency_mode: str = PROGRAM, measure: int = 0, measure_repeats: int = MEASURE_REPEATS) -> PlanChoice:
         """The plan for inputs of ``shape`` (N, C, H, W): the smallest predicted peak within
         ``max_overhead`` (default 1.25x MACs), or with ``memory_budget`` (bytes, whole batch) the
         least MACs whose predicted peak fits (and within ``max_overhead`` if given too).
         With ``max_latency`` (predicted latency / the unsplit model's, ``latency_mode``: how the plan runs,
         "program" or "interpreter") the smallest peak within it, or with ``memory_budget`` the fewest
         predicted seconds within the budget (and within ``max_latency``); ``time_model``: the device's
-        (default: from the cache, calibrated on first use). ``whole_front``: search (and return) the front
+        (default: from the cache, calibrated on first use). ``measure`` (with ``max_latency`` alone): time up to
+        this many candidate plans on the device (:meth:`_SizeContext.measured_within_latency`) and keep the
+        smallest peak *measured* within ``max_latency``. ``whole_front``: search (and return) the front
         up to 3x MACs, not only what the objective needs."""
         start = time.perf_counter()
         shape = tuple(int(s) for s in shape)
@@ -298,13 +331,18 @@ class Planner:
         else:
             point = context.least_macs(front, memory_budget, cap, finalists)
             objective = f"least MACs within {memory_budget} bytes" + macs_cap
-        cost, predicted, execution = context.cost(point.plan), None, Execution(())
+        cost, predicted, execution, measured = context.cost(point.plan), None, Execution(()), []
         if timed or time_model is not None:
             limit = memory_budget if memory_budget is not None else cost.peak_bytes * (1 + PEAK_TIE)
             execution, predicted, cost = context.tuned(point.plan, limit, cap)
+        if measure and timed and memory_budget is None:
+            point, measured = context.measured_within_latency(point, front, max_latency, cap, measure, measure_repeats)
+            execution, predicted, cost = context.tuned(point.plan, context.cost(point.plan).peak_bytes * (1 + PEAK_TIE),
+                                                       cap)
+            objective = f"smallest peak within {max_latency:g}x measured latency{macs_cap}"
         return PlanChoice(point.plan, cost.peak_bytes, cost.macs_ratio, cost.macs, cost.unsplit_macs, cost.ops,
                           objective, context.final_front(front), time.perf_counter() - start, shape, predicted,
-                          execution.halo, execution.batch_packs)
+                          execution.halo, execution.batch_packs, measured)
 
     def plan_time(self, plan: Plan, shape, time_model: TimeModel | None = None,
                   latency_mode: str = PROGRAM) -> PlanTime:
@@ -518,6 +556,70 @@ class _SizeContext:
         if not fast:
             self._latency_error(order, max_latency, "")
         return _smallest_peak([self.exact(p.plan) for p in fast[:finalists]], self._fastest)
+
+    def measured_within_latency(self, chosen: Point, front: list[Point], max_latency: float, cap: float | None,
+                                count: int, repeats: int) -> tuple[Point, list[Measurement]]:
+        """The smallest exact peak *measured* within ``max_latency``. The time model's errors have a direction
+        per kind of op (copies cost more inside a program than calibrated, tiny ops less), so a plan predicted
+        near the limit lands on either side of it. Candidates: ``chosen``, the plans whose programs were
+        predicted within :data:`MEASURE_SLACK` of the limit (strips among them, and ``front``'s plans estimated
+        within it), by exact peak (replays are cheap next to a timed run); larger peaks run faster (fewer packs, fewer
+        joins), so a bisection from ``chosen`` times at most ``count`` of them, each run as it would be served
+        (its tuned execution) interleaved with the unsplit model. None within: the fastest measured, with a
+        warning."""
+        limit = max_latency * MEASURE_SLACK
+        plans = [p.plan for p in front if self._estimated_seconds.get(p.plan, math.inf) <= limit * self._unsplit_s]
+        plans += [plan for plan, t in self._times.items() if t.ratio <= limit]
+        pool = {plan: self.exact(plan) for plan in dict.fromkeys(plans) if self.plan_time(plan).ratio <= limit}
+        pool[chosen.plan] = self.exact(chosen.plan)
+        order = sorted((p for p in pool.values() if cap is None or p.macs_ratio <= cap or p.plan == chosen.plan),
+                       key=lambda p: (p.peak_bytes, self.plan_time(p.plan).seconds))
+        measured: dict[Plan, Measurement] = {}
+
+        def within(i: int) -> bool:
+            plan = order[i].plan
+            if plan not in measured:
+                measured[plan] = self.measure(plan, cap, repeats)
+            return measured[plan].ratio <= max_latency
+
+        lo, hi = 0, len(order)  # bisect for the first plan measured within
+        start = next(i for i, p in enumerate(order) if p.plan == chosen.plan)
+        if within(start):
+            hi = start
+        else:
+            lo = start + 1
+        while lo < hi and len(measured) < count:
+            mid = (lo + hi) // 2
+            if within(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        timings = list(measured.values())
+        ok = [m for m in timings if m.ratio <= max_latency and (cap is None or self.exact(m.plan).macs_ratio <= cap)]
+        if ok:
+            return self.exact(min(ok, key=lambda m: (m.peak_bytes, m.ratio)).plan), timings
+        fastest = min(timings, key=lambda m: m.ratio)
+        log.warning("max_latency %g: no plan measured within it for input %s; the fastest measured is %.3fx (plan %s)",
+                    max_latency, list(self.shape), fastest.ratio, fastest.plan)
+        return self.exact(fastest.plan), timings
+
+    def measure(self, plan: Plan, cap: float | None, repeats: int) -> Measurement:
+        """``plan`` run as :meth:`tuned` would run it, its latency measured against the unsplit model's."""
+        from splitpack.core.execute.module import SplitPack  # the executor is built on the planner's modules
+
+        traced = self.planner.traced
+        if self.dtype != traced.dtype:
+            raise ValueError(f"measure: the model is {traced.dtype}, the plan is for {self.dtype}: plan in the "
+                             "model's dtype")
+        execution, predicted, cost = self.tuned(plan, self.cost(plan).peak_bytes * (1 + PEAK_TIE), cap)
+        split = SplitPack(self.planner.model, plan, traced=traced, halo=execution.halo or "reuse",
+                          batch_packs=execution.batch_packs,
+                          compile="program" if self.latency_mode == PROGRAM else False)
+        x = torch.randn(self.shape, device=model_device(traced.gm)).to(self.dtype)
+        ratio, unsplit_ms, split_ms = measured_ratio(self.planner.model, split, x, repeats)
+        log.info("measured plan %s: %.3fx the unsplit model (predicted %.3fx; %.1f / %.1f ms)", plan, ratio,
+                 predicted.ratio, split_ms, unsplit_ms)
+        return Measurement(plan, cost.peak_bytes, predicted.ratio, ratio, unsplit_ms, split_ms)
 
     def _fastest(self, p: Point) -> tuple[float, int]:
         """A tie-break: the fewest predicted seconds, then the smaller peak."""
