@@ -2,7 +2,8 @@
 """Predicted vs measured latency of the plans the planner picks with ``max_latency``.
 
 usage: scripts/bench_latency.py [--cases resnet50:1024:1.0 mobilenetv2_100:224:1.3 ...] [--threads 2]
-                                [--repeats 5] [--compile program] [--no-peak] [--json benchmarks/latency.json]
+                                [--repeats 5] [--compile program] [--no-peak] [--measure-latency]
+                                [--json benchmarks/latency.json]
 
 For every case (model:size:max_latency): the device's time model (calibrated on first use, cached; the
 seconds it took are reported), the planner's choice within ``max_latency`` (smallest predicted peak whose
@@ -12,7 +13,8 @@ predicted and measured seconds and ratios, and the prediction's error. Peaks: pr
 measured by the activation tracker. Run it with ``nice -n 5`` and note the load (printed before and after): other processes on the cores make
 the measured side slower, never the calibrated one faster. ``--clock cpu`` (one thread only) times by the
 process's CPU time instead of the wall clock: what the ops cost, without the time the process waited for a
-core on a loaded machine.
+core on a loaded machine. ``--measure-latency``: the planner also times candidate plans itself and keeps the
+smallest peak measured within ``max_latency`` (what it measured is in the row, beside this script's measurement).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch  # noqa: E402
 import splitpack  # noqa: E402
 from splitpack.core.cost.time_model import INTERPRETED, PROGRAM, device_key, time_model_for  # noqa: E402
 from splitpack.core.execute.module import SplitPack  # noqa: E402
-from splitpack.core.search.planner import LatencyTooLow, Planner  # noqa: E402
+from splitpack.core.search.planner import MEASURED_PLANS, LatencyTooLow, Planner  # noqa: E402
 from splitpack.experiments.bench import in_fresh_processes, latencies_ms  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 
@@ -47,7 +49,7 @@ def parse_case(text: str) -> tuple[str, int, float]:
 
 
 def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_mode: str, peak: bool,
-               clock: str = "wall") -> dict:
+               clock: str = "wall", measure: int = 0) -> dict:
     torch.manual_seed(0)
     model = splitpack.create_model(name).eval()
     row = {"model": name, "size": size, "max_latency": max_latency, "threads": torch.get_num_threads(),
@@ -59,7 +61,7 @@ def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_m
     start = time.perf_counter()
     latency_mode = INTERPRETED if compile_mode == "off" else PROGRAM
     try:
-        choice = planner.choose((1, 3, size, size), max_latency=max_latency, latency_mode=latency_mode)
+        choice = planner.choose((1, 3, size, size), max_latency=max_latency, latency_mode=latency_mode, measure=measure)
     except LatencyTooLow as err:
         row["error"] = str(err)
         return row
@@ -67,6 +69,9 @@ def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_m
                predicted_peak_bytes=choice.predicted_peak_bytes, macs_ratio=choice.predicted_macs_ratio,
                predicted_s=choice.predicted_time.seconds, predicted_unsplit_s=choice.predicted_time.unsplit_seconds,
                predicted_ratio=choice.predicted_latency_ratio, halo=list(choice.halo), batch_packs=choice.batch_packs)
+    if choice.measured:
+        row.update(planner_measured_ratio=choice.measured_latency_ratio,
+                   planner_measured=[m.to_dict() for m in choice.measured])
     split = SplitPack(model, choice.plan, compile=compile_mode, traced=planner.traced, **choice.execution_kwargs)
     x = torch.randn(1, 3, size, size)
     unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, CLOCKS[clock])
@@ -106,7 +111,8 @@ def table(rows: list[dict]) -> str:
                  f"{r['predicted_peak_bytes'] / 2**20:.1f} / {meas_peak / 2**20 if meas_peak else float('nan'):.1f}",
                  f"{r['unsplit_peak_bytes'] / meas_peak:.2f}x" if meas_peak else "-",
                  f"{r['macs_ratio']:.3f}x",
-                 f"{r['predicted_ratio']:.3f}x / {r['measured_ratio']:.3f}x",
+                 f"{r['predicted_ratio']:.3f}x / {r['measured_ratio']:.3f}x"
+                 + (f" (planner {r['planner_measured_ratio']:.3f}x)" if r.get("planner_measured_ratio") else ""),
                  f"{r['predicted_s'] * 1e3:.0f} / {r['measured_s'] * 1e3:.0f} "
                  f"({r['predicted_unsplit_s'] * 1e3:.0f} / {r['measured_unsplit_s'] * 1e3:.0f})",
                  ", ".join(f"{r[k]:+.1%}" for k in ("error_s", "error_unsplit_s", "error_ratio"))]
@@ -117,7 +123,8 @@ def table(rows: list[dict]) -> str:
 def case_in_process(case: tuple[str, int, float], args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     name, size, latency = case
-    return bench_case(name, size, latency, args.repeats, args.compile, not args.no_peak, args.clock)
+    return bench_case(name, size, latency, args.repeats, args.compile, not args.no_peak, args.clock,
+                      MEASURED_PLANS if args.measure_latency else 0)
 
 
 def main() -> int:
@@ -128,6 +135,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", choices=("program", "off"), default="program")
     parser.add_argument("--no-peak", action="store_true", help="skip the tracker's peak measurements")
+    parser.add_argument("--measure-latency", action="store_true",
+                        help="the planner times candidate plans and keeps the smallest peak measured within")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall clock, or the process's CPU time (--threads 1 only)")
     parser.add_argument("--json", type=Path, help="write the rows here")

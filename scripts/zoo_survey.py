@@ -2,7 +2,7 @@
 """The zoo survey: the planner's plan (merge_layer auto, default objective) for each model of the zoo.
 
 usage: scripts/zoo_survey.py [--models M ...] [--size 512] [--float64] [--json benchmarks/zoo.json]
-                             [--max-latency 1.3 [--repeats 5] [--clock wall|cpu]]
+                             [--max-latency 1.3 [--measure-latency] [--repeats 5] [--clock wall|cpu]]
 
 Per model (random weights, fp32, batch 1): the planner's plan at --size, the unsplit and split peak
 activation memory measured by the CPU tracker (splitpack.measure.meter) and their ratio, the MACs
@@ -16,7 +16,9 @@ Memory and MACs do not depend on the machine's load; measurements run with one t
 With --max-latency the planner's objective is the smallest peak within that predicted latency ratio
 (the device's time model, splitpack.core.cost.time_model), and each row adds the predicted latency ratio
 and the measured one: the plan as a recorded program (compile="program") against the unsplit eager model,
-interleaved, best of --repeats (--clock cpu: the process's CPU time, for a loaded machine).
+interleaved, best of --repeats (--clock cpu: the process's CPU time, for a loaded machine). With
+--measure-latency the planner times candidate plans itself (``measure_latency``: the smallest peak *measured*
+within the limit) and the row keeps what it measured beside the survey's own measurement, taken afterwards.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 import splitpack  # noqa: E402
 from bench_planner import measured_peak  # noqa: E402
-from splitpack.core.search.planner import Planner  # noqa: E402
+from splitpack.core.search.planner import MEASURED_PLANS, Planner  # noqa: E402
 from splitpack.experiments.bench import in_fresh_processes, latencies_ms  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 from splitpack.measure.units import MiB  # noqa: E402
@@ -65,7 +67,7 @@ def latency(row: dict, model, planner: Planner, choice, x: torch.Tensor, repeats
 
 
 def survey(name: str, size: int, float64: bool, max_latency: float | None = None, repeats: int = 5,
-           clock=time.perf_counter) -> dict:
+           clock=time.perf_counter, measure: int = 0) -> dict:
     torch.manual_seed(0)
     model = splitpack.create_model(name).eval()
     shape = (1, 3, size, size)
@@ -73,7 +75,7 @@ def survey(name: str, size: int, float64: bool, max_latency: float | None = None
     start = time.perf_counter()
     try:
         planner = Planner(model)
-        choice = planner.choose(shape, max_latency=max_latency)
+        choice = planner.choose(shape, max_latency=max_latency, measure=measure)
     except (splitpack.SplitError, ValueError) as err:
         return {**row, "error": f"{type(err).__name__}: {err}"}
     x = torch.randn(shape)
@@ -85,6 +87,9 @@ def survey(name: str, size: int, float64: bool, max_latency: float | None = None
                memory_ratio=unsplit / split, macs_ratio=choice.predicted_macs_ratio,
                predicted_peak=choice.predicted_peak_bytes, prediction_error=choice.predicted_peak_bytes / split - 1,
                fp32_error=split_error(model, choice.plan, x, **run), planning_seconds=choice.seconds)
+    if choice.measured:
+        row.update(planner_measured_ratio=choice.measured_latency_ratio,
+                   planner_measured=[m.to_dict() for m in choice.measured])
     if max_latency is not None:
         latency(row, model, planner, choice, x, repeats, clock)
     if float64:
@@ -105,7 +110,8 @@ def table(rows: list[dict]) -> str:
                          + (" - |" if timed else ""))
             continue
         f64 = f"{r['float64_error']:.1e}" if "float64_error" in r else "not run"
-        f64 += f" | {r['predicted_latency_ratio']:.2f}x / **{r['measured_latency_ratio']:.2f}x**" if timed else ""
+        planner = f" (planner {r['planner_measured_ratio']:.2f}x)" if r.get("planner_measured_ratio") else ""
+        f64 += f" | {r['predicted_latency_ratio']:.2f}x / **{r['measured_latency_ratio']:.2f}x**{planner}" if timed else ""
         lines.append(f"| {r['model']} | {r['stages']} stages | {r['unsplit_peak'] / MiB:.1f} | {r['split_peak'] / MiB:.1f} | "
                      f"**{r['memory_ratio']:.2f}x** | {r['macs_ratio']:.2f}x | "
                      f"{r['predicted_peak'] / MiB:.1f} / {r['split_peak'] / MiB:.1f} ({r['prediction_error']:+.1%}) | "
@@ -116,7 +122,8 @@ def table(rows: list[dict]) -> str:
 def survey_in_process(name: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     return survey(name, args.size, args.float64, args.max_latency, args.repeats,
-                  time.process_time if args.clock == "cpu" else time.perf_counter)
+                  time.process_time if args.clock == "cpu" else time.perf_counter,
+                  MEASURED_PLANS if args.measure_latency else 0)
 
 
 def main() -> int:
@@ -128,6 +135,8 @@ def main() -> int:
     p.add_argument("--json", default="benchmarks/zoo.json")
     p.add_argument("--max-latency", type=float, help="plan the smallest peak within this predicted latency ratio and "
                    "measure the plan's latency (compile='program') against the unsplit model")
+    p.add_argument("--measure-latency", action="store_true",
+                   help="--max-latency: the planner times candidate plans and keeps the smallest peak measured within")
     p.add_argument("--repeats", type=int, default=5, help="--max-latency: timed runs each, interleaved, best kept")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="--max-latency: the wall clock, or the process's CPU time (one thread, a loaded machine)")

@@ -88,7 +88,7 @@ MACS, SECONDS = "macs", "seconds"  # what the search's cost is
 # measured latency (``measure``): plans predicted within this factor of max_latency are candidates, each run
 # as a recorded program (or interpreted) interleaved with the unsplit model, best of MEASURE_REPEATS runs
 MEASURE_SLACK = 1.25
-MEASURE_REPEATS = 3
+MEASURE_REPEATS = 5
 MEASURED_PLANS = 6  # plans ``wrap(..., measure_latency=True)`` times at most per input size
 # full-width strips (grids Rx1) of this many rows of each stage's smallest extent, tallest (fewest packs,
 # fastest) first: with halo reuse a strip recomputes nothing, and the search's grids stop at 8 rows
