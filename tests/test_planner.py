@@ -336,3 +336,22 @@ def test_plan_command_prints_the_plan_its_front_and_one_measurement(tmp_path, ca
     peaks = [p["predicted_peak_bytes"] for p in report["front"]]
     assert peaks == sorted(peaks) and len(peaks) > 1
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_command_measures_candidates_within_max_latency(tmp_path, capsys, monkeypatch):
+    """`splitpack plan --max-latency --measure-latency --json`: the plans timed on this CPU, each with its
+    predicted and measured ratio, the chosen one among them (which ones fit depends on the machine)."""
+    import json
+
+    from splitpack import cli
+
+    monkeypatch.setenv("SPLITPACK_CACHE_DIR", str(tmp_path))
+    assert cli.main(["plan", "--model", "resnet18", "--size", "64", "--max-latency", "2", "--measure-latency",
+                     "--no-measure", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    timed = report["measured_plans"]
+    assert 1 <= len(timed) <= 6 and "measured latency" in report["objective"]
+    chosen = next(m for m in timed if m["plan"] == report["plan_text"])
+    assert report["measured_latency_ratio"] == pytest.approx(chosen["measured_latency_ratio"], abs=1e-4)
+    within = [m for m in timed if m["measured_latency_ratio"] <= 2]
+    assert not within or chosen["predicted_peak_bytes"] == min(m["predicted_peak_bytes"] for m in within)
