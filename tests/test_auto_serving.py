@@ -58,58 +58,6 @@ def assert_plan_gauge(metrics_text: str, plan: str) -> None:
     assert any(label in line and "3x224x224" in line for line in lines), (label, lines)
 
 
-@pytest.mark.slow
-def test_torchserve_serves_auto_and_reports_the_plan(tmp_path, cat, unsplit):
-    from splitpack.serving.torchserve.server import Ports, TorchServe
-
-    store = tmp_path / "store"
-    assert cli.main(["archive", "--model", MODEL, "--pretrained", "--name", "lite0_auto", "--merge-layer", "auto",
-                     "--max-overhead", MAX_OVERHEAD, "--out", str(store)]) == 0
-    server = TorchServe(run_dir=tmp_path / "ts", model_store=store, ports=Ports(*free_ports(5)))
-    try:
-        server.start(["lite0_auto"], timeout_s=300)
-        response = requests.post(f"{server.inference_url}/predictions/lite0_auto", data=cat,
-                                 headers={"Content-Type": "application/octet-stream"} | server.headers("inference"),
-                                 timeout=120)
-        assert response.status_code == 200, response.text
-        served = {p["index"]: p["probability"] for p in response.json()["predictions"]}
-        for index, probability in served.items():  # exact split-pack: the unsplit model's answer
-            assert probability == pytest.approx(float(unsplit[index]), abs=1e-4)
-        log = (server.log_dir / "model_log.log").read_text()
-        ready = next(line for line in log.splitlines() if "splitpack handler ready" in line)
-        size, plan = served_plan(ready)
-        assert size == "3x224x224" and f"merge_layer=auto: input 3x224x224 float32 -> plan {plan}" in log
-        assert_plan_gauge(requests.get(f"{server.metrics_url}/metrics", timeout=30).text, plan)
-    finally:
-        server.stop()
-
-
-@pytest.mark.slow
-def test_triton_serves_auto_and_reports_the_plan(tmp_path, cat, unsplit):
-    from splitpack.serving.triton.client import classify
-    from splitpack.serving.triton.repo import TritonModelSpec, generate_model_dir
-    from splitpack.serving.triton.server import TritonServer
-
-    import tritonclient.grpc as grpcclient
-
-    repo = tmp_path / "repo"
-    config = ServingConfig(MODEL, merge_layer="auto", max_overhead=MAX_OVERHEAD)
-    generate_model_dir(TritonModelSpec(config, {"replicas": 1, "batch_size": 2}, name="lite0_auto",
-                                       pretrained=True), repo)
-    metrics_port = free_port()
-    with TritonServer(repo, grpc_port=free_port(), metrics_port=metrics_port, run_dir=tmp_path / "run",
-                      models=["lite0_auto"]) as server:
-        with grpcclient.InferenceServerClient(server.url) as client:
-            probabilities = classify(client, "lite0_auto", [cat], probabilities=True)[0].probabilities
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        log = server.log_text()
-    assert torch.allclose(torch.tensor(probabilities, dtype=torch.float32), unsplit, atol=1e-4)
-    ready = next(line for line in log.splitlines() if "lite0_auto" in line and " ready: " in line)
-    size, plan = served_plan(ready)
-    assert size == "3x224x224"
-    assert_plan_gauge(metrics, plan)
-
-
 # merge_layer auto + compile + cuda_graphs on a tiny model: what the replica did before its ready line (so before
 # any request) -- the plan for its input size (within max_latency as measured on the replica's device: candidate
 # plans timed at load), that plan's program recorded for batch 1 and 2, and CUDA-graph buckets up to the
@@ -131,47 +79,104 @@ def assert_compiled_at_load(settings: dict) -> None:
     assert settings["cuda_graph_buckets"] == [1, 2, 4]  # batch_buckets(BATCH)
 
 
-@pytest.mark.slow
-def test_torchserve_records_an_auto_plans_program_at_load(tmp_path, cat):
+LITE0, TINY_NAME = "lite0_auto", "tiny_auto_compiled"  # the two models each server below serves
+
+
+def ready_line(log: str, marker: str) -> str:
+    """The ready line of one model's replica in a log of both: ``marker`` names it (TorchServe's worker
+    thread ``W-PORT-NAME_VERSION``, Triton's model name)."""
+    return next(line for line in log.splitlines() if marker in line and " ready: " in line)
+
+
+@pytest.fixture(scope="module")
+def torchserve(tmp_path_factory):
+    """One TorchServe serving both of this file's archives (one start and stop instead of two): pretrained
+    lite0 with merge_layer auto, and the tiny model with auto + compile + measure_latency."""
     from splitpack.serving.torchserve.server import Ports, TorchServe
 
-    store, name = tmp_path / "store", "tiny_auto_compiled"
+    store = tmp_path_factory.mktemp("store")
+    assert cli.main(["archive", "--model", MODEL, "--pretrained", "--name", LITE0, "--merge-layer", "auto",
+                     "--max-overhead", MAX_OVERHEAD, "--out", str(store)]) == 0
     flags = ["--merge-layer", "auto", "--compile", "program", "--cuda-graphs", "--max-latency", "3",
              "--measure-latency",
              "--data-config", json.dumps(COMPILED_AUTO["data_config"])]
-    assert cli.main(["archive", "--model", TINY, "--name", name, *flags, "--batch-size", str(BATCH),
+    assert cli.main(["archive", "--model", TINY, "--name", TINY_NAME, *flags, "--batch-size", str(BATCH),
                      "--startup-timeout-s", "300", "--out", str(store)]) == 0
-    server = TorchServe(run_dir=tmp_path / "ts", model_store=store, ports=Ports(*free_ports(5)))
+    server = TorchServe(run_dir=tmp_path_factory.mktemp("ts"), model_store=store, ports=Ports(*free_ports(5)))
     try:
-        server.start([name], timeout_s=300)
-        log = (server.log_dir / "model_log.log").read_text()  # read before any request is sent
-        ready = next(line for line in log.splitlines() if "splitpack handler ready" in line)
-        assert_compiled_at_load(ready_settings(ready))
-        [described] = requests.get(f"{server.management_url}/models/{name}", headers=server.headers(),
-                                   timeout=10).json()
-        assert described["startupTimeout"] == 300 and described["batchSize"] == BATCH  # model-config.yaml, read
-        response = requests.post(f"{server.inference_url}/predictions/{name}", data=cat,
-                                 headers={"Content-Type": "application/octet-stream"} | server.headers("inference"),
-                                 timeout=120)
-        assert response.status_code == 200, response.text
+        server.start([LITE0, TINY_NAME], timeout_s=300)
+        yield server
     finally:
         server.stop()
 
 
-@pytest.mark.slow
-def test_triton_records_an_auto_plans_program_at_load(tmp_path, cat):
-    from splitpack.serving.triton.client import classify
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    """One Triton serving both of this file's model directories (as :func:`torchserve`)."""
     from splitpack.serving.triton.repo import TritonModelSpec, generate_model_dir
     from splitpack.serving.triton.server import TritonServer
 
+    repo = tmp_path_factory.mktemp("repo")
+    config = ServingConfig(MODEL, merge_layer="auto", max_overhead=MAX_OVERHEAD)
+    generate_model_dir(TritonModelSpec(config, {"replicas": 1, "batch_size": 2}, name=LITE0, pretrained=True), repo)
+    generate_model_dir(TritonModelSpec(ServingConfig(TINY, **COMPILED_AUTO), {"replicas": 1, "batch_size": BATCH},
+                                       name=TINY_NAME), repo)
+    with TritonServer(repo, grpc_port=free_port(), metrics_port=free_port(), run_dir=tmp_path_factory.mktemp("run"),
+                      models=[LITE0, TINY_NAME]) as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_torchserve_serves_auto_and_reports_the_plan(torchserve, cat, unsplit):
+    server = torchserve
+    response = requests.post(f"{server.inference_url}/predictions/{LITE0}", data=cat,
+                             headers={"Content-Type": "application/octet-stream"} | server.headers("inference"),
+                             timeout=120)
+    assert response.status_code == 200, response.text
+    served = {p["index"]: p["probability"] for p in response.json()["predictions"]}
+    for index, probability in served.items():  # exact split-pack: the unsplit model's answer
+        assert probability == pytest.approx(float(unsplit[index]), abs=1e-4)
+    log = (server.log_dir / "model_log.log").read_text()
+    size, plan = served_plan(ready_line(log, f"-{LITE0}_"))
+    assert size == "3x224x224" and f"merge_layer=auto: input 3x224x224 float32 -> plan {plan}" in log
+    assert_plan_gauge(requests.get(f"{server.metrics_url}/metrics", timeout=30).text, plan)
+
+
+@pytest.mark.slow
+def test_triton_serves_auto_and_reports_the_plan(triton, cat, unsplit):
+    from splitpack.serving.triton.client import classify
+
     import tritonclient.grpc as grpcclient
 
-    repo, name = tmp_path / "repo", "tiny_auto_compiled"
-    generate_model_dir(TritonModelSpec(ServingConfig(TINY, **COMPILED_AUTO), {"replicas": 1, "batch_size": BATCH},
-                                       name=name), repo)
-    with TritonServer(repo, grpc_port=free_port(), metrics_port=free_port(), run_dir=tmp_path / "run",
-                      models=[name]) as server:
-        ready = next(line for line in server.log_text().splitlines() if name in line and " ready: " in line)
-        assert_compiled_at_load(ready_settings(ready))  # logged before the first request below
-        with grpcclient.InferenceServerClient(server.url) as client:
-            assert len(classify(client, name, [cat])[0].top_k) == 5
+    with grpcclient.InferenceServerClient(triton.url) as client:
+        probabilities = classify(client, LITE0, [cat], probabilities=True)[0].probabilities
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics", timeout=10).read().decode()
+    assert torch.allclose(torch.tensor(probabilities, dtype=torch.float32), unsplit, atol=1e-4)
+    size, plan = served_plan(ready_line(triton.log_text(), LITE0))
+    assert size == "3x224x224"
+    assert_plan_gauge(metrics, plan)
+
+
+@pytest.mark.slow
+def test_torchserve_records_an_auto_plans_program_at_load(torchserve, cat):
+    server, name = torchserve, TINY_NAME
+    log = (server.log_dir / "model_log.log").read_text()  # read before any request to this model is sent
+    assert_compiled_at_load(ready_settings(ready_line(log, f"-{name}_")))
+    [described] = requests.get(f"{server.management_url}/models/{name}", headers=server.headers(),
+                               timeout=10).json()
+    assert described["startupTimeout"] == 300 and described["batchSize"] == BATCH  # model-config.yaml, read
+    response = requests.post(f"{server.inference_url}/predictions/{name}", data=cat,
+                             headers={"Content-Type": "application/octet-stream"} | server.headers("inference"),
+                             timeout=120)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.slow
+def test_triton_records_an_auto_plans_program_at_load(triton, cat):
+    from splitpack.serving.triton.client import classify
+
+    import tritonclient.grpc as grpcclient
+
+    assert_compiled_at_load(ready_settings(ready_line(triton.log_text(), TINY_NAME)))  # logged before the request
+    with grpcclient.InferenceServerClient(triton.url) as client:
+        assert len(classify(client, TINY_NAME, [cat])[0].top_k) == 5
