@@ -21,6 +21,7 @@ runs as itself, while under ``no_grad`` it decomposes into ops that allocate mor
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -216,6 +217,8 @@ def _op_output(meter: _Meter, profile: AllocationProfile, node: fx.Node, numel: 
     if op is None:
         return None
     out = _lookup(inputs, node.all_input_nodes[op.alias]) if op.alias is not None else meter.alloc(op.new * numel)
+    if isinstance(out, tuple) and node.target is operator.getitem:  # one part of a joined channel split
+        out = out[node.args[1]]
     meter.spike(op.extra * numel + op.fixed if temporaries is None else temporaries)
     return out
 
@@ -296,15 +299,24 @@ class _Replay(Executor):
     def _compute(self, stage: StageProgram, step, values):
         pixel_numel = self._pixel_numel(stage, step.node)
         pixels = step.rule.temporary_pixels(step.region)
-        temporaries = None if pixels is None else pixels * pixel_numel * self._itemsize(step.node)
+        op = self.profile.ops.get(step.node)
+        temporaries = None if pixels is None or op is None else pixels * pixel_numel * self._itemsize(step.node) + op.fixed
         return _op_output(self.meter, self.profile, step.node, pixel_numel * _area(step.region), values, temporaries)
 
     def _value_bytes(self, stage: StageProgram, node: fx.Node, region: Region) -> float:
         return self._pixel_numel(stage, node) * _area(region) * self._itemsize(node)
 
     def _join(self, stage: StageProgram, step, kept, new):
-        """A concatenation: a new value of the whole region held (the kept rows alone: no copy)."""
-        return kept if not step.computes else self.meter.alloc(self._value_bytes(stage, step.node, step.held))
+        """A concatenation: a new value of the whole region held (the kept rows alone: no copy). A channel
+        split's parts are joined one by one (:func:`join_rows`): a storage each, freed part by part."""
+        if not step.computes:
+            return kept
+        shape = stage.shapes[step.node]
+        if isinstance(shape, tuple) and shape and isinstance(shape[0], torch.Size):
+            total = shape_numel(shape)
+            return tuple(self.meter.alloc(self._value_bytes(stage, step.node, step.held) * shape_numel(part) / total)
+                         for part in shape)
+        return self.meter.alloc(self._value_bytes(stage, step.node, step.held))
 
     def _keep(self, stage: StageProgram, step, value):
         return self.meter.alloc(self._value_bytes(stage, step.node, step.keep))

@@ -121,12 +121,19 @@ class Window(Rule):
     """Sliding-window op (convolution, pooling, padding): its halo is (kernel - 1) * dilation."""
 
     def __init__(self, node, spatial_input, dims: tuple[Window1d, Window1d], pad_value: float, op: Callable,
-                 pad_limit: tuple[int, int] | None = None, positional: bool = False):
+                 pad_limit: tuple[int, int] | None = None, positional: bool = False, pads_first: bool = False):
         super().__init__(node, [spatial_input], NCHW, pad_value)
         self.dims = dims
         self.op = op
         self.positional = positional  # ``op`` reads the output region's position (a divisor map)
         self.pad_limit = pad_limit  # None: any symmetric padding is applied by the op itself
+        # the unsplit module pads its whole input into a new tensor first (TF 'SAME': timm's Conv2dSame,
+        # MaxPool2dSame, AvgPool2dSame); ``op`` reads a window the executor cut (and padded at the border)
+        self.pads_first = pads_first
+
+    def temporary_pixels(self, out: Region) -> int | None:
+        """None (the unsplit op's temporaries), or none at all where those are the padded input."""
+        return 0 if self.pads_first else None
 
     def input_window(self, out, i):
         return self.dims[0].needed(out[0]), self.dims[1].needed(out[1])

@@ -53,7 +53,8 @@ def conv_rule(node, ctx, xs, layout, conv: nn.Conv2d, weight, tf_same: bool) -> 
     def op(t, out, values, padding=(0, 0)):
         return F.conv2d(t, weight(), conv.bias, conv.stride, padding, conv.dilation, conv.groups)
 
-    return Window(node, xs[0], window_dims(conv.kernel_size, conv.stride, conv.dilation, before), 0.0, op)
+    return Window(node, xs[0], window_dims(conv.kernel_size, conv.stride, conv.dilation, before), 0.0, op,
+                  pads_first=tf_same)
 
 
 @register_module(nn.Conv2d, "Conv2dSame")
@@ -134,7 +135,8 @@ def max_pool_rule(node, x, kernel, stride, padding, dilation, return_indices=Fal
     def op(t, out, values, padding=(0, 0)):
         return F.max_pool2d(t, kernel, stride, padding, dilation)
 
-    return Window(node, x, window_dims(kernel, stride, dilation, padding), -math.inf, op, pad_limit=_half(kernel))
+    return Window(node, x, window_dims(kernel, stride, dilation, padding), -math.inf, op, pad_limit=_half(kernel),
+                  pads_first=same_hw is not None)
 
 
 @register_module(nn.MaxPool2d, "MaxPool2dSame")
@@ -194,7 +196,8 @@ def avg_pool_rule(node, x, kernel, stride, padding, count_include_pad, divisor_o
         (r0, r1), (c0, c1) = out
         return total.div_(divisor[r0:r1, c0:c1].to(device=total.device, dtype=total.dtype))
 
-    return Window(node, x, window_dims(k, s, 1, before), 0.0, op, pad_limit=_half(k), positional=True)
+    return Window(node, x, window_dims(k, s, 1, before), 0.0, op, pad_limit=_half(k), positional=True,
+                  pads_first=extra_total != (0, 0))
 
 
 @register_module(nn.AvgPool2d, "AvgPool2dSame")
