@@ -12,8 +12,7 @@ for a given signature is proportional to the area it computes) piecewise between
 sizes: on a CPU an op whose tensors fit in cache costs less per element than the same op at full
 size (ResNet-50's layer-1 1x1 convolution: 1.3x less on this project's machine), which is how a split
 plan with more MACs can run about as fast as the unsplit model. Copies (the pads, band writes and
-band gathers a plan adds) get the same fit over bytes, timed cold (each copy on tensors the caches no
-longer hold, as a plan's joins and band writes meet theirs), and a view (a ``narrow``) one constant.
+band gathers a plan adds) get the same fit over bytes, and a view (a ``narrow``) one constant.
 
 The timings are cached per device in ``<cache>/timing/<device key>.json`` (``<cache>`` is
 ``$SPLITPACK_CACHE_DIR`` or ``~/.cache/splitpack``; the key names the device, torch version, thread
@@ -49,8 +48,7 @@ from splitpack.core.capture.rules import spatial_dims
 from splitpack.core.plan.schedule import Program, StageProgram, Step
 
 CACHE_ENV = "SPLITPACK_CACHE_DIR"
-FORMAT = 4  # version of the cache file's layout (2: ops timed in sequence, medians; 3: one thread by CPU time;
-# 4: copies timed cold)
+FORMAT = 3  # version of the cache file's layout (2: ops timed in sequence, medians; 3: one thread by CPU time)
 INTERPRETED, PROGRAM = "interpreter", "program"
 MODES = (INTERPRETED, PROGRAM)
 INTERPRETER_STEP_S = 25e-6  # Python overhead of one interpreted step, where the cache has no measurement
@@ -60,10 +58,6 @@ OP_BUDGET_S = 0.02  # repeat a copy's timing until this much time was spent on i
 MIN_REPEATS, MAX_REPEATS = 2, 8
 RUNS, LONG_RUNS, LONG_RUN_S = 5, 3, 1.0  # timed runs of the model per size (fewer where one takes > 1 s)
 COPY_BYTES = (1 << 14, 1 << 18, 1 << 22, 1 << 25)
-# copies are timed cold: each call copies the next of tensors that together fill this much (beyond the caches,
-# as a plan's copies meet their data: a join or a band write touches each value once; the same tensor copied
-# again and again ran 2-4x faster than copies run inside a program on this project's machine)
-COLD_BYTES, MAX_COLD_TENSORS = 64 << 20, 64
 
 
 # --------------------------------------------------------------------------- the fit
@@ -305,19 +299,16 @@ def calibration_sizes(size: int) -> list[int]:
 
 def _time_copies(device: torch.device, dtype: torch.dtype, sync) -> tuple[list[tuple[int, float]], float]:
     """(bytes, seconds) of the copies a plan adds (a tile written into a band, a border pad, a gather of
-    two bands), each timed cold (:data:`COLD_BYTES`), and the seconds of one view (narrow)."""
+    two bands), and the seconds of one view (narrow)."""
     points, itemsize = [], torch.empty((), dtype=dtype).element_size()
     for nbytes in COPY_BYTES:
         side = max(2, int(math.sqrt(nbytes / itemsize / 16)))
-        count = max(2, min(MAX_COLD_TENSORS, COLD_BYTES // nbytes))
-        parts = [torch.randn(1, 16, side, side, device=device).to(dtype) for _ in range(count)]
-        bands = [torch.empty(1, 16, side, side + 2, device=device, dtype=dtype) for _ in range(count)]
-        pairs = list(zip(parts, bands))
-        for copy in (lambda part, band: band.narrow(3, 1, side).copy_(part), lambda part, band: F.pad(part, (1, 1, 1, 1)),
-                     lambda part, band: torch.cat((part[:, :, : side // 2], part[:, :, side // 2:]), dim=2)):
-            seconds = _best_of(lambda: [copy(part, band) for part, band in pairs], sync) / count
-            points.append((parts[0].numel() * itemsize, seconds))
-        del parts, bands, pairs
+        part = torch.randn(1, 16, side, side, device=device).to(dtype)
+        band = torch.empty(1, 16, side, side + 2, device=device, dtype=dtype)
+        halves = (part[:, :, : side // 2], part[:, :, side // 2:])
+        for call in (lambda: band.narrow(3, 1, side).copy_(part), lambda: F.pad(part, (1, 1, 1, 1)),
+                     lambda: torch.cat(halves, dim=2)):
+            points.append((part.numel() * itemsize, _best_of(call, sync)))
     x = torch.empty(1, 16, 64, 64, device=device, dtype=dtype)
     reps = 200
     view = _best_of(lambda: [x.narrow(2, 1, 8) for _ in range(reps)], lambda: None) / reps
