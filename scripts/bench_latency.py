@@ -32,7 +32,7 @@ import splitpack  # noqa: E402
 from splitpack.core.cost.time_model import INTERPRETED, PROGRAM, device_key, time_model_for  # noqa: E402
 from splitpack.core.execute.module import SplitPack  # noqa: E402
 from splitpack.core.search.planner import MEASURED_PLANS, LatencyTooLow, Planner  # noqa: E402
-from splitpack.experiments.bench import in_fresh_processes, latencies_ms  # noqa: E402
+from splitpack.experiments.bench import in_fresh_processes, latencies_ms, planner_measurements  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -69,9 +69,7 @@ def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_m
                predicted_peak_bytes=choice.predicted_peak_bytes, macs_ratio=choice.predicted_macs_ratio,
                predicted_s=choice.predicted_time.seconds, predicted_unsplit_s=choice.predicted_time.unsplit_seconds,
                predicted_ratio=choice.predicted_latency_ratio, halo=list(choice.halo), batch_packs=choice.batch_packs)
-    if choice.measured:
-        row.update(planner_measured_ratio=choice.measured_latency_ratio,
-                   planner_measured=[m.to_dict() for m in choice.measured])
+    row.update(planner_measurements(choice))
     split = SplitPack(model, choice.plan, compile=compile_mode, traced=planner.traced, **choice.execution_kwargs)
     x = torch.randn(1, 3, size, size)
     unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, CLOCKS[clock])

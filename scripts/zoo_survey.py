@@ -36,7 +36,7 @@ from tqdm import tqdm  # noqa: E402
 import splitpack  # noqa: E402
 from bench_planner import measured_peak  # noqa: E402
 from splitpack.core.search.planner import MEASURED_PLANS, Planner  # noqa: E402
-from splitpack.experiments.bench import in_fresh_processes, latencies_ms  # noqa: E402
+from splitpack.experiments.bench import in_fresh_processes, latencies_ms, planner_measurements  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 from splitpack.measure.units import MiB  # noqa: E402
 
@@ -87,9 +87,7 @@ def survey(name: str, size: int, float64: bool, max_latency: float | None = None
                memory_ratio=unsplit / split, macs_ratio=choice.predicted_macs_ratio,
                predicted_peak=choice.predicted_peak_bytes, prediction_error=choice.predicted_peak_bytes / split - 1,
                fp32_error=split_error(model, choice.plan, x, **run), planning_seconds=choice.seconds)
-    if choice.measured:
-        row.update(planner_measured_ratio=choice.measured_latency_ratio,
-                   planner_measured=[m.to_dict() for m in choice.measured])
+    row.update(planner_measurements(choice))
     if max_latency is not None:
         latency(row, model, planner, choice, x, repeats, clock)
     if float64:

@@ -13,6 +13,14 @@ from splitpack.measure.meter import peak_activation_bytes
 from splitpack.models import create_model
 
 
+def planner_measurements(choice) -> dict[str, Any]:
+    """A benchmark row's record of what the planner timed while choosing (``measure_latency``; none: empty)."""
+    if not choice.measured:
+        return {}
+    return {"planner_measured_ratio": choice.measured_latency_ratio,
+            "planner_measured": [m.to_dict() for m in choice.measured]}
+
+
 def in_fresh_processes(fn: Callable[..., Any], cases: Iterable[Any], *args) -> Iterator[Any]:
     """``fn(case, *args)`` for each case, one after the other, each in a new process (spawned: no state of
     this one): a model timed after other models were planned and run in the same process came out up to

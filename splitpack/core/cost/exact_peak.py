@@ -312,11 +312,10 @@ class _Replay(Executor):
         if not step.computes:
             return kept
         shape = stage.shapes[step.node]
+        nbytes = self._value_bytes(stage, step.node, step.held)
         if isinstance(shape, tuple) and shape and isinstance(shape[0], torch.Size):
-            total = shape_numel(shape)
-            return tuple(self.meter.alloc(self._value_bytes(stage, step.node, step.held) * shape_numel(part) / total)
-                         for part in shape)
-        return self.meter.alloc(self._value_bytes(stage, step.node, step.held))
+            return tuple(self.meter.alloc(nbytes * shape_numel(part) / shape_numel(shape)) for part in shape)
+        return self.meter.alloc(nbytes)
 
     def _keep(self, stage: StageProgram, step, value):
         return self.meter.alloc(self._value_bytes(stage, step.node, step.keep))

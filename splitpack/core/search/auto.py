@@ -19,7 +19,7 @@ from splitpack.core.execute.module import PLAN_CACHE_SIZE, SplitPack
 from splitpack.core.compile.recording import DEFAULT_MAX_BATCH, OFF, compile_mode
 from splitpack.core.plan.spec import AutoPlan
 from splitpack.core.cost.time_model import INTERPRETED, PROGRAM
-from splitpack.core.search.planner import MEASURED_PLANS, PlanChoice, Planner, check_max_latency
+from splitpack.core.search.planner import MEASURED_PLANS, PlanChoice, Planner, check_max_latency, check_measure
 from splitpack.errors import SplitError
 
 log = logging.getLogger("splitpack")
@@ -40,9 +40,7 @@ class AutoSplitPack(nn.Module):
             raise ValueError("merge_layer='auto' plans exact mode (seed mode changes outputs: choose its merge "
                              "layer after measuring accuracy)")
         check_max_latency(auto.max_latency)
-        if auto.measure_latency and (auto.max_latency is None or auto.memory_budget is not None):
-            raise ValueError("measure_latency: the planner measures candidates for max_latency alone (give "
-                             "max_latency, without memory_budget)")
+        check_measure(auto.measure_latency, auto.max_latency, auto.memory_budget)  # at wrap, not at the first call
         self.model = model
         self.auto = auto
         self.mode = mode

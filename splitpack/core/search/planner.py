@@ -113,6 +113,13 @@ def check_max_latency(value: float | None) -> float | None:
     return float(value)
 
 
+def check_measure(measure: int | bool, max_latency: float | None, memory_budget: int | None) -> None:
+    """Measuring picks among candidates for ``max_latency`` alone (the latency objective without a budget)."""
+    if measure and (max_latency is None or memory_budget is not None):
+        raise ValueError("measure_latency: the planner measures candidates for max_latency alone (give "
+                         "max_latency, without memory_budget)")
+
+
 @dataclass(frozen=True)
 class Point:
     """One plan of the front: predicted peak bytes (batch included) and MACs ratio."""
@@ -300,6 +307,7 @@ class Planner:
         if max_overhead is not None and max_overhead < 1:
             raise ValueError(f"max_overhead: a MACs ratio >= 1, got {max_overhead}")
         max_latency = check_max_latency(max_latency)
+        check_measure(measure, max_latency, memory_budget)
         timed = max_latency is not None
         cap = max_overhead if max_overhead is not None else (None if memory_budget or timed else DEFAULT_MAX_OVERHEAD)
         context = _SizeContext(self, shape, dtype or self.dtype, time_model, latency_mode, timed)
@@ -333,15 +341,14 @@ class Planner:
         else:
             point = context.least_macs(front, memory_budget, cap, finalists)
             objective = f"least MACs within {memory_budget} bytes" + macs_cap
-        cost, predicted, execution, measured = context.cost(point.plan), None, Execution(()), []
-        if timed or time_model is not None:
-            limit = memory_budget if memory_budget is not None else cost.peak_bytes * (1 + PEAK_TIE)
-            execution, predicted, cost = context.tuned(point.plan, limit, cap)
-        if measure and timed and memory_budget is None:
+        measured = []
+        if measure:
             point, measured = context.measured_within_latency(point, front, max_latency, cap, measure, measure_repeats)
-            execution, predicted, cost = context.tuned(point.plan, context.cost(point.plan).peak_bytes * (1 + PEAK_TIE),
-                                                       cap)
             objective = f"smallest peak within {max_latency:g}x measured latency{macs_cap}"
+        cost, predicted, execution = context.cost(point.plan), None, Execution(())
+        if timed or time_model is not None:
+            limit = memory_budget if memory_budget is not None else context.peak_tie(point.plan)
+            execution, predicted, cost = context.tuned(point.plan, limit, cap)
         return PlanChoice(point.plan, cost.peak_bytes, cost.macs_ratio, cost.macs, cost.unsplit_macs, cost.ops,
                           objective, context.final_front(front), time.perf_counter() - start, shape, predicted,
                           execution.halo, execution.batch_packs, measured)
@@ -387,6 +394,7 @@ class _SizeContext:
                                    MAX_PASSES, MAX_SPAN, op_times)
         self.unsplit_macs = unsplit_macs(traced, self.shapes)  # one image
         self._costs: dict[Plan, PlanCost] = {}
+        self._tuned: dict[tuple, tuple[Execution, PlanTime, PlanCost]] = {}
         self.pools: list[list[Point]] = []  # the last search's fronts: chained estimate, upper bound
 
     # ------------------------------------------------------------------ estimates
@@ -502,7 +510,18 @@ class _SizeContext:
             self._times[plan] = PlanTime(seconds, self._unsplit_s, self.latency_mode)
         return self._times[plan]
 
+    def peak_tie(self, plan: Plan) -> float:
+        """The peak a change to how ``plan`` runs may reach: its exact peak, within :data:`PEAK_TIE`."""
+        return self.cost(plan).peak_bytes * (1 + PEAK_TIE)
+
     def tuned(self, plan: Plan, peak_limit: float, cap: float | None) -> tuple[Execution, PlanTime, PlanCost]:
+        """:meth:`_tune`, once per plan and limits (measuring a plan tunes it, and so does the final choice)."""
+        key = (plan, peak_limit, cap)
+        if key not in self._tuned:
+            self._tuned[key] = self._tune(plan, peak_limit, cap)
+        return self._tuned[key]
+
+    def _tune(self, plan: Plan, peak_limit: float, cap: float | None) -> tuple[Execution, PlanTime, PlanCost]:
         """The way to run ``plan`` predicted fastest (each stage's halo mode, packs batched or not) whose
         exact peak is within ``peak_limit`` and MACs within ``cap``; halo reuse one pack at a time (what
         the search assumed) if nothing else is faster within them. Stages are timed independently: a
@@ -621,9 +640,8 @@ class _SizeContext:
         if self.dtype != traced.dtype:
             raise ValueError(f"measure: the model is {traced.dtype}, the plan is for {self.dtype}: plan in the "
                              "model's dtype")
-        execution, predicted, cost = self.tuned(plan, self.cost(plan).peak_bytes * (1 + PEAK_TIE), cap)
-        split = SplitPack(self.planner.model, plan, traced=traced, halo=execution.halo or "reuse",
-                          batch_packs=execution.batch_packs,
+        execution, predicted, cost = self.tuned(plan, self.peak_tie(plan), cap)
+        split = SplitPack(self.planner.model, plan, traced=traced, halo=execution.halo, batch_packs=execution.batch_packs,
                           compile="program" if self.latency_mode == PROGRAM else False)
         x = torch.randn(self.shape, device=model_device(traced.gm)).to(self.dtype)
         ratio, unsplit_ms, split_ms = measured_ratio(self.planner.model, split, x, repeats)
