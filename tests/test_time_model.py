@@ -489,6 +489,9 @@ def test_measured_within_means_within_the_limit_less_the_margin_every_time(tiny,
 
     def capture(self, chosen, front, max_latency, cap):
         order[:] = original(self, chosen, front, max_latency, cap)
+        # the candidates are a Pareto front (the predicted pick aside): a larger peak is predicted faster
+        seconds = [self.plan_time(p.plan).seconds for p in order if p.plan != chosen.plan]
+        assert all(a > b for a, b in zip(seconds, seconds[1:]))
         return order
 
     original = _SizeContext.measure_pool
@@ -505,7 +508,7 @@ def test_measured_within_means_within_the_limit_less_the_margin_every_time(tiny,
 
     monkeypatch.setattr(_SizeContext, "measure", fake_measure)
     choice = planner.choose(shape, max_latency=1.2, time_model=free, measure=12)
-    assert len(order) >= 6, "the test needs a few candidates"
+    assert len(order) >= 4, "the test needs a few candidates"
     assert choice.plan == order[len(order) // 3 + 2].plan and choice.measured_latency_ratio == 1.05
     assert [m.ratio for m in choice.measured if m.plan == choice.plan] == [1.05, 1.05]  # confirmed
     assert [m.ratio for m in choice.measured if m.plan == order[len(order) // 3 + 1].plan] == [1.05, 1.25]

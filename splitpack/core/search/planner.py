@@ -42,6 +42,11 @@ reuse's joins copy every value a pack holds, and recomputing can be faster) by i
 then same-shaped packs batched into one call or not, each change kept only if it is predicted faster
 and its exact peak stays within the objective's (the memory budget, or the chosen plan's peak within
 :data:`PEAK_TIE`) and its MACs within the cap.
+
+Measured. With ``measure`` (``max_latency`` alone) the search covers the whole front up to
+:data:`MEASURE_SLACK` x the limit, and candidate plans are timed on the device
+(:meth:`_SizeContext.measured_within_latency`): the smallest peak whose every timing is within the limit
+less :data:`MEASURE_MARGIN` wins.
 """
 from __future__ import annotations
 
@@ -304,7 +309,7 @@ class Planner:
         predicted seconds within the budget (and within ``max_latency``); ``time_model``: the device's
         (default: from the cache, calibrated on first use). ``measure`` (with ``max_latency`` alone): time up to
         this many candidate plans on the device (:meth:`_SizeContext.measured_within_latency`) and keep the
-        smallest peak *measured* within ``max_latency``. ``whole_front``: search (and return) the front
+        smallest peak *measured* within ``max_latency`` (less :data:`MEASURE_MARGIN`). ``whole_front``: search (and return) the front
         up to 3x MACs, not only what the objective needs."""
         start = time.perf_counter()
         shape = tuple(int(s) for s in shape)
@@ -618,15 +623,16 @@ class _SizeContext:
                     hi = mid
                 else:
                     lo = mid + 1
-            pick = min((i for i in range(lo, len(order)) if worst.get(order[i].plan, math.inf) <= threshold),
-                       default=None)
+            pick = hi if hi < len(order) and worst.get(order[hi].plan, math.inf) <= threshold else None
             if pick is None:
                 break
             # the least of several noisy timings near the limit is likely low (the winner's curse): the pick is
             # timed again and kept only if that timing is within too, else the search goes on above it
             if time_(pick):
                 return self.exact(order[pick].plan), timings
-            lo, hi = pick + 1, len(order)
+            lo = pick + 1
+            hi = min((i for i in range(lo, len(order)) if worst.get(order[i].plan, math.inf) <= threshold),
+                     default=len(order))
         fastest = min(worst, key=worst.__getitem__)
         log.warning("max_latency %g: no plan measured within %.3fx (the limit less a %g%% margin) for input %s; the "
                     "fastest measured is %.3fx (plan %s)", max_latency, threshold, MEASURE_MARGIN * 100,
@@ -635,18 +641,22 @@ class _SizeContext:
 
     def measure_pool(self, chosen: Point, front: list[Point], max_latency: float, cap: float | None) -> list[Point]:
         """The candidates :meth:`measured_within_latency` times, by exact peak (a tie: predicted faster first):
-        ``chosen``, and the plans predicted within :data:`MEASURE_SLACK` of the limit among ``front``'s plans
-        estimated within it, the plans timed so far (strips among them) and the strip variants of every
-        height (:data:`STRIP_HEIGHTS`) through ``front``'s checkpoints -- taller strips are the faster plans of
-        a larger peak that a search in measured time may have to fall back on."""
+        ``chosen``, and the Pareto front (exact peak, predicted seconds) of the plans predicted within
+        :data:`MEASURE_SLACK` of the limit among ``front``'s plans estimated within it, the plans timed so far
+        (strips among them) and the strip variants of every height (:data:`STRIP_HEIGHTS`) through ``front``'s
+        checkpoints -- taller strips are the faster plans of a larger peak that a search in measured time may
+        have to fall back on."""
         limit = max_latency * MEASURE_SLACK
         plans = [p.plan for p in front if self._estimated_seconds.get(p.plan, math.inf) <= limit * self._unsplit_s]
         plans += [plan for plan, t in self._times.items() if t.ratio <= limit]
         plans += [plan for _, strips in self.strip_variants(front, FINALISTS) for plan in strips]
-        pool = {plan: self.exact(plan) for plan in dict.fromkeys(plans) if self.plan_time(plan).ratio <= limit}
-        pool[chosen.plan] = self.exact(chosen.plan)
-        return sorted((p for p in pool.values() if cap is None or p.macs_ratio <= cap or p.plan == chosen.plan),
-                      key=lambda p: (p.peak_bytes, self.plan_time(p.plan).seconds))
+        pool = [self.exact(plan) for plan in dict.fromkeys(plans) if self.plan_time(plan).ratio <= limit]
+        # the bisection needs larger peaks to run faster: the plans no other beats on both peak and seconds
+        pool = pareto([p for p in pool if cap is None or p.macs_ratio <= cap],
+                      lambda p: self.plan_time(p.plan).seconds)
+        if chosen.plan not in {p.plan for p in pool}:
+            pool.append(self.exact(chosen.plan))
+        return sorted(pool, key=lambda p: (p.peak_bytes, self.plan_time(p.plan).seconds))
 
     def measure(self, plan: Plan, cap: float | None, repeats: int) -> Measurement:
         """``plan`` run as :meth:`tuned` would run it, its latency measured against the unsplit model's."""
