@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the budget")
     parser.add_argument("--measure-latency", action="store_true",
                         help="with --max-latency: also time a few candidate plans on this device, each against the "
-                             "unsplit model, and keep the smallest peak measured within --max-latency")
+                             "unsplit model, and keep the smallest peak measured within --max-latency less a 10%% margin "
+                             "(timed twice)")
     parser.add_argument("--compile", choices=("off", "program"), default="program",
                         help="how the plan's latency is predicted to run: interpreted (off) or as a recorded "
                              "program (default)")

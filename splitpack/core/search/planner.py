@@ -309,8 +309,8 @@ class Planner:
         predicted seconds within the budget (and within ``max_latency``); ``time_model``: the device's
         (default: from the cache, calibrated on first use). ``measure`` (with ``max_latency`` alone): time up to
         this many candidate plans on the device (:meth:`_SizeContext.measured_within_latency`) and keep the
-        smallest peak *measured* within ``max_latency`` (less :data:`MEASURE_MARGIN`). ``whole_front``: search (and return) the front
-        up to 3x MACs, not only what the objective needs."""
+        smallest peak *measured* within ``max_latency`` (less :data:`MEASURE_MARGIN`). ``whole_front``: search
+        (and return) the front up to 3x MACs, not only what the objective needs."""
         start = time.perf_counter()
         shape = tuple(int(s) for s in shape)
         if max_overhead is not None and max_overhead < 1:
