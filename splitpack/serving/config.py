@@ -317,9 +317,9 @@ PARAMS: tuple[Param, ...] = (
           metavar="RATIO", plan_arg=True),
     Param("measure_latency", boolean, False,
           "merge_layer auto with max_latency: also time a few candidate plans on the serving device at load "
-          "(each against the unsplit model) and keep the smallest peak measured within max_latency less a 10% "
-          "margin, so the pick does not hang on the time model's error or one lucky timing (seconds to a minute "
-          "more at load)", plan_arg=True),
+          "(each against the unsplit model) and keep the smallest peak measured within max_latency / 1.1 (a "
+          "margin for timing noise), so the pick does not hang on the time model's error or one lucky timing "
+          "(seconds to a minute more at load)", plan_arg=True),
     # -- deploy: the servers' own settings -------------------------------------------------------------
     Param("replicas", integer(1), 1, "model replicas (processes) per server", section=DEPLOY,
           native={"torchserve": "minWorkers, maxWorkers", "triton": "instance_group.count"}, metavar="N"),
