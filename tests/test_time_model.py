@@ -31,7 +31,7 @@ from splitpack.core.cost.time_model import (FORMAT, INTERPRETED, PROGRAM, Linear
 from splitpack.core.plan.schedule import build_program, stage_graphs, stage_halos
 from splitpack.core.plan.spec import parse_plan
 from splitpack.core.search.planner import LatencyTooLow, Planner, _SizeContext, check_max_latency
-from splitpack.serving.config import ServingConfig
+from splitpack.serving.config import PARAMS, ServingConfig
 
 
 class TinyNet(nn.Module):
@@ -525,3 +525,17 @@ def test_measure_latency_needs_max_latency_alone(tiny):
     config = ServingConfig(model_name="resnet18", merge_layer="auto", max_latency="1.2", measure_latency="true")
     assert config.plan.measure_latency is True and config.plan.max_latency == 1.2
     assert ServingConfig(model_name="resnet18", merge_layer="auto").plan.measure_latency is False
+
+
+def test_the_help_texts_state_the_planners_margin():
+    """The serving schema and `splitpack plan` say the margin in words (the schema stays free of the planner's
+    imports): they must say the planner's."""
+    import argparse
+
+    from splitpack.cli import plan as plan_command
+
+    margin = planner_module.MEASURE_MARGIN
+    assert f"max_latency / {1 + margin:g} " in next(p for p in PARAMS if p.name == "measure_latency").help
+    parser = argparse.ArgumentParser()
+    plan_command.add_arguments(parser)
+    assert f"{margin:.0%} margin" in " ".join(parser.format_help().split())
