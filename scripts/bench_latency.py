@@ -3,7 +3,7 @@
 
 usage: scripts/bench_latency.py [--cases resnet50:1024:1.0 mobilenetv2_100:224:1.3 ...] [--threads 2]
                                 [--repeats 5] [--compile program] [--no-peak] [--measure-latency]
-                                [--json benchmarks/latency.json]
+                                [--heap kept|default] [--json benchmarks/latency.json]
 
 For every case (model:size:max_latency): the device's time model (calibrated on first use, cached; the
 seconds it took are reported), the planner's choice within ``max_latency`` (smallest predicted peak whose
@@ -15,6 +15,9 @@ the measured side slower, never the calibrated one faster. ``--clock cpu`` (one 
 process's CPU time instead of the wall clock: what the ops cost, without the time the process waited for a
 core on a loaded machine. ``--measure-latency``: the planner also times candidate plans itself and keeps the
 smallest peak measured within ``max_latency`` (what it measured is in the row, beside this script's measurement).
+``--heap``: each case's process keeps freed memory in the C heap (the default, "kept"), so neither model pays
+page faults per call, or runs with glibc's adaptive thresholds ("default": the unsplit model's large
+activations are mapped afresh on every call; splitpack.measure.heap). The row records the page faults per call.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from splitpack.core.cost.time_model import INTERPRETED, PROGRAM, device_key, tim
 from splitpack.core.execute.module import SplitPack  # noqa: E402
 from splitpack.core.search.planner import MEASURED_PLANS, LatencyTooLow, Planner  # noqa: E402
 from splitpack.experiments.bench import in_fresh_processes, latencies_ms, planner_measurements  # noqa: E402
+from splitpack.measure.heap import HEAP_MODES, minor_faults  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -72,8 +76,10 @@ def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_m
     row.update(planner_measurements(choice))
     split = SplitPack(model, choice.plan, compile=compile_mode, traced=planner.traced, **choice.execution_kwargs)
     x = torch.randn(1, 3, size, size)
+    faults = minor_faults()
     unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, CLOCKS[clock])
-    row.update(measured_s=split_ms / 1e3, measured_unsplit_s=unsplit_ms / 1e3, measured_ratio=split_ms / unsplit_ms)
+    row.update(measured_s=split_ms / 1e3, measured_unsplit_s=unsplit_ms / 1e3, measured_ratio=split_ms / unsplit_ms,
+               page_faults_per_call=(minor_faults() - faults) / (2 * (repeats + 1)))  # both models, warm-ups too
     row["error_s"] = row["predicted_s"] / row["measured_s"] - 1
     row["error_unsplit_s"] = row["predicted_unsplit_s"] / row["measured_unsplit_s"] - 1
     row["error_ratio"] = row["predicted_ratio"] / row["measured_ratio"] - 1
@@ -121,8 +127,9 @@ def table(rows: list[dict]) -> str:
 def case_in_process(case: tuple[str, int, float], args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     name, size, latency = case
-    return bench_case(name, size, latency, args.repeats, args.compile, not args.no_peak, args.clock,
-                      MEASURED_PLANS if args.measure_latency else 0)
+    row = bench_case(name, size, latency, args.repeats, args.compile, not args.no_peak, args.clock,
+                     MEASURED_PLANS if args.measure_latency else 0)
+    return {**row, "heap": args.heap}
 
 
 def main() -> int:
@@ -137,6 +144,9 @@ def main() -> int:
                         help="the planner times candidate plans and keeps the smallest peak measured within")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall clock, or the process's CPU time (--threads 1 only)")
+    parser.add_argument("--heap", choices=HEAP_MODES, default="kept",
+                        help="kept: glibc keeps freed memory for reuse (no page faults per call, for either model); "
+                             "default: glibc's adaptive thresholds (splitpack.measure.heap)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
@@ -144,7 +154,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(f"device key {device_key('cpu', torch.float32)}; load {load()}", flush=True)
     rows = []
-    for row in in_fresh_processes(case_in_process, args.cases, args):
+    for row in in_fresh_processes(case_in_process, args.cases, args, heap=args.heap):
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(table(rows))

@@ -3,6 +3,7 @@
 
 usage: scripts/zoo_survey.py [--models M ...] [--size 512] [--float64] [--json benchmarks/zoo.json]
                              [--max-latency 1.3 [--measure-latency] [--repeats 5] [--clock wall|cpu]]
+                             [--heap kept|default]
 
 Per model (random weights, fp32, batch 1): the planner's plan at --size, the unsplit and split peak
 activation memory measured by the CPU tracker (splitpack.measure.meter) and their ratio, the MACs
@@ -19,6 +20,8 @@ and the measured one: the plan as a recorded program (compile="program") against
 interleaved, best of --repeats (--clock cpu: the process's CPU time, for a loaded machine). With
 --measure-latency the planner times candidate plans itself (``measure_latency``: the smallest peak *measured*
 within the limit) and the row keeps what it measured beside the survey's own measurement, taken afterwards.
+--heap: the C heap keeps freed memory ("kept", the default: no page faults per call for either model) or
+runs with glibc's adaptive thresholds ("default"); splitpack.measure.heap.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import splitpack  # noqa: E402
 from bench_planner import measured_peak  # noqa: E402
 from splitpack.core.search.planner import MEASURED_PLANS, Planner  # noqa: E402
 from splitpack.experiments.bench import in_fresh_processes, latencies_ms, planner_measurements  # noqa: E402
+from splitpack.measure.heap import HEAP_MODES, minor_faults  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 from splitpack.measure.units import MiB  # noqa: E402
 
@@ -61,9 +65,11 @@ def split_error(model, plan, x: torch.Tensor, **execution) -> float:
 def latency(row: dict, model, planner: Planner, choice, x: torch.Tensor, repeats: int, clock) -> None:
     """The predicted latency ratio, and the measured one of the plan as a recorded program."""
     split = splitpack.SplitPack(model, choice.plan, compile="program", traced=planner.traced, **choice.execution_kwargs)
+    faults = minor_faults()
     unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, clock)
     row.update(predicted_latency_ratio=choice.predicted_latency_ratio, measured_latency_ratio=split_ms / unsplit_ms,
-               unsplit_ms=unsplit_ms, split_ms=split_ms)
+               unsplit_ms=unsplit_ms, split_ms=split_ms,
+               page_faults_per_call=(minor_faults() - faults) / (2 * (repeats + 1)))  # both models, warm-ups too
 
 
 def survey(name: str, size: int, float64: bool, max_latency: float | None = None, repeats: int = 5,
@@ -119,9 +125,10 @@ def table(rows: list[dict]) -> str:
 
 def survey_in_process(name: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    return survey(name, args.size, args.float64, args.max_latency, args.repeats,
-                  time.process_time if args.clock == "cpu" else time.perf_counter,
-                  MEASURED_PLANS if args.measure_latency else 0)
+    row = survey(name, args.size, args.float64, args.max_latency, args.repeats,
+                 time.process_time if args.clock == "cpu" else time.perf_counter,
+                 MEASURED_PLANS if args.measure_latency else 0)
+    return {**row, "heap": args.heap}
 
 
 def main() -> int:
@@ -138,11 +145,14 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5, help="--max-latency: timed runs each, interleaved, best kept")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="--max-latency: the wall clock, or the process's CPU time (one thread, a loaded machine)")
+    p.add_argument("--heap", choices=HEAP_MODES, default="kept",
+                   help="kept: glibc keeps freed memory for reuse (no page faults per call, for either model); "
+                        "default: glibc's adaptive thresholds (splitpack.measure.heap)")
     args = p.parse_args()
     rows = []
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    for row in tqdm(in_fresh_processes(survey_in_process, args.models, args), total=len(args.models), desc="zoo",
-                    file=sys.stderr):
+    for row in tqdm(in_fresh_processes(survey_in_process, args.models, args, heap=args.heap),
+                    total=len(args.models), desc="zoo", file=sys.stderr):
         rows.append(row)
         tqdm.write(json.dumps(row), file=sys.stderr)
         # after every model: a long survey stopped early still leaves the rows it measured

@@ -9,6 +9,7 @@ import torch
 
 from splitpack.core.cost.time_model import latencies_ms
 from splitpack.core.engine import wrap
+from splitpack.measure.heap import set_heap
 from splitpack.measure.meter import peak_activation_bytes
 from splitpack.models import create_model
 
@@ -21,12 +22,15 @@ def planner_measurements(choice) -> dict[str, Any]:
             "planner_measured": [m.to_dict() for m in choice.measured]}
 
 
-def in_fresh_processes(fn: Callable[..., Any], cases: Iterable[Any], *args) -> Iterator[Any]:
+def in_fresh_processes(fn: Callable[..., Any], cases: Iterable[Any], *args, heap: str = "kept") -> Iterator[Any]:
     """``fn(case, *args)`` for each case, one after the other, each in a new process (spawned: no state of
     this one): a model timed after other models were planned and run in the same process came out up to
     1.25x slower for its split plan (mixnet_s @512: 1.39x after four models, 1.12x alone). ``fn`` and
-    ``args`` must pickle (a module-level function)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+    ``args`` must pickle (a module-level function). ``heap``: the C heap's mode in each process
+    (splitpack.measure.heap: "kept", the default, times the models without the page faults of glibc's
+    adaptive thresholds)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1,
+                             initializer=set_heap, initargs=(heap,)) as pool:
         for case in cases:
             yield pool.submit(fn, case, *args).result()
 
