@@ -447,6 +447,23 @@ def test_measured_latency_keeps_the_smallest_peak_measured_within(tiny):
         torch.testing.assert_close(split(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's heap thresholds")
+def test_measuring_warns_once_when_the_heap_makes_the_unsplit_model_fault(caplog):
+    """A 48 MiB activation is above glibc's largest adaptive mmap threshold (32 MiB): this process's default
+    heap maps it afresh on every unsplit call, a page fault per page, and measuring says so, once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.Conv2d(48, 4, 3, padding=1)).eval()
+    planner = Planner(model)
+    with caplog.at_level("WARNING", logger="splitpack.planner"):
+        choice = planner.choose((1, 3, 512, 512), max_latency=3.0, measure=2, measure_repeats=1,
+                                time_model=synthetic_time_model(planner.traced))
+    pages = 48 * 512 * 512 * 4 // __import__("resource").getpagesize()
+    assert all(m.page_faults > pages / 4 for m in choice.measured)  # half the calls are unsplit ones
+    assert all(m.to_dict()["page_faults_per_call"] == round(m.page_faults, 1) for m in choice.measured)
+    warnings = [r.getMessage() for r in caplog.records if "page faults per timed call" in r.getMessage()]
+    assert len(warnings) == 1 and "MALLOC_MMAP_THRESHOLD_" in warnings[0], warnings
+
+
 def test_measurement_overrules_a_time_model_that_underprices(tiny, monkeypatch):
     """Ops cost their work and nothing else, so plans are predicted near the unsplit model's price, but 'measure'
     (injected: this tests the search, the test above the timing) over the limit below some peak: the planner

@@ -46,7 +46,8 @@ and its exact peak stays within the objective's (the memory budget, or the chose
 Measured. With ``measure`` (``max_latency`` alone) the search covers the whole front up to
 :data:`MEASURE_SLACK` x the limit, and candidate plans are timed on the device
 (:meth:`_SizeContext.measured_within_latency`): the smallest peak whose every timing is within the limit
-less :data:`MEASURE_MARGIN` wins.
+less :data:`MEASURE_MARGIN` wins. The timings count page faults and warn above :data:`FAULT_WARNING` per call:
+glibc's default heap makes the unsplit model fault on its large activations every call (splitpack.measure.heap).
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ from splitpack.core.cost.time_model import PROGRAM, PlanTime, Predictor, TimeMod
 from splitpack.core.plan.schedule import HALO_MODES, Program, build_program, node_kind, stage_graphs, \
     unsplittable_nodes
 from splitpack.errors import SplitError
+from splitpack.measure.heap import minor_faults
 
 log = logging.getLogger("splitpack.planner")
 
@@ -100,6 +102,9 @@ CONFIRMATIONS = 3  # picks timed a second time, smallest peak first, until one i
 # timings of the same plan (best of 5, interleaved) spread 2-20% between runs on this 2-core machine (median
 # about 5%), so a pick measured just within the limit lands over it about half the time it is timed again
 MEASURE_MARGIN = 0.10
+# page faults per timed call (both models) above which measuring warns that the C heap gives large activations
+# back to the OS after every call (splitpack.measure.heap): 1000 pages are 4 MiB touched afresh per call
+FAULT_WARNING = 1000
 # full-width strips (grids Rx1) of this many rows of each stage's smallest extent, tallest (fewest packs,
 # fastest) first: with halo reuse a strip recomputes nothing, and the search's grids stop at 8 rows
 STRIP_HEIGHTS = (8, 4, 2)
@@ -162,11 +167,13 @@ class Measurement:
     ratio: float
     unsplit_ms: float
     split_ms: float
+    page_faults: float = 0.0  # minor page faults per timed call, both models together
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": str(self.plan), "predicted_peak_bytes": self.peak_bytes,
                 "predicted_latency_ratio": round(self.predicted_ratio, 4), "measured_latency_ratio": round(self.ratio, 4),
-                "unsplit_ms": round(self.unsplit_ms, 3), "split_ms": round(self.split_ms, 3)}
+                "unsplit_ms": round(self.unsplit_ms, 3), "split_ms": round(self.split_ms, 3),
+                "page_faults_per_call": round(self.page_faults, 1)}
 
 
 @dataclass
@@ -407,6 +414,7 @@ class _SizeContext:
         self._costs: dict[Plan, PlanCost] = {}
         self._tuned: dict[tuple, tuple[Execution, PlanTime, PlanCost]] = {}
         self.pools: list[list[Point]] = []  # the last search's fronts: chained estimate, upper bound
+        self._warned_faults = False  # measuring warns once about the C heap's page faults
 
     # ------------------------------------------------------------------ estimates
     def plan_of(self, path: _Path) -> Plan:
@@ -670,10 +678,19 @@ class _SizeContext:
         split = SplitPack(self.planner.model, plan, traced=traced, halo=execution.halo, batch_packs=execution.batch_packs,
                           compile="program" if self.latency_mode == PROGRAM else False)
         x = torch.randn(self.shape, device=model_device(traced.gm)).to(self.dtype)
+        start = minor_faults()
         ratio, unsplit_ms, split_ms = measured_ratio(self.planner.model, split, x, repeats)
-        log.info("measured plan %s: %.3fx the unsplit model (predicted %.3fx; %.1f / %.1f ms)", plan, ratio,
-                 predicted.ratio, split_ms, unsplit_ms)
-        return Measurement(plan, cost.peak_bytes, predicted.ratio, ratio, unsplit_ms, split_ms)
+        faults = (minor_faults() - start) / (2 * (repeats + 1))  # the warm-up calls too
+        log.info("measured plan %s: %.3fx the unsplit model (predicted %.3fx; %.1f / %.1f ms; %.0f page faults per "
+                 "call)", plan, ratio, predicted.ratio, split_ms, unsplit_ms, faults)
+        if faults > FAULT_WARNING and not self._warned_faults:
+            self._warned_faults = True
+            log.warning("measure_latency: %.0f page faults per timed call: the C heap gives large activations back "
+                        "to the OS after every call and the unsplit model pays them again, so split plans measure "
+                        "faster than they run in a process that keeps its heap. Start the process with "
+                        "MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=2147483647 (glibc) for timings "
+                        "without them (splitpack.measure.heap)", faults)
+        return Measurement(plan, cost.peak_bytes, predicted.ratio, ratio, unsplit_ms, split_ms, faults)
 
     def _fastest(self, p: Point) -> tuple[float, int]:
         """A tie-break: the fewest predicted seconds, then the smaller peak."""
