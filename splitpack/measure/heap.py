@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import resource
+
+from splitpack.core.cost.time_model import minor_faults
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 KEEP_BYTES = 2**31 - 1  # the largest value mallopt takes: no block is mmapped alone, no heap top trimmed
 HEAP_MODES = ("kept", "default")
+__all__ = ["HEAP_MODES", "faults_per_allocation", "keep_freed_memory", "minor_faults", "set_heap"]
 
 
 def keep_freed_memory() -> bool:
@@ -41,11 +43,6 @@ def set_heap(mode: str) -> bool:
     if mode not in HEAP_MODES:
         raise ValueError(f"heap mode must be one of {HEAP_MODES}, got {mode!r}")
     return keep_freed_memory() if mode == "kept" else False
-
-
-def minor_faults() -> int:
-    """This process's minor page faults so far (a fresh page touched counts one)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def faults_per_allocation(nbytes: int, calls: int = 6) -> int:

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -313,6 +314,12 @@ def _time_copies(device: torch.device, dtype: torch.dtype, sync) -> tuple[list[t
     reps = 200
     view = _best_of(lambda: [x.narrow(2, 1, 8) for _ in range(reps)], lambda: None) / reps
     return points, view
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (a fresh page touched counts one): timings count them, since
+    glibc's default heap makes a model with large activations fault on every call (splitpack.measure.heap)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def latencies_ms(fns, x, repeats: int, clock=time.perf_counter) -> list[float]:

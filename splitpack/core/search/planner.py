@@ -67,11 +67,11 @@ from splitpack.core.capture.graph import CUT_JOIN, TracedModel, find_cuts, model
 from splitpack.core.plan.spec import Plan, Stage
 from splitpack.core.cost.exact_peak import allocation_profile
 from splitpack.core.cost.plan_cost import PlanCost, plan_cost
-from splitpack.core.cost.time_model import PROGRAM, PlanTime, Predictor, TimeModel, measured_ratio, time_model_for
+from splitpack.core.cost.time_model import PROGRAM, PlanTime, Predictor, TimeModel, measured_ratio, minor_faults, \
+    time_model_for
 from splitpack.core.plan.schedule import HALO_MODES, Program, build_program, node_kind, stage_graphs, \
     unsplittable_nodes
 from splitpack.errors import SplitError
-from splitpack.measure.heap import minor_faults
 
 log = logging.getLogger("splitpack.planner")
 
