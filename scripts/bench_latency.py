@@ -32,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 import splitpack  # noqa: E402
-from splitpack.core.cost.time_model import INTERPRETED, PROGRAM, device_key, time_model_for  # noqa: E402
+from splitpack.core.cost.time_model import (INTERPRETED, PROGRAM, device_key, latencies_and_faults,  # noqa: E402
+                                            time_model_for)
 from splitpack.core.execute.module import SplitPack  # noqa: E402
 from splitpack.core.search.planner import MEASURED_PLANS, LatencyTooLow, Planner  # noqa: E402
-from splitpack.experiments.bench import in_fresh_processes, latencies_ms, planner_measurements  # noqa: E402
-from splitpack.measure.heap import HEAP_MODES, minor_faults  # noqa: E402
+from splitpack.experiments.bench import in_fresh_processes, planner_measurements  # noqa: E402
+from splitpack.measure.heap import HEAP_HELP, HEAP_MODES  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -76,10 +77,9 @@ def bench_case(name: str, size: int, max_latency: float, repeats: int, compile_m
     row.update(planner_measurements(choice))
     split = SplitPack(model, choice.plan, compile=compile_mode, traced=planner.traced, **choice.execution_kwargs)
     x = torch.randn(1, 3, size, size)
-    faults = minor_faults()
-    unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, CLOCKS[clock])
+    (unsplit_ms, split_ms), faults = latencies_and_faults([model, split], x, repeats, CLOCKS[clock])
     row.update(measured_s=split_ms / 1e3, measured_unsplit_s=unsplit_ms / 1e3, measured_ratio=split_ms / unsplit_ms,
-               page_faults_per_call=(minor_faults() - faults) / (2 * (repeats + 1)))  # both models, warm-ups too
+               page_faults_per_call=faults)
     row["error_s"] = row["predicted_s"] / row["measured_s"] - 1
     row["error_unsplit_s"] = row["predicted_unsplit_s"] / row["measured_unsplit_s"] - 1
     row["error_ratio"] = row["predicted_ratio"] / row["measured_ratio"] - 1
@@ -144,9 +144,7 @@ def main() -> int:
                         help="the planner times candidate plans and keeps the smallest peak measured within")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall clock, or the process's CPU time (--threads 1 only)")
-    parser.add_argument("--heap", choices=HEAP_MODES, default="kept",
-                        help="kept: glibc keeps freed memory for reuse (no page faults per call, for either model); "
-                             "default: glibc's adaptive thresholds (splitpack.measure.heap)")
+    parser.add_argument("--heap", choices=HEAP_MODES, default="kept", help=HEAP_HELP)
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:

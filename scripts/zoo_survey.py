@@ -38,9 +38,10 @@ from tqdm import tqdm  # noqa: E402
 
 import splitpack  # noqa: E402
 from bench_planner import measured_peak  # noqa: E402
+from splitpack.core.cost.time_model import latencies_and_faults  # noqa: E402
 from splitpack.core.search.planner import MEASURED_PLANS, Planner  # noqa: E402
-from splitpack.experiments.bench import in_fresh_processes, latencies_ms, planner_measurements  # noqa: E402
-from splitpack.measure.heap import HEAP_MODES, minor_faults  # noqa: E402
+from splitpack.experiments.bench import in_fresh_processes, planner_measurements  # noqa: E402
+from splitpack.measure.heap import HEAP_HELP, HEAP_MODES  # noqa: E402
 from splitpack.measure.meter import peak_activation_bytes  # noqa: E402
 from splitpack.measure.units import MiB  # noqa: E402
 
@@ -65,11 +66,9 @@ def split_error(model, plan, x: torch.Tensor, **execution) -> float:
 def latency(row: dict, model, planner: Planner, choice, x: torch.Tensor, repeats: int, clock) -> None:
     """The predicted latency ratio, and the measured one of the plan as a recorded program."""
     split = splitpack.SplitPack(model, choice.plan, compile="program", traced=planner.traced, **choice.execution_kwargs)
-    faults = minor_faults()
-    unsplit_ms, split_ms = latencies_ms([model, split], x, repeats, clock)
+    (unsplit_ms, split_ms), faults = latencies_and_faults([model, split], x, repeats, clock)
     row.update(predicted_latency_ratio=choice.predicted_latency_ratio, measured_latency_ratio=split_ms / unsplit_ms,
-               unsplit_ms=unsplit_ms, split_ms=split_ms,
-               page_faults_per_call=(minor_faults() - faults) / (2 * (repeats + 1)))  # both models, warm-ups too
+               unsplit_ms=unsplit_ms, split_ms=split_ms, page_faults_per_call=faults)
 
 
 def survey(name: str, size: int, float64: bool, max_latency: float | None = None, repeats: int = 5,
@@ -145,9 +144,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5, help="--max-latency: timed runs each, interleaved, best kept")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="--max-latency: the wall clock, or the process's CPU time (one thread, a loaded machine)")
-    p.add_argument("--heap", choices=HEAP_MODES, default="kept",
-                   help="kept: glibc keeps freed memory for reuse (no page faults per call, for either model); "
-                        "default: glibc's adaptive thresholds (splitpack.measure.heap)")
+    p.add_argument("--heap", choices=HEAP_MODES, default="kept", help=HEAP_HELP)
     args = p.parse_args()
     rows = []
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

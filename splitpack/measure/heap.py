@@ -21,7 +21,9 @@ from splitpack.core.cost.time_model import minor_faults
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 KEEP_BYTES = 2**31 - 1  # the largest value mallopt takes: no block is mmapped alone, no heap top trimmed
 HEAP_MODES = ("kept", "default")
-__all__ = ["HEAP_MODES", "faults_per_allocation", "keep_freed_memory", "minor_faults", "set_heap"]
+HEAP_HELP = ("kept: glibc keeps freed memory for reuse (no page faults per call, for either model); default: "
+             "glibc's adaptive thresholds (splitpack.measure.heap)")  # the benchmarks' --heap
+__all__ = ["HEAP_HELP", "HEAP_MODES", "faults_per_allocation", "keep_freed_memory", "minor_faults", "set_heap"]
 
 
 def keep_freed_memory() -> bool:

@@ -340,12 +340,20 @@ def latencies_ms(fns, x, repeats: int, clock=time.perf_counter) -> list[float]:
     return best
 
 
-def measured_ratio(unsplit, split, x: torch.Tensor, repeats: int) -> tuple[float, float, float]:
-    """(split / unsplit latency, unsplit ms, split ms) on ``x``: best of ``repeats`` interleaved runs, timed by
-    :func:`op_clock`'s clock (CPU time with one torch thread on a CPU, else the wall clock)."""
+def latencies_and_faults(fns, x, repeats: int, clock=time.perf_counter) -> tuple[list[float], float]:
+    """:func:`latencies_ms`, and the minor page faults per call while it ran (every fn's calls, warm-ups too)."""
+    start = minor_faults()
+    best = latencies_ms(fns, x, repeats, clock)
+    return best, (minor_faults() - start) / (len(fns) * (repeats + 1))
+
+
+def measured_ratio(unsplit, split, x: torch.Tensor, repeats: int) -> tuple[float, float, float, float]:
+    """(split / unsplit latency, unsplit ms, split ms, page faults per call) on ``x``: best of ``repeats``
+    interleaved runs, timed by :func:`op_clock`'s clock (CPU time with one torch thread on a CPU, else the wall
+    clock)."""
     clock = op_clock(x.device)
-    unsplit_ms, split_ms = latencies_ms([unsplit, split], x, repeats, clock)
-    return split_ms / unsplit_ms, unsplit_ms, split_ms
+    (unsplit_ms, split_ms), faults = latencies_and_faults([unsplit, split], x, repeats, clock)
+    return split_ms / unsplit_ms, unsplit_ms, split_ms, faults
 
 
 def _interpreter_step_s(device: torch.device, dtype: torch.dtype) -> float:

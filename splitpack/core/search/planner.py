@@ -67,8 +67,7 @@ from splitpack.core.capture.graph import CUT_JOIN, TracedModel, find_cuts, model
 from splitpack.core.plan.spec import Plan, Stage
 from splitpack.core.cost.exact_peak import allocation_profile
 from splitpack.core.cost.plan_cost import PlanCost, plan_cost
-from splitpack.core.cost.time_model import PROGRAM, PlanTime, Predictor, TimeModel, measured_ratio, minor_faults, \
-    time_model_for
+from splitpack.core.cost.time_model import PROGRAM, PlanTime, Predictor, TimeModel, measured_ratio, time_model_for
 from splitpack.core.plan.schedule import HALO_MODES, Program, build_program, node_kind, stage_graphs, \
     unsplittable_nodes
 from splitpack.errors import SplitError
@@ -678,9 +677,7 @@ class _SizeContext:
         split = SplitPack(self.planner.model, plan, traced=traced, halo=execution.halo, batch_packs=execution.batch_packs,
                           compile="program" if self.latency_mode == PROGRAM else False)
         x = torch.randn(self.shape, device=model_device(traced.gm)).to(self.dtype)
-        start = minor_faults()
-        ratio, unsplit_ms, split_ms = measured_ratio(self.planner.model, split, x, repeats)
-        faults = (minor_faults() - start) / (2 * (repeats + 1))  # the warm-up calls too
+        ratio, unsplit_ms, split_ms, faults = measured_ratio(self.planner.model, split, x, repeats)
         log.info("measured plan %s: %.3fx the unsplit model (predicted %.3fx; %.1f / %.1f ms; %.0f page faults per "
                  "call)", plan, ratio, predicted.ratio, split_ms, unsplit_ms, faults)
         if faults > FAULT_WARNING and not self._warned_faults:
