@@ -16,14 +16,21 @@ Checks (exit 1 if any fails): 0 failed good requests; every bad input answered
 4xx (TorchServe) / INVALID_ARGUMENT (Triton); default throughput >= 85% of the best
 thread setting's; p99 <= 3 x p50.
 
+``--model-args`` deploys another model (the archive/triton-repo flags that name it and its split);
+``--heaps default,kept`` runs the default-settings load once per C-heap mode (the ``heap`` model
+parameter), ``--sweep none`` skips the thread sweep.
+
     python scripts/loadtest.py                       # both servers, 4 clients x 60 s
     python scripts/loadtest.py --servers triton --duration 20 --sweep-duration 10
+    python scripts/loadtest.py --servers torchserve --sweep none --heaps default,kept \
+        --model-args "--model resnet50 --data-config '{\"input_size\": [3, 1024, 1024]}' --merge-layer none"
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -38,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 MODEL = "tf_efficientnet_lite0"
 NAME = "lite0"
 SPLIT = ["--merge-layer", "blocks.2", "--grid", "2x2", "--mode", "exact"]
+DEPLOYED = ["--model", MODEL, "--pretrained", *SPLIT]  # what --model-args replaces
 IMAGENET_SAMPLE = Path("/work/shared/imagenet-sample")
 BAD_CLIENT_PAUSE_S = 0.2
 WARMUP_S = 5.0  # every client sends for this long before the measured window (first batches of each replica)
@@ -94,9 +102,9 @@ class TorchServeTarget:
         self.store, self.run_dir = work / "model_store", work / "ts_run"
         self.ports = free_ports(5)
 
-    def prepare(self) -> None:
-        splitpack_cli("archive", "--model", MODEL, "--pretrained", "--name", NAME, *SPLIT, "--replicas", "2",
-                      "--batch-size", "4", "--out", str(self.store), "--force")
+    def prepare(self, model_args: list[str] = DEPLOYED) -> None:
+        splitpack_cli("archive", *model_args, "--name", NAME, "--replicas", "2", "--batch-size", "4",
+                      "--out", str(self.store), "--force")
 
     def start(self, threads: int | None) -> None:
         inference, management, metrics, grpc, _ = self.ports
@@ -137,9 +145,8 @@ class TritonTarget:
         self.repo, self.run_dir = work / "triton_repo", work / "triton_run"
         self.port = free_port()
 
-    def prepare(self) -> None:
-        splitpack_cli("triton-repo", "--model", MODEL, "--pretrained", "--name", NAME, *SPLIT, "--replicas", "2",
-                      "--out", str(self.repo))
+    def prepare(self, model_args: list[str] = DEPLOYED) -> None:
+        splitpack_cli("triton-repo", *model_args, "--name", NAME, "--replicas", "2", "--out", str(self.repo))
 
     def start(self, threads: int | None) -> None:
         args = ["serve", "triton", "start", "--repo", str(self.repo), "--run-dir", str(self.run_dir),
@@ -177,6 +184,7 @@ class Run:
     threads: str
     clients: int
     duration_s: float
+    heap: str = "default"
     good_ok: int = 0
     good_failed: int = 0
     bad_refused: int = 0
@@ -195,9 +203,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load(target, images: list[bytes], bad: dict[str, bytes], clients: int, duration: float, threads: str,
-         with_bad: bool = True) -> Run:
+         with_bad: bool = True, heap: str = "default") -> Run:
     """CLIENTS threads send good photos back to back for DURATION s; one more sends bad inputs."""
-    run = Run(target.name, threads, clients, duration)
+    run = Run(target.name, threads, clients, duration, heap)
     latencies: list[float] = []
     lock = threading.Lock()
     window: dict[str, float] = {}
@@ -260,10 +268,10 @@ def load(target, images: list[bytes], bad: dict[str, bytes], clients: int, durat
     return run
 
 
-def measure(target, threads: int | None, images, bad, clients, duration, with_bad=True) -> Run:
+def measure(target, threads: int | None, images, bad, clients, duration, with_bad=True, heap="default") -> Run:
     try:
         target.start(threads)
-        return load(target, images, bad, clients, duration, str(threads or "default"), with_bad)
+        return load(target, images, bad, clients, duration, str(threads or "default"), with_bad, heap)
     finally:
         target.stop()
 
@@ -287,10 +295,11 @@ def load_average() -> str:
 
 
 def table(runs: list[Run]) -> str:
-    lines = ["| server | threads | clients x s | good ok | good failed | bad refused | bad other | req/s | "
-             "p50 ms | p99 ms | max ms | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | heap | threads | clients x s | good ok | good failed | bad refused | bad other | req/s | "
+             "p50 ms | p99 ms | max ms | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r.server} | {r.threads} | {r.clients} x {r.duration_s:.0f} | {r.good_ok} | {r.good_failed} "
+        lines.append(f"| {r.server} | {r.heap} | {r.threads} | {r.clients} x {r.duration_s:.0f} | {r.good_ok} | "
+                     f"{r.good_failed} "
                      f"| {r.bad_refused} | {r.bad_other} | {r.throughput_rps} | {r.p50_ms} | {r.p99_ms} | {r.max_ms} "
                      f"| {r.load_1min} |")
     return "\n".join(lines)
@@ -302,13 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration", type=float, default=60, help="seconds of the default-settings run")
     parser.add_argument("--sweep-duration", type=float, default=20, help="seconds per thread setting")
-    parser.add_argument("--sweep", default="", help="thread settings to try (default: 1..cores)")
+    parser.add_argument("--sweep", default="", help="thread settings to try (default: 1..cores; none: no sweep)")
+    parser.add_argument("--model-args", metavar="FLAGS",
+                        help=f"archive/triton-repo flags naming the model and its split (default: {shlex.join(DEPLOYED)})")
+    parser.add_argument("--heaps", default="default",
+                        help="C-heap modes (the heap parameter) to run the default-settings load with, e.g. default,kept")
     parser.add_argument("--json", metavar="FILE", help="also write the runs as JSON")
     parser.add_argument("--work-dir", help="where archives, repositories and run folders go (default: a temp dir)")
     args = parser.parse_args(argv)
 
     cores = len(os.sched_getaffinity(0))
-    sweep = [int(t) for t in args.sweep.split(",")] if args.sweep else list(range(1, cores + 1))
+    sweep = [] if args.sweep == "none" else [int(t) for t in args.sweep.split(",")] if args.sweep \
+        else list(range(1, cores + 1))
+    model_args = shlex.split(args.model_args) if args.model_args else DEPLOYED
     images = good_images()
     bad = bad_images(images[0])
     targets = {"torchserve": TorchServeTarget, "triton": TritonTarget}
@@ -318,14 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="splitpack-loadtest-", dir=args.work_dir) as work:
         for server in args.servers.split(","):
             target = targets[server](Path(work))
-            target.prepare()
-            default = measure(target, None, images, bad, args.clients, args.duration)
-            print(table([default]), flush=True)
-            swept = [measure(target, t, images, bad, args.clients, args.sweep_duration, with_bad=False)
-                     for t in sweep]
-            runs += [default] + swept
-            best = max(swept + [default], key=lambda r: r.throughput_rps)
-            problems += [f"{server}: {p}" for p in checks(default, best)]
+            for heap in args.heaps.split(","):  # the sweep runs with the first heap mode
+                target.prepare([*model_args, "--heap", heap])
+                default = measure(target, None, images, bad, args.clients, args.duration, heap=heap)
+                print(table([default]), flush=True)
+                swept = [measure(target, t, images, bad, args.clients, args.sweep_duration, with_bad=False, heap=heap)
+                         for t in sweep]
+                sweep = []
+                runs += [default] + swept
+                best = max(swept + [default], key=lambda r: r.throughput_rps)
+                problems += [f"{server} ({heap} heap): {p}" for p in checks(default, best)]
     print(f"load average after: {load_average()}")
     print(table(runs))
     if args.json:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NON_DEFAULT = {
     "model_name": "tv:resnet18", "merge_layer": "layer1,layer2", "grid": "4x4,2x2", "mode": "seed", "compile": "program",
     "cuda_graphs": "true", "topk": "3", "memory_budget": "512MiB", "max_overhead": "1.5", "max_latency": "1.2",
-    "measure_latency": "true",
+    "measure_latency": "true", "heap": "kept",
     "native_resolution": "true", "max_side": "640", "max_pixels": "1000000", "min_side": "32",
     "max_image_bytes": "1000", "threads": "2",
     "data_config": '{"crop_pct": 1.0, "interpolation": "bilinear"}',

@@ -3,7 +3,7 @@
 A TorchServe handler worker and a Triton model instance load, serve and report the same way:
 
 * load: the serving config from the backend's config section (model-config.yaml ``handler:``,
-  config.pbtxt ``parameters``), the worker's share of the threads, the model built by
+  config.pbtxt ``parameters``), the worker's share of the threads and its C heap's mode, the model built by
   :func:`build_predictor` (the one place a served model is built), the backend's own checks,
   a warm-up forward (a model that cannot run fails at load time, planning happens before the
   first request), then one log line of the effective settings;
@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 
+from splitpack.measure.heap import set_heap
 from splitpack.serving.config import ServingConfig
 from splitpack.serving.metrics import update_memory_gauges, update_plan_gauges
 from splitpack.serving.predictor import BadRequest, InferenceFailed, Predictor, ServeError
@@ -64,6 +65,9 @@ class Replica:
         config, self.artifacts = ServingConfig.from_section(dict(section), server)
         self.threads = configure_threads(config.threads, replicas)
         self.warn = warn
+        self.heap = {"heap_kept": set_heap(config.heap)}  # before the model allocates anything
+        if config.heap == "kept" and not self.heap["heap_kept"]:
+            warn("heap: kept needs glibc's mallopt; this C library's heap runs as it is")
         self.gauges: Gauges | None = None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
@@ -77,7 +81,7 @@ class Replica:
 
     def describe(self) -> dict:
         """The effective settings and threads, for the backend's "ready" log line."""
-        return self.predictor.describe() | self.threads
+        return self.predictor.describe() | self.threads | self.heap
 
     def serve(self, payloads: Sequence) -> list[Outcome]:
         """Per request (its encoded images, or the BadRequest the backend already found): its probabilities

@@ -12,7 +12,7 @@ from splitpack.measure.units import parse_bytes
 OPTIONS = ("storage_uri", "min_pods", "max_pods", "pod_memory", "quiet")
 # serving parameters the stock-runtime flavours do not run: the artifact is one input size's program
 UNSUPPORTED = ("native_resolution", "max_side", "min_side", "compile", "cuda_graphs", "threads", "memory_budget",
-               "max_overhead", "max_latency", "measure_latency")
+               "max_overhead", "max_latency", "measure_latency", "heap")
 
 
 def pod_count(text: str) -> int:
