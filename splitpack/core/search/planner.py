@@ -101,8 +101,9 @@ CONFIRMATIONS = 3  # picks timed a second time, smallest peak first, until one i
 # timings of the same plan (best of 5, interleaved) spread 2-20% between runs on this 2-core machine (median
 # about 5%), so a pick measured just within the limit lands over it about half the time it is timed again
 MEASURE_MARGIN = 0.10
-# page faults per timed call (both models) above which measuring warns that the C heap gives large activations
-# back to the OS after every call (splitpack.measure.heap): 1000 pages are 4 MiB touched afresh per call
+# page faults per timed call (both models, the steady state: the fewest of any timed round) above which measuring
+# warns that the C heap gives large activations back to the OS after every call (splitpack.measure.heap): 1000
+# pages are 4 MiB touched afresh per call
 FAULT_WARNING = 1000
 # full-width strips (grids Rx1) of this many rows of each stage's smallest extent, tallest (fewest packs,
 # fastest) first: with halo reuse a strip recomputes nothing, and the search's grids stop at 8 rows
@@ -166,7 +167,7 @@ class Measurement:
     ratio: float
     unsplit_ms: float
     split_ms: float
-    page_faults: float = 0.0  # minor page faults per timed call, both models together
+    page_faults: float = 0.0  # minor page faults per timed call, steady state (time_model.latencies_and_faults)
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": str(self.plan), "predicted_peak_bytes": self.peak_bytes,
