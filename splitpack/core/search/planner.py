@@ -685,9 +685,10 @@ class _SizeContext:
             self._warned_faults = True
             log.warning("measure_latency: %.0f page faults per timed call: the C heap gives large activations back "
                         "to the OS after every call and the unsplit model pays them again, so split plans measure "
-                        "faster than they run in a process that keeps its heap. Start the process with "
-                        "MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=2147483647 (glibc) for timings "
-                        "without them (splitpack.measure.heap)", faults)
+                        "faster than they run in a process that keeps its heap. Serve with the model parameter "
+                        "heap: kept, or start the process with MALLOC_MMAP_THRESHOLD_=2147483647 "
+                        "MALLOC_TRIM_THRESHOLD_=2147483647 (glibc), for timings without them "
+                        "(splitpack.measure.heap)", faults)
         return Measurement(plan, cost.peak_bytes, predicted.ratio, ratio, unsplit_ms, split_ms, faults)
 
     def _fastest(self, p: Point) -> tuple[float, int]:
