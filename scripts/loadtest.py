@@ -95,6 +95,7 @@ def splitpack_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess
 
 class TorchServeTarget:
     name = "torchserve"
+    worker = "model_service_worker"  # in a worker process's command line
 
     def __init__(self, work: Path):
         from splitpack.serving.net import free_ports
@@ -138,6 +139,7 @@ class TorchServeTarget:
 
 class TritonTarget:
     name = "triton"
+    worker = "triton_python_backend_stub"
 
     def __init__(self, work: Path):
         from splitpack.serving.net import free_port
@@ -194,6 +196,7 @@ class Run:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     load_1min: float = 0.0  # the machine's load average when the run ended (others' jobs included)
+    worker_peak_rss_mib: float = 0.0  # the largest peak RSS (VmHWM) of the server's workers, at the run's end
     failures: list[str] = field(default_factory=list)
 
 
@@ -264,8 +267,24 @@ def load(target, images: list[bytes], bad: dict[str, bytes], clients: int, durat
     run.p99_ms = round(percentile(latencies, 0.99) * 1000, 1)
     run.max_ms = round(max(latencies, default=0) * 1000, 1)
     run.load_1min = round(os.getloadavg()[0], 2)
+    run.worker_peak_rss_mib = round(max(worker_peak_rss(target.worker), default=0) / 2**20, 1)
     run.failures = run.failures[:10]
     return run
+
+
+def worker_peak_rss(marker: str) -> list[int]:
+    """Peak resident bytes (VmHWM) of each running process whose command line holds ``marker``."""
+    import psutil
+
+    peaks = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or ()):
+                status = Path(f"/proc/{p.info['pid']}/status").read_text().splitlines()
+                peaks.append(int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) * 1024)  # kB
+        except (psutil.Error, OSError, StopIteration):
+            pass
+    return peaks
 
 
 def measure(target, threads: int | None, images, bad, clients, duration, with_bad=True, heap="default") -> Run:
@@ -296,12 +315,13 @@ def load_average() -> str:
 
 def table(runs: list[Run]) -> str:
     lines = ["| server | heap | threads | clients x s | good ok | good failed | bad refused | bad other | req/s | "
-             "p50 ms | p99 ms | max ms | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "p50 ms | p99 ms | max ms | worker peak RSS MiB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r.server} | {r.heap} | {r.threads} | {r.clients} x {r.duration_s:.0f} | {r.good_ok} | "
                      f"{r.good_failed} "
                      f"| {r.bad_refused} | {r.bad_other} | {r.throughput_rps} | {r.p50_ms} | {r.p99_ms} | {r.max_ms} "
-                     f"| {r.load_1min} |")
+                     f"| {r.worker_peak_rss_mib} | {r.load_1min} |")
     return "\n".join(lines)
 
 
@@ -313,9 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-duration", type=float, default=20, help="seconds per thread setting")
     parser.add_argument("--sweep", default="", help="thread settings to try (default: 1..cores; none: no sweep)")
     parser.add_argument("--model-args", metavar="FLAGS",
-                        help=f"archive/triton-repo flags naming the model and its split (default: {shlex.join(DEPLOYED)})")
+                        help=f"archive/triton-repo flags naming the model and its split "
+                             f"(default: {shlex.join(DEPLOYED)})")
     parser.add_argument("--heaps", default="default",
-                        help="C-heap modes (the heap parameter) to run the default-settings load with, e.g. default,kept")
+                        help="C-heap modes (the heap parameter) to run the default-settings load with, "
+                             "e.g. default,kept")
     parser.add_argument("--json", metavar="FILE", help="also write the runs as JSON")
     parser.add_argument("--work-dir", help="where archives, repositories and run folders go (default: a temp dir)")
     args = parser.parse_args(argv)
