@@ -95,7 +95,6 @@ def splitpack_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess
 
 class TorchServeTarget:
     name = "torchserve"
-    worker = "model_service_worker"  # in a worker process's command line
 
     def __init__(self, work: Path):
         from splitpack.serving.net import free_ports
@@ -139,7 +138,6 @@ class TorchServeTarget:
 
 class TritonTarget:
     name = "triton"
-    worker = "triton_python_backend_stub"
 
     def __init__(self, work: Path):
         from splitpack.serving.net import free_port
@@ -267,16 +265,18 @@ def load(target, images: list[bytes], bad: dict[str, bytes], clients: int, durat
     run.p99_ms = round(percentile(latencies, 0.99) * 1000, 1)
     run.max_ms = round(max(latencies, default=0) * 1000, 1)
     run.load_1min = round(os.getloadavg()[0], 2)
-    run.worker_peak_rss_mib = round(max(worker_peak_rss(target.worker), default=0) / 2**20, 1)
+    run.worker_peak_rss_mib = round(max(worker_peak_rss(target.name), default=0) / 2**20, 1)
     run.failures = run.failures[:10]
     return run
 
 
-def worker_peak_rss(marker: str) -> list[int]:
-    """Peak resident bytes (VmHWM) of each running process whose command line holds ``marker``."""
+def worker_peak_rss(server: str) -> list[int]:
+    """Peak resident bytes (VmHWM) of each running replica process of ``server``'s kind."""
     import psutil
 
-    peaks = []
+    from splitpack.capacity.fixed_costs import REPLICA_MARKERS
+
+    marker, peaks = REPLICA_MARKERS[server], []
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
             if marker in " ".join(p.info["cmdline"] or ()):
@@ -352,16 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     problems: list[str] = []
     print(f"cores {cores}; load average before: {load_average()}", flush=True)
+    heaps = args.heaps.split(",")
     with tempfile.TemporaryDirectory(prefix="splitpack-loadtest-", dir=args.work_dir) as work:
         for server in args.servers.split(","):
             target = targets[server](Path(work))
-            for heap in args.heaps.split(","):  # the sweep runs with the first heap mode
+            for heap in heaps:
                 target.prepare([*model_args, "--heap", heap])
                 default = measure(target, None, images, bad, args.clients, args.duration, heap=heap)
                 print(table([default]), flush=True)
                 swept = [measure(target, t, images, bad, args.clients, args.sweep_duration, with_bad=False, heap=heap)
-                         for t in sweep]
-                sweep = []
+                         for t in (sweep if heap == heaps[0] else ())]  # the sweep runs with the first heap mode
                 runs += [default] + swept
                 best = max(swept + [default], key=lambda r: r.throughput_rps)
                 problems += [f"{server} ({heap} heap): {p}" for p in checks(default, best)]

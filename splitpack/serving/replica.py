@@ -80,7 +80,7 @@ class Replica:
         self.predictor.warmup()  # planned (merge_layer auto: the plan resolved) before the first request
 
     def describe(self) -> dict:
-        """The effective settings and threads, for the backend's "ready" log line."""
+        """The effective settings, threads and heap mode, for the backend's "ready" log line."""
         return self.predictor.describe() | self.threads | self.heap
 
     def serve(self, payloads: Sequence) -> list[Outcome]:
