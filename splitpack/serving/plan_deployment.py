@@ -109,9 +109,10 @@ class Deployment:
                                   f"{(done.stderr or done.stdout).strip()[-2000:]}")
         return done
 
-    def stop(self) -> None:
-        subprocess.run([sys.executable, "-m", "splitpack.cli", "serve", self.server, "stop", "--run-dir",
-                        str(self.run_dir)], capture_output=True, stdin=subprocess.DEVNULL, timeout=180)
+    def stop(self, timeout_s: float = 180) -> None:
+        """What ``splitpack serve SERVER stop`` runs, in this process (a CLI process would import torch
+        first: seconds for nothing)."""
+        self._handle().stop(timeout_s)
 
     def root_pid(self) -> int:
         pid = self._handle().pid()
