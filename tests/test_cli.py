@@ -171,3 +171,17 @@ def test_capacity_writes_all_its_outputs_or_none(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "splitpack capacity: error: " in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+@pytest.mark.parametrize("server", ["torchserve", "triton"])
+def test_managing_a_server_does_not_import_torch(server, tmp_path):
+    """`splitpack serve SERVER stop|status` only read run files and signal processes: without torch they answer
+    in a fraction of a second (an operator's status check; every stop of a planned deployment)."""
+    code = ("import sys; from splitpack import cli; "
+            f"codes = [cli.main(['serve', {server!r}, action, '--run-dir', {str(tmp_path)!r}]) "
+            "for action in ('status', 'stop')]; "
+            "print(codes, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # status exits 3 when nothing runs (as LSB init scripts do), stop 0; torch was never imported
+    assert done.stdout.strip().splitlines()[-1] == "[3, 0] False", done.stdout + done.stderr

@@ -7,7 +7,7 @@ import json
 import torch
 
 from splitpack.cli import arg_type, common
-from splitpack.core.compile.recording import MODES as COMPILE_MODES
+from splitpack.core.compile.modes import MODES as COMPILE_MODES
 from splitpack.experiments.bench import bench
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-from splitpack.core.cost.time_model import minor_faults
+from splitpack.core.cost.faults import minor_faults
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 KEEP_BYTES = 2**31 - 1  # the largest value mallopt takes: no block is mmapped alone, no heap top trimmed

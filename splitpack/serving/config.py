@@ -23,13 +23,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from splitpack.core.compile.recording import MODES as COMPILE_MODES, compile_mode
+from splitpack.core.compile.modes import MODES as COMPILE_MODES, compile_mode
 from splitpack.core.plan.spec import UNSPLIT_WORDS, AutoPlan, Plan, grid_text, parse_grid, parse_plan
 from splitpack.measure.heap import HEAP_MODES
 from splitpack.measure.units import parse_bytes
-from splitpack.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from splitpack.models.spec import ModelSpec
 
 SERVERS = ("torchserve", "triton")
 MODEL = "model"    # the predictor's settings: handler: section / config.pbtxt parameters
@@ -378,6 +380,8 @@ class _ServingConfigMethods:
         def path(name: str) -> Path | None:
             value = getattr(self, name, None)
             return None if value is None else Path(base_dir or ".") / value
+
+        from splitpack.models.spec import ModelSpec  # imports torch: not needed to read settings
 
         pretrained = weights == PRETRAINED
         return ModelSpec(name=self.model_name, model_file=path("model_file"),

@@ -28,28 +28,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import fx
 
+from splitpack.core.compile.modes import INDUCTOR, MODES, OFF, PROGRAM, compile_mode  # noqa: F401 (re-exported)
 from splitpack.core.compile.tape import memory_format, record_batch_free
 
 if TYPE_CHECKING:
     from splitpack.core.execute.module import SplitPack
 
-OFF, PROGRAM, INDUCTOR = "off", "program", "inductor"
 DEFAULT_MAX_BATCH = 8  # the largest CUDA-graph batch bucket when the caller does not know its largest batch
-MODES = (OFF, PROGRAM, INDUCTOR)
-_ALIASES = {"false": OFF, "none": OFF, "no": OFF, "0": OFF, "": OFF, "true": INDUCTOR, "yes": INDUCTOR,
-            "1": INDUCTOR, "graph": PROGRAM}
-
-
-def compile_mode(value: Any) -> str:
-    """``compile=`` -> one of :data:`MODES`: False/None/"off" interprets the plan (the reference path),
-    "program" runs the recorded straight-line program, True/"inductor" that program through torch.compile."""
-    if value is None or isinstance(value, bool):
-        return INDUCTOR if value else OFF
-    word = str(value).strip().lower()
-    word = _ALIASES.get(word, word)
-    if word not in MODES:
-        raise ValueError(f"compile: expected one of {', '.join(MODES)} (or true/false), got {value!r}")
-    return word
 
 
 def size_key(x: torch.Tensor) -> tuple:

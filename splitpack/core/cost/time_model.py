@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from splitpack.core.cost.faults import minor_faults  # noqa: F401 (re-exported)
 from splitpack.core.capture.graph import Shape, TracedModel, model_device, shape_numel
 from splitpack.core.capture.rules import spatial_dims
 from splitpack.core.plan.schedule import Program, StageProgram, Step
@@ -314,12 +314,6 @@ def _time_copies(device: torch.device, dtype: torch.dtype, sync) -> tuple[list[t
     reps = 200
     view = _best_of(lambda: [x.narrow(2, 1, 8) for _ in range(reps)], lambda: None) / reps
     return points, view
-
-
-def minor_faults() -> int:
-    """This process's minor page faults so far (a fresh page touched counts one): timings count them, since
-    glibc's default heap makes a model with large activations fault on every call (splitpack.measure.heap)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def latencies_ms(fns, x, repeats: int, clock=time.perf_counter, round_faults: list | None = None) -> list[float]:

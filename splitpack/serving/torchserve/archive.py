@@ -17,14 +17,12 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 import yaml
 
 from splitpack.errors import ServerError
 from splitpack.publish import staged_path
 from splitpack.serving.config import AUTO, ServingConfig, check_deploy, deploy_settings, startup_timeout_s
 from splitpack.serving.extras import console_script
-from splitpack.serving.package import check_settings, pin_data_config, ship_model_files, source_model
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]  # the splitpack package
 HANDLER_FILE = Path(__file__).resolve().parent / "handler.py"
@@ -117,6 +115,10 @@ def write_archive(config: ServingConfig, target: Path, deploy: Mapping[str, Any]
     archiver = console_script("torch-model-archiver", "torchserve")  # fail before any work when it is missing
     name = Path(target).name.removesuffix(".mar")
     deploy = check_deploy("torchserve", deploy) if base is not None else deploy_settings("torchserve", deploy)
+    import torch  # here, not at import: the server commands read archives without it
+
+    from splitpack.serving.package import check_settings, pin_data_config, ship_model_files, source_model
+
     model, source = source_model(config, pretrained, weights, allow_pickle)
     config = pin_data_config(config, model)
     with tempfile.TemporaryDirectory(prefix="splitpack-archive-") as tmp:
