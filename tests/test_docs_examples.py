@@ -42,7 +42,8 @@ SMALLER = {
     "--size 1024": "--size 128",
     "--size 600": "--size 96",
     "--data ../shared/imagenet-sample": f"--data {GENERATED_IMAGES}",  # two images made here, not a data set
-    "--size 1x --size 2x": "--size 1x --limit 2 --batch-size 2 --threads 1",
+    # one seed grid and one resize scale: the whole default strategy set runs in tests/test_evaluate.py
+    "--size 1x --size 2x": "--size 1x --limit 2 --batch-size 2 --threads 1 --grids 2 --scales 0.5",
 }
 FAST = {  # seconds on 2 cores: the rest are marked slow
     "splitpack devices",
