@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from splitpack.core.cost.faults import minor_faults  # noqa: F401 (re-exported)
 from splitpack.core.capture.graph import Shape, TracedModel, model_device, shape_numel
 from splitpack.core.capture.rules import spatial_dims
+from splitpack.core.cost.faults import minor_faults
 from splitpack.core.plan.schedule import Program, StageProgram, Step
 
 CACHE_ENV = "SPLITPACK_CACHE_DIR"
