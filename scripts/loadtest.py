@@ -116,6 +116,9 @@ class TorchServeTarget:
 
         self.server = TorchServe.from_run_dir(self.run_dir)
 
+    def root_pid(self) -> int | None:
+        return self.server.pid()
+
     def stop(self) -> None:
         splitpack_cli("serve", "torchserve", "stop", "--run-dir", str(self.run_dir), check=False)
 
@@ -152,6 +155,11 @@ class TritonTarget:
         args = ["serve", "triton", "start", "--repo", str(self.repo), "--run-dir", str(self.run_dir),
                 "--grpc-port", str(self.port)]
         splitpack_cli(*args, *(["--threads", str(threads)] if threads else []))
+
+    def root_pid(self) -> int | None:
+        from splitpack.serving.triton.deployment import TritonDeployment
+
+        return TritonDeployment(self.repo, grpc_port=self.port, run_dir=self.run_dir).pid()
 
     def stop(self) -> None:
         splitpack_cli("serve", "triton", "stop", "--run-dir", str(self.run_dir), check=False)
@@ -265,26 +273,39 @@ def load(target, images: list[bytes], bad: dict[str, bytes], clients: int, durat
     run.p99_ms = round(percentile(latencies, 0.99) * 1000, 1)
     run.max_ms = round(max(latencies, default=0) * 1000, 1)
     run.load_1min = round(os.getloadavg()[0], 2)
-    run.worker_peak_rss_mib = round(max(worker_peak_rss(target.name), default=0) / 2**20, 1)
+    run.worker_peak_rss_mib = round(max(worker_peak_rss(target.name, target.root_pid()), default=0) / 2**20, 1)
     run.failures = run.failures[:10]
     return run
 
 
-def worker_peak_rss(server: str) -> list[int]:
-    """Peak resident bytes (VmHWM) of each running replica process of ``server``'s kind."""
+def worker_peak_rss(server: str, root_pid: int | None) -> list[int]:
+    """Peak resident bytes (VmHWM) of each replica process in the tree of the server started here (not
+    another deployment's on the same machine)."""
     import psutil
 
     from splitpack.capacity.fixed_costs import REPLICA_MARKERS
 
-    marker, peaks = REPLICA_MARKERS[server], []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    if root_pid is None:
+        return []
+    peaks = []
+    try:
+        root = psutil.Process(root_pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+    for p in tree:
         try:
-            if marker in " ".join(p.info["cmdline"] or ()):
-                status = Path(f"/proc/{p.info['pid']}/status").read_text().splitlines()
-                peaks.append(int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) * 1024)  # kB
+            if REPLICA_MARKERS[server] in " ".join(p.cmdline()):
+                peaks.append(peak_rss(p.pid))
         except (psutil.Error, OSError, StopIteration):
             pass
     return peaks
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident bytes (VmHWM), from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) * 1024  # kB
 
 
 def measure(target, threads: int | None, images, bad, clients, duration, with_bad=True, heap="default") -> Run:
