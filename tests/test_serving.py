@@ -302,3 +302,19 @@ def test_cuda_graph_buckets_follow_the_deployments_batch_size(merge_layer, batch
     (merge_layer auto passes it on: tests/test_compile.py; both servers: tests/test_auto_serving.py.)"""
     predictor = _tiny_predictor(batch_size, merge_layer=merge_layer, cuda_graphs=True)
     assert predictor.describe()["cuda_graph_buckets"] == buckets
+
+
+def test_serve_holds_each_image_once_while_the_model_runs(predictor, cat_bytes):
+    """A served batch costs what the capacity formula counts: the input batch once, plus the model's own peak.
+    Stacking the decoded images into a batch while keeping them would hold each twice (12 MiB more per image
+    in flight at 1024 pixels)."""
+    from splitpack.measure.meter import peak_meter
+
+    n = 6
+    with peak_meter(torch.device("cpu")) as served:
+        predictor.serve([cat_bytes] * n)
+    batch = torch.stack([predictor.decode(cat_bytes)] * n)
+    with torch.inference_mode(), peak_meter(torch.device("cpu")) as model:
+        predictor.model(batch)
+    image = batch.nbytes // n
+    assert served.peak <= model.peak + batch.nbytes + image // 2, (served.peak, model.peak, batch.nbytes, image)
