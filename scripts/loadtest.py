@@ -283,21 +283,19 @@ def worker_peak_rss(server: str, root_pid: int | None) -> list[int]:
     another deployment's on the same machine)."""
     import psutil
 
-    from splitpack.capacity.fixed_costs import REPLICA_MARKERS
+    from splitpack.capacity.fixed_costs import split_tree
 
     if root_pid is None:
         return []
-    peaks = []
     try:
-        root = psutil.Process(root_pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.Error:
+        replicas, _, _ = split_tree(root_pid, server)
+    except psutil.Error:  # the server is gone
         return []
-    for p in tree:
+    peaks = []
+    for replica in replicas:
         try:
-            if REPLICA_MARKERS[server] in " ".join(p.cmdline()):
-                peaks.append(peak_rss(p.pid))
-        except (psutil.Error, OSError, StopIteration):
+            peaks.append(peak_rss(replica["pid"]))
+        except (OSError, StopIteration):  # a replica that exited since
             pass
     return peaks
 
