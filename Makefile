@@ -19,11 +19,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(PY) -m splitpack.cli demo
 
+# Test files run in TEST_WORKERS processes side by side (pytest-xdist; a file's tests stay in one process, so its
+# server fixtures start once): the server tests spend most of their time waiting for servers to start and stop,
+# and each process gets cores / TEST_WORKERS torch threads (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: setup
 	$(PY) scripts/bench_suite.py | tee benchmarks/table.md

@@ -19,6 +19,11 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# Test processes run side by side (pytest-xdist, `make test`): each gets its share of the cores, as a server's
+# workers do; torch's default (every core in every process) oversubscribes them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # fp32 exactness target: max |split - unsplit| <= REL_TOL * max |unsplit|. Tiled convolutions sum the
 # same products in a different blocking order, so results differ by float rounding only: ~1e-7
 # relative per layer, a few 1e-6 after dozens of layers. 1e-5 leaves headroom without hiding a
