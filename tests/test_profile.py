@@ -74,3 +74,27 @@ def test_bad_merge_layer_is_a_clear_error(capsys):
     assert cli.main(["profile", "--model", "resnet18", "--size", "64", "--merge-layers", "nope", "--json"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("splitpack profile: error: ") and "nope" in err and "layer1" in err  # names the valid layers
+
+
+def test_profile_ops_script_counts_every_pack_convolution(capsys):
+    """scripts/profile_ops.py (BENCHMARKS.md's op-by-op profile): each convolution weight is called once per
+    use in the unsplit model and once per pack in the program; 20 convolutions in resnet18."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "profile_ops.py"
+    spec = importlib.util.spec_from_file_location("profile_ops", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--model", "resnet18", "--size", "64", "--plan", "layer2@4x1,global_pool.pool@2x1",
+                            "--threads", "1", "--repeats", "1", "--profiles", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "resnet18 @64" in out and "| aten::convolution |" in out
+    table = out[out.index("| convolution weight |"):].splitlines()[2:]
+    calls = [(int(u.split("/")[0]), int(s.split("/")[0])) for _, u, s, _ in (row.split("|")[1:-1] for row in table)]
+    assert sum(u for u, _ in calls) == 20  # resnet18: stem, 16 3x3 in its blocks, 3 downsampling 1x1
+    assert all(s >= u for u, s in calls) and sum(s for _, s in calls) > 20
