@@ -58,7 +58,8 @@ def profiled(module: torch.nn.Module, x: torch.Tensor) -> tuple[collections.Coun
 
 def median_profile(runs: list[tuple[collections.Counter, dict]]) -> tuple[collections.Counter, dict]:
     """Per op and per weight shape, the median over ``runs`` (one call's profile is noisy)."""
-    ops = collections.Counter({n: statistics.median(r[0][n] for r in runs) for r in runs for n in r[0]})
+    names = set().union(*(ops for ops, _ in runs))
+    ops = collections.Counter({n: statistics.median(r[0][n] for r in runs) for n in names})
     convs = {w: (runs[0][1][w][0], statistics.median(r[1][w][1] for r in runs)) for w in runs[0][1]}
     return ops, convs
 

@@ -82,6 +82,18 @@ def models():
     return get
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def process_tree_rss(pid: int) -> int:
     """Resident bytes of a process and all its descendants (a server with its workers or stubs)."""
     root = psutil.Process(pid)

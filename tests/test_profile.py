@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import splitpack
+from conftest import load_script
 from splitpack import cli
 from splitpack.measure import profile
 from splitpack.measure.meter import peak_activation_bytes
@@ -79,13 +80,7 @@ def test_bad_merge_layer_is_a_clear_error(capsys):
 def test_profile_ops_script_counts_every_pack_convolution(capsys):
     """scripts/profile_ops.py (BENCHMARKS.md's op-by-op profile): each convolution weight is called once per
     use in the unsplit model and once per pack in the program; 20 convolutions in resnet18."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "profile_ops.py"
-    spec = importlib.util.spec_from_file_location("profile_ops", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("profile_ops")
     threads = torch.get_num_threads()
     try:
         assert script.main(["--model", "resnet18", "--size", "64", "--plan", "layer2@4x1,global_pool.pool@2x1",

@@ -4,13 +4,13 @@ config.pbtxt and docs/parameters.md. None of these tests needs a server or a mod
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import load_script
 from splitpack.cli import build_parser
 from splitpack.cli.params import add_flags, given
 from splitpack.serving import config as schema
@@ -185,8 +185,6 @@ def test_threads_is_auto_or_a_count():
 
 
 def test_docs_table_is_the_schema():
-    spec = importlib.util.spec_from_file_location("parameters_doc", ROOT / "scripts" / "parameters_doc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("parameters_doc")
     text = (ROOT / "docs" / "parameters.md").read_text()
     assert module.render(text) == text, "docs/parameters.md is stale: run scripts/parameters_doc.py"
